@@ -1,0 +1,50 @@
+"""loravariants: LoRA, COLA, MultiLoRA and MixLoRA behind one adapter interface.
+
+The public API is re-exported here; see README.md and docs/.
+"""
+
+__version__ = "0.1.0"
+
+from .adapters.base import route_rows
+from .inject import (
+    TrainableSummary,
+    adapter_config,
+    adapter_layers,
+    adapter_names,
+    attach,
+    aux_loss,
+    detach,
+    extra_trainable_modules,
+    iter_adapters,
+    mark_trainable,
+    merge,
+    on_step_end,
+    reset_optimizer_state,
+    set_active_adapters,
+    trainable_parameters,
+    unmerge,
+)
+from .io import load_adapter, save_adapter
+
+__all__ = [
+    "__version__",
+    "TrainableSummary",
+    "adapter_config",
+    "adapter_layers",
+    "adapter_names",
+    "attach",
+    "aux_loss",
+    "detach",
+    "extra_trainable_modules",
+    "iter_adapters",
+    "load_adapter",
+    "mark_trainable",
+    "merge",
+    "on_step_end",
+    "reset_optimizer_state",
+    "route_rows",
+    "save_adapter",
+    "set_active_adapters",
+    "trainable_parameters",
+    "unmerge",
+]

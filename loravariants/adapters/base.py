@@ -1,0 +1,413 @@
+"""The adapter interface every variant implements.
+
+Two pieces, kept apart on purpose:
+
+* :class:`AdapterConfig` — a validated dataclass. It knows which modules of a model it targets
+  (:meth:`AdapterConfig.select`) and how to build one adapter layer for such a module
+  (:meth:`AdapterConfig.create_layer`).
+* :class:`AdapterLayer` — the trainable update for *one* frozen module and *one* adapter name.
+  It never owns the frozen module: the :class:`AdapterHost` that replaces the module in the
+  model owns it, once, and asks each named adapter for its additive update::
+
+      host(x) = base(x) + sum_{active adapters a} a.update(x, ctx)
+
+  ``ctx`` carries whatever the frozen computation produced that an adapter may reuse (MixLoRA
+  reuses the frozen gate/up projections), so the frozen work runs once per host whatever the
+  number of adapters. Several named adapters — of any mix of variants — can therefore share one
+  frozen module, and :func:`route_rows` says which batch rows each adapter applies to (fused
+  multi-adapter training, mixed-adapter inference).
+
+An adapter layer is also usable on its own: ``LoRALinear(linear, config)(x)`` returns
+``linear(x) + update(x)``; the frozen module is referenced, not registered, so it is never
+copied nor saved twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterHost",
+    "AdapterLayer",
+    "check_range",
+    "iter_frozen_modules",
+    "match_target",
+    "route_rows",
+    "register_variant",
+    "VARIANTS",
+]
+
+#: variant name -> config class; filled by :func:`register_variant`.
+VARIANTS: dict[str, type[AdapterConfig]] = {}
+
+
+def register_variant(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a config class known by its ``variant`` name (for I/O and YAML)."""
+    if not cls.variant:
+        raise TypeError(f"{cls.__name__} must set the class attribute `variant`")
+    VARIANTS[cls.variant] = cls
+    return cls
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming the field and the allowed range when ``value`` is outside it.
+
+    Args:
+        name: field name used in the message.
+        value: the value to check.
+        low, high: bounds (``None`` = unbounded).
+        low_open, high_open: exclude the bound itself.
+        integer: require an ``int`` (``bool`` is rejected).
+    """
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    allowed = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ValueError(f"{name} must be {kind} in {allowed}, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+
+
+def match_target(module_path: str, target_modules: str | Sequence[str]) -> bool:
+    """peft's matching rule for ``target_modules``.
+
+    A string is a regular expression that must match the whole qualified module name; a list
+    matches a module whose qualified name equals an entry or ends with ``"." + entry``.
+    """
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_path) is not None
+    return any(module_path == t or module_path.endswith("." + t) for t in target_modules)
+
+
+@dataclass
+class AdapterConfig:
+    """Base configuration shared by every variant.
+
+    Subclasses set the class attribute ``variant`` and implement :meth:`create_layer`; they
+    validate their own fields in ``__post_init__`` after calling ``super().__post_init__()``.
+
+    Attributes:
+        target_modules: module names to wrap (peft rules: exact suffix list, or one regex).
+    """
+
+    variant: ClassVar[str] = ""
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        tm = self.target_modules
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except re.error as e:
+                raise ValueError(f"target_modules is not a valid regular expression: {e}") from e
+        elif isinstance(tm, (list, tuple)) and tm and all(isinstance(t, str) and t for t in tm):
+            self.target_modules = list(tm)
+        else:
+            raise ValueError(
+                "target_modules must be a non-empty list of module names or one regex string, "
+                f"got {tm!r}"
+            )
+
+    # -- which modules, and what to put there -------------------------------------------------
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Return ``(qualified name, frozen module)`` for every module this config wraps.
+
+        The default takes every ``nn.Linear`` whose name matches ``target_modules``. A module
+        already hosting another adapter is matched by the host's name (its frozen
+        ``base_layer`` is returned), so several adapters can share it.
+        """
+        return [
+            (path, module)
+            for path, module in iter_frozen_modules(model)
+            if isinstance(module, nn.Linear) and match_target(path, self.target_modules)
+        ]
+
+    def create_layer(self, path: str, module: nn.Module) -> AdapterLayer:
+        """Build the adapter layer for the frozen ``module`` found at ``path``."""
+        raise NotImplementedError
+
+    def on_attached(self, layers: Mapping[str, AdapterLayer]) -> None:
+        """Called once by ``attach`` with every layer it built (module name -> layer).
+
+        A no-op by default; MixLoRA uses it to average its balance loss over its layers.
+        """
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """All fields plus ``variant``, JSON/YAML-ready."""
+        out = {"variant": self.variant}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
+        """Inverse of :meth:`to_dict`; dispatches on ``variant`` when called on the base class.
+
+        Raises:
+            ValueError: unknown variant or unknown field (named in the message).
+        """
+        data = dict(data)
+        variant = data.pop("variant", cls.variant)
+        target_cls = cls
+        if cls is AdapterConfig or (variant and variant != cls.variant):
+            if variant not in VARIANTS:
+                raise ValueError(
+                    f"variant must be one of {sorted(VARIANTS)}, got {variant!r}"
+                )
+            target_cls = VARIANTS[variant]
+        names = {f.name for f in dataclasses.fields(target_cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {unknown} for {target_cls.__name__}; allowed: {sorted(names)}"
+            )
+        return target_cls(**data)
+
+
+def iter_frozen_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for every module of the *original* model.
+
+    A module replaced by an :class:`AdapterHost` is reported under the host's name (the name it
+    had before wrapping), and the adapters' own submodules are skipped.
+    """
+    hosts: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(h + ".adapters") or path == h + ".base_layer" for h in hosts):
+            continue
+        if isinstance(module, AdapterHost):
+            hosts.append(path)
+            yield path, module.base_layer
+        else:
+            yield path, module
+
+
+class AdapterLayer(nn.Module):
+    """The trainable update of one adapter on one frozen module.
+
+    Subclasses implement :meth:`update`; mergeable ones (``mergeable = True``) also implement
+    :meth:`delta_weight` and :meth:`factors`. Everything else has a working default.
+
+    The frozen module is held by reference (``self.base``), not registered as a submodule.
+    """
+
+    #: whether the update is a fixed matrix that can be folded into the base weight.
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
+        super().__init__()
+        # A one-element list keeps nn.Module from registering (and so saving, moving or
+        # counting) the frozen module a second time; the host owns it.
+        self._base_ref = [base]
+        self.config = config
+        self.merged = False
+
+    @property
+    def base(self) -> nn.Module:
+        """The frozen module this adapter updates."""
+        return self._base_ref[0]
+
+    # -- forward ------------------------------------------------------------------------------
+    @staticmethod
+    def base_forward(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Run the frozen module once; return its output and a context for :meth:`update`.
+
+        Hosts call this once for all their adapters; variants that reuse intermediate frozen
+        results (MixLoRA) override it and return them in the context.
+        """
+        return base(x), None
+
+    @staticmethod
+    def select_rows(ctx: Any, rows: slice | torch.Tensor) -> Any:
+        """Restrict a context from :meth:`base_forward` to some batch rows."""
+        return ctx
+
+    def update(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        """Additive update to the frozen module's output.
+
+        Args:
+            x: input, shape ``(..., in_features)``.
+            ctx: what :meth:`base_forward` returned beside the output.
+
+        Returns:
+            Tensor of the frozen module's output shape and dtype.
+        """
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Standalone use: ``base(x) + update(x)`` (base alone once merged)."""
+        out, ctx = self.base_forward(self.base, x)
+        if self.merged:
+            return out
+        return out + self.update(x, ctx)
+
+    # -- the update as a matrix ---------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """Dense update ``dW`` of shape ``(out_features, in_features)`` (fp32)."""
+        B, A = self.factors()
+        return B @ A
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors ``(B, A)`` with the scaling folded in: ``dW = B @ A``.
+
+        Returns:
+            ``B`` of shape ``(out, k)`` and ``A`` of shape ``(k, in)``, detached, fp32.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no single low-rank update")
+
+    # -- merging ------------------------------------------------------------------------------
+    def _check_mergeable(self) -> nn.Linear:
+        if not self.mergeable:
+            raise ValueError(
+                f"{type(self).__name__} cannot be merged: its update depends on the input"
+            )
+        base = self.base
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"cannot merge into a {type(base).__name__}; only nn.Linear")
+        return base
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the frozen weight (``W += dW``). Idempotent."""
+        base = self._check_mergeable()
+        if self.merged:
+            return
+        base.weight += self.delta_weight().to(base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (``W -= dW``). Idempotent."""
+        base = self._check_mergeable()
+        if not self.merged:
+            return
+        base.weight -= self.delta_weight().to(base.weight.dtype)
+        self.merged = False
+
+    # -- training hooks -----------------------------------------------------------------------
+    def aux_loss(self) -> torch.Tensor | None:
+        """Extra loss from the last forward (MixLoRA's balance loss), or ``None``."""
+        return None
+
+    def on_step_end(self, step: int) -> list[nn.Parameter] | None:
+        """Called after every optimizer step (``step`` counts from 1).
+
+        Returns the parameters whose optimizer state must be reset (COLA after a restart), or
+        ``None``.
+        """
+        return None
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The parameters this adapter trains."""
+        return [p for p in self.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The host: replaces a frozen module in the model and runs its named adapters.
+# ---------------------------------------------------------------------------------------------
+
+# The routing set by `route_rows`, read by every host during a forward. A one-element list so
+# the context manager can swap it without a `global` statement.
+_ROW_ROUTING: list[Mapping[str, slice | torch.Tensor] | None] = [None]
+
+
+class AdapterHost(nn.Module):
+    """Holds one frozen module and any number of named adapter layers for it.
+
+    ``host(x) = base(x) + sum_a update_a(x)``; with :func:`route_rows` active, adapter ``a``
+    only updates its own batch rows. The frozen computation runs once for the whole batch.
+
+    Attributes:
+        base_layer: the frozen module (registered here, once).
+        adapters: ``nn.ModuleDict`` adapter name -> :class:`AdapterLayer`.
+        active_adapters: names applied in forward (default: all).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] | None = None  # None = all
+
+    def add(self, name: str, layer: AdapterLayer) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter name {name!r} already attached here")
+        if self.adapters:
+            first = next(iter(self.adapters.values()))
+            if type(first).base_forward is not type(layer).base_forward:
+                raise ValueError(
+                    f"{type(layer).__name__} cannot share a module with {type(first).__name__}"
+                )
+        self.adapters[name] = layer
+
+    def _running(self) -> list[str]:
+        names = list(self.adapters) if self.active_adapters is None else self.active_adapters
+        return [n for n in names if n in self.adapters and not self.adapters[n].merged]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        running = self._running()
+        if not running or args or kwargs:
+            if running and (args or kwargs):
+                raise TypeError("adapter hosts take one input tensor")
+            return self.base_layer(x, *args, **kwargs)
+        layer0 = self.adapters[running[0]]
+        out, ctx = layer0.base_forward(self.base_layer, x)
+        rows_of = _ROW_ROUTING[0]
+        if rows_of is None:
+            for name in running:
+                out = out + self.adapters[name].update(x, ctx)
+            return out
+        out = out.clone()
+        for name in running:
+            rows = rows_of.get(name)
+            if rows is None:
+                continue
+            sub = layer0.select_rows(ctx, rows)
+            out[rows] = out[rows] + self.adapters[name].update(x[rows], sub)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}"
+
+
+@contextlib.contextmanager
+def route_rows(rows: Mapping[str, slice | torch.Tensor]) -> Iterator[None]:
+    """Within the block, adapter ``name`` updates only batch rows ``rows[name]``.
+
+    Rows not listed for any adapter get the frozen model's output. Merged adapters are part of
+    the weights and cannot be routed: unmerge first.
+
+    Example::
+
+        with lv.route_rows({"lora": slice(0, 4), "mix": slice(4, 8)}):
+            logits = model(input_ids).logits   # rows 0-3 through "lora", 4-7 through "mix"
+    """
+    previous = _ROW_ROUTING[0]
+    _ROW_ROUTING[0] = dict(rows)
+    try:
+        yield
+    finally:
+        _ROW_ROUTING[0] = previous

@@ -1,0 +1,329 @@
+"""Put adapters into a model, find them again, merge them, and run their training hooks.
+
+Works on any ``nn.Module``: a Hugging Face model or a hand-written one. Adapter state lives in
+:class:`~loravariants.adapters.base.AdapterHost` modules that replace the targeted modules in
+place; the model's own classes are never patched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters.base import AdapterConfig, AdapterHost, AdapterLayer, iter_frozen_modules
+
+__all__ = [
+    "attach",
+    "detach",
+    "adapter_layers",
+    "adapter_names",
+    "adapter_config",
+    "iter_adapters",
+    "merge",
+    "unmerge",
+    "aux_loss",
+    "on_step_end",
+    "reset_optimizer_state",
+    "set_active_adapters",
+    "mark_trainable",
+    "extra_trainable_modules",
+    "trainable_parameters",
+    "TrainableSummary",
+]
+
+_CONFIGS_ATTR = "loravariants_configs"  # adapter name -> AdapterConfig, kept on the model
+_EXTRA_ATTR = "loravariants_extra_trainable"  # module names trained and saved with adapters
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+def _configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    if not hasattr(model, _CONFIGS_ATTR):
+        # object.__setattr__: a plain dict attribute, not a submodule or a buffer.
+        object.__setattr__(model, _CONFIGS_ATTR, {})
+    return getattr(model, _CONFIGS_ATTR)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to ``model``, in attach order."""
+    return list(_configs(model))
+
+
+def adapter_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
+    """The config adapter ``name`` was attached with (the only one when ``name`` is None)."""
+    return _configs(model)[_resolve_name(model, name)]
+
+
+def _resolve_name(model: nn.Module, name: str | None) -> str:
+    names = adapter_names(model)
+    if name is None:
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise ValueError("the model has no adapters; call loravariants.attach first")
+        raise ValueError(f"the model has several adapters {names}: name one")
+    if name not in names:
+        raise ValueError(f"no adapter named {name!r}; attached: {names}")
+    return name
+
+
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+    """Wrap the modules ``config`` targets with adapter layers, in place; freeze the rest.
+
+    Several adapters (of any variants) may be attached under different names; all adapter
+    parameters stay trainable, every other parameter is frozen except modules marked with
+    :func:`mark_trainable`.
+
+    Args:
+        model: any ``nn.Module``.
+        config: an :class:`~loravariants.adapters.base.AdapterConfig` subclass instance.
+        name: adapter name (letters, digits, ``_`` or ``-``; not starting with a digit).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: bad name, name taken, or no module matches ``config.target_modules``.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"adapter name must match {_NAME_RE.pattern} (no dots), got {name!r}"
+        )
+    if name in _configs(model):
+        raise ValueError(f"an adapter named {name!r} is already attached")
+    targets = config.select(model)
+    if not targets:
+        linear_names = sorted(
+            {p.rsplit(".", 1)[-1] for p, m in iter_frozen_modules(model) if isinstance(m, nn.Linear)}
+        )
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches no module of "
+            f"{type(model).__name__}; its linear layers are named {linear_names}"
+        )
+    layers: dict[str, AdapterLayer] = {}
+    for path, module in targets:
+        layer = config.create_layer(path, module)
+        host = model.get_submodule(path) if path else model
+        if not isinstance(host, AdapterHost):
+            if not path:
+                raise ValueError("cannot wrap the model itself; target one of its submodules")
+            host = AdapterHost(module)
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, host)
+        host.add(name, layer)
+        layers[path] = layer
+    config.on_attached(layers)
+    _configs(model)[name] = config
+    _refresh_requires_grad(model)
+    return model
+
+
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove adapter ``name`` (unmerging it first); a host left empty gives its module back."""
+    name = _resolve_name(model, name)
+    for path, host in list(_hosts(model)):
+        if name not in host.adapters:
+            continue
+        layer = host.adapters[name]
+        if layer.merged:
+            layer.unmerge()
+        del host.adapters[name]
+        if not host.adapters:
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, host.base_layer)
+    del _configs(model)[name]
+    _refresh_requires_grad(model)
+    return model
+
+
+def _hosts(model: nn.Module) -> Iterator[tuple[str, AdapterHost]]:
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterHost):
+            yield path, module
+
+
+def iter_adapters(
+    model: nn.Module, name: str | None = None
+) -> Iterator[tuple[str, str, AdapterLayer]]:
+    """Yield ``(module name, adapter name, layer)`` for every adapter layer (of ``name`` only,
+    when given)."""
+    for path, host in _hosts(model):
+        for adapter_name, layer in host.adapters.items():
+            if name is None or adapter_name == name:
+                yield path, adapter_name, layer
+
+
+def adapter_layers(model: nn.Module, name: str | None = None) -> dict[str, AdapterLayer]:
+    """``{module name: adapter layer}``.
+
+    With ``name`` given, or when only one adapter is attached, the keys are the names of the
+    wrapped modules (``"model.layers.0.self_attn.q_proj"``). With several adapters and no
+    ``name``, every layer is listed under its own qualified name
+    (``"model.layers.0.self_attn.q_proj.adapters.<name>"``).
+    """
+    if name is None and len(adapter_names(model)) > 1:
+        return {f"{p}.adapters.{n}": layer for p, n, layer in iter_adapters(model)}
+    name = _resolve_name(model, name) if adapter_names(model) else None
+    return {p: layer for p, _, layer in iter_adapters(model, name)}
+
+
+def set_active_adapters(model: nn.Module, names: str | Iterable[str] | None) -> None:
+    """Apply only ``names`` in forward (``None`` = all attached, ``[]`` = none: the base)."""
+    if isinstance(names, str):
+        names = [names]
+    if names is not None:
+        names = list(names)
+        for n in names:
+            _resolve_name(model, n)
+    for _, host in _hosts(model):
+        host.active_adapters = names
+
+
+def _layers_to_merge(model: nn.Module, name: str | None, skip_unmergeable: bool):
+    layers = [(p, layer) for p, _, layer in iter_adapters(model, name)]
+    bad = [p for p, layer in layers if not layer.mergeable]
+    if bad and not skip_unmergeable:
+        raise ValueError(
+            f"{len(bad)} adapter layer(s) cannot be merged because their update depends on the "
+            f"input (e.g. {bad[0]}); pass skip_unmergeable=True to merge the others"
+        )
+    return [layer for _, layer in layers if layer.mergeable]
+
+
+def merge(model: nn.Module, name: str | None = None, skip_unmergeable: bool = False) -> nn.Module:
+    """Fold mergeable adapters (all, or ``name``) into the frozen weights: ``W <- W + dW``.
+
+    The adapters stay attached (and are skipped in forward) so :func:`unmerge` can undo it.
+    """
+    for layer in _layers_to_merge(model, name, skip_unmergeable):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Undo :func:`merge`: ``W <- W - dW`` for every merged adapter layer."""
+    for _, _, layer in iter_adapters(model, name):
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def aux_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
+    """Sum of the adapters' extra losses from the last forward (MixLoRA's balance loss).
+
+    Returns a scalar tensor; ``0.`` when no adapter has one.
+    """
+    total: torch.Tensor | None = None
+    for _, _, layer in iter_adapters(model, name):
+        loss = layer.aux_loss()
+        if loss is not None:
+            total = loss if total is None else total + loss
+    return torch.zeros(()) if total is None else total
+
+
+def on_step_end(
+    model: nn.Module,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    name: str | None = None,
+) -> list[nn.Parameter]:
+    """Run every adapter layer's ``on_step_end(step)`` after an optimizer step.
+
+    Parameters the layers return (a COLA link just restarted) get their optimizer state reset
+    when ``optimizer`` is given.
+
+    Returns:
+        The parameters whose state was (or must be) reset.
+    """
+    reset: list[nn.Parameter] = []
+    for _, _, layer in iter_adapters(model, name):
+        params = layer.on_step_end(step)
+        if params:
+            reset.extend(params)
+    if optimizer is not None and reset:
+        reset_optimizer_state(optimizer, reset)
+    return reset
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+    """Forget the optimizer's state (Adam moments, step count) for ``params``."""
+    for p in params:
+        optimizer.state.pop(p, None)
+
+
+def mark_trainable(model: nn.Module, module_names: Iterable[str]) -> list[str]:
+    """Make whole modules trainable and save them with the adapters (LongLoRA's embed/norm).
+
+    Args:
+        model: the model.
+        module_names: qualified module names (e.g. ``"model.embed_tokens"``).
+
+    Returns:
+        All module names marked so far.
+    """
+    extra: list[str] = list(getattr(model, _EXTRA_ATTR, []))
+    for module_name in module_names:
+        try:
+            model.get_submodule(module_name)
+        except AttributeError as e:
+            raise ValueError(f"no module named {module_name!r} in {type(model).__name__}") from e
+        if module_name not in extra:
+            extra.append(module_name)
+    object.__setattr__(model, _EXTRA_ATTR, extra)
+    _refresh_requires_grad(model)
+    return extra
+
+
+def extra_trainable_modules(model: nn.Module) -> list[str]:
+    """Module names marked with :func:`mark_trainable`."""
+    return list(getattr(model, _EXTRA_ATTR, []))
+
+
+def _refresh_requires_grad(model: nn.Module) -> None:
+    """Adapter parameters and marked modules train; everything else is frozen."""
+    trainable: set[int] = set()
+    for _, _, layer in iter_adapters(model):
+        trainable.update(id(p) for p in layer.parameters())
+    for module_name in extra_trainable_modules(model):
+        trainable.update(id(p) for p in model.get_submodule(module_name).parameters())
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    """Trainable vs total parameter counts."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+            f"|| trainable%: {self.percent:.4f}"
+        )
+
+
+def trainable_parameters(model: nn.Module) -> TrainableSummary:
+    """Count trainable and all parameters (each shared tensor once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return TrainableSummary(trainable, total)

@@ -1,0 +1,1 @@
+"""LongLoRA long-context backbone: S2-Attn and context extension."""
