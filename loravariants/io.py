@@ -1,9 +1,487 @@
-"""Adapter save/load (filled in below)."""
+"""Save and load adapters: our native format, peft's LoRA format, and (MixLoRA) its own format.
+
+Formats
+-------
+``"native"`` — a directory with ``loravariants_config.json`` (library version, variant, every
+config field, adapter name, wrapped modules, extra trainable modules) and
+``adapter_model.safetensors`` (every adapter tensor as ``adapter.<module>.<tensor>``, whole
+extra trainable modules as ``extra.<module>.<tensor>``). Lossless for every variant.
+
+``"peft"`` — what ``peft.PeftModel.from_pretrained`` reads: ``adapter_config.json`` and
+``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` /
+``lora_B.weight``, extra trainable modules through ``modules_to_save``. LoRA is written as is;
+COLA and MultiLoRA are written as the one LoRA of rank ``sum(r)`` their :meth:`factors` give
+(exact for the merged update). MixLoRA has no peft form.
+
+``"mixlora"`` — the MixLoRA ecosystem's ``adapter_config.json`` + ``adapter_model.bin``
+(see :mod:`loravariants.io_mixlora`).
+
+Every write goes to a temporary directory renamed into place. Reads never unpickle: safetensors,
+JSON, and ``torch.load(weights_only=True)`` for MixLoRA's ``.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .adapters.base import AdapterConfig
+from .adapters.lora import LoRAConfig, LoRALinear
+from .inject import (
+    adapter_config,
+    adapter_names,
+    attach,
+    extra_trainable_modules,
+    iter_adapters,
+    mark_trainable,
+)
+from .utils import atomic_directory
+
+__all__ = ["save_adapter", "load_adapter", "read_factors", "FORMATS"]
+
+FORMATS = ("native", "peft", "mixlora")
+NATIVE_CONFIG = "loravariants_config.json"
+PEFT_CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
 
 
-def save_adapter(model, path, format="native", name=None):  # placeholder, replaced next
-    raise NotImplementedError
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
 
 
-def load_adapter(model, path, name=None):
-    raise NotImplementedError
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "native",
+    name: str | None = None,
+) -> Path:
+    """Save adapter ``name`` (the only one when None) of ``model`` to directory ``path``.
+
+    Args:
+        model: a model with adapters attached.
+        path: target directory; replaced atomically if it exists.
+        format: ``"native"``, ``"peft"`` (LoRA family) or ``"mixlora"`` (MixLoRA).
+        name: adapter name.
+
+    Returns:
+        The directory written.
+
+    Raises:
+        ValueError: unknown format, or a variant the format cannot hold.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    if not adapter_names(model):
+        raise ValueError("the model has no adapters to save; call loravariants.attach first")
+    config = adapter_config(model, name)
+    name = name or adapter_names(model)[0]
+    if format == "mixlora":
+        from .io_mixlora import save_mixlora
+
+        return save_mixlora(model, path, name=name)
+    if format == "peft":
+        tensors, meta = _peft_payload(model, name, config)
+        config_file = PEFT_CONFIG
+    else:
+        tensors, meta = _native_payload(model, name, config)
+        config_file = NATIVE_CONFIG
+    # provenance goes into the weights' metadata: peft warns about unknown config keys
+    provenance = {"format": "pt", "loravariants_version": __version__, "variant": config.variant}
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata=provenance)
+        (tmp / config_file).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def _extra_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for module_name in extra_trainable_modules(model):
+        for key, t in model.get_submodule(module_name).state_dict().items():
+            out[f"{prefix}{module_name}.{key}"] = t.detach().contiguous().cpu()
+    return out
+
+
+def _base_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+
+
+def _native_payload(model: nn.Module, name: str, config: AdapterConfig):
+    tensors: dict[str, torch.Tensor] = {}
+    modules = {}
+    for path, _, layer in iter_adapters(model, name):
+        modules[path] = _module_spec(layer.base)
+        for key, t in layer.adapter_state().items():
+            tensors[f"adapter.{path}.{key}"] = t.detach().contiguous().cpu()
+    tensors.update(_extra_tensors(model, "extra."))
+    meta = {
+        "library": "loravariants",
+        "library_version": __version__,
+        "format": "native",
+        "adapter_name": name,
+        "config": config.to_dict(),
+        "modules": modules,
+        "extra_trainable": extra_trainable_modules(model),
+        "base_model_name_or_path": _base_name(model),
+    }
+    return tensors, meta
+
+
+def _peft_payload(model: nn.Module, name: str, config: AdapterConfig):
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, _, layer in iter_adapters(model, name):
+        if not layer.mergeable:
+            raise ValueError(
+                f"{type(layer).__name__} at {path} has no peft LoRA form; "
+                'save it with format="native" or format="mixlora"'
+            )
+        if isinstance(layer, LoRALinear):
+            # written as trained: same A, B and scaling, so peft continues training it exactly
+            B, A = layer.lora_B.detach(), layer.lora_A.detach()
+            ranks[path], alphas[path] = layer.r, layer.alpha
+        else:
+            # COLA chain / MultiLoRA: the exact low-rank factors with the scaling folded into B;
+            # alpha = r makes peft's scaling 1.
+            B, A = layer.factors()
+            ranks[path], alphas[path] = A.shape[0], float(A.shape[0])
+        tensors[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = A.contiguous().cpu()
+        tensors[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = B.contiguous().cpu()
+    tensors.update(_extra_tensors(model, _PEFT_PREFIX))
+    use_rslora = bool(getattr(config, "use_rslora", False)) and isinstance(config, LoRAConfig)
+    if type(config) is not LoRAConfig:
+        use_rslora = False
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # most common rank
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    meta = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if hasattr(model, "generate") else None,
+        "base_model_name_or_path": _base_name(model),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": float(getattr(config, "dropout", 0.0)),
+        "use_rslora": use_rslora,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {_anchor(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {_anchor(p): v for p, v in alphas.items() if v != alpha},
+        "modules_to_save": extra_trainable_modules(model) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+    return tensors, meta
+
+
+def _anchor(module_path: str) -> str:
+    # peft matches pattern keys as `(.*\.)?key$`; an escaped full path matches that module only
+    return "^" + module_path.replace(".", r"\.")
+
+
+def _module_spec(module: nn.Module) -> dict[str, Any]:
+    """Shape of a frozen module, enough to rebuild a stand-in for :func:`read_factors`."""
+    if isinstance(module, nn.Linear):
+        return {"type": "linear", "in": module.in_features, "out": module.out_features}
+    children = {n: {"in": c.in_features, "out": c.out_features}
+                for n, c in module.named_children() if isinstance(c, nn.Linear)}
+    return {"type": type(module).__name__, "linears": children}
+
+
+class _StandInFFN(nn.Module):
+    """Shape-only FFN (meta tensors) for rebuilding a saved FFN adapter layer."""
+
+    def __init__(self, linears: Mapping[str, Mapping[str, int]]) -> None:
+        super().__init__()
+        for child, shape in linears.items():
+            setattr(self, child, nn.Linear(shape["in"], shape["out"], bias=False, device="meta"))
+        self.act_fn = nn.SiLU()
+
+
+def _layer_from_state(config: AdapterConfig, path: str, spec: Mapping[str, Any], state):
+    """Rebuild one adapter layer from saved tensors on a shape-only stand-in base module."""
+    if spec.get("type") == "linear":
+        base = nn.Linear(spec["in"], spec["out"], bias=False, device="meta")
+    else:
+        base = _StandInFFN(spec.get("linears", {}))
+    layer = config.create_layer(path, base)
+    layer.to_empty(device="cpu")
+    layer.load_adapter_state(state)
+    return layer
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a valid JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return data
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: adapter weights not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{file}: not a valid safetensors file ({e})") from e
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``"native"``, ``"peft"`` or ``"mixlora"`` for an adapter directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such adapter directory")
+    if (directory / NATIVE_CONFIG).is_file():
+        return "native"
+    if (directory / PEFT_CONFIG).is_file():
+        peft_type = _read_json(directory / PEFT_CONFIG).get("peft_type")
+        if peft_type == "LORA":
+            return "peft"
+        if peft_type == "MIXLORA":
+            return "mixlora"
+        raise ValueError(
+            f"{directory / PEFT_CONFIG}: peft_type {peft_type!r} is not supported "
+            "(LORA and MIXLORA are)"
+        )
+    raise ValueError(f"{directory}: neither {NATIVE_CONFIG} nor {PEFT_CONFIG} found")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Load an adapter directory written by :func:`save_adapter`, or any peft LoRA adapter.
+
+    If no adapter named ``name`` is attached, it is attached from the saved config first;
+    otherwise the saved weights replace the attached adapter's (shapes must agree).
+
+    Args:
+        model: the base model (with or without adapters).
+        path: the adapter directory.
+        name: adapter name (default: the saved name for native, else ``"default"``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        FileNotFoundError: missing directory or files (named).
+        ValueError: corrupt files, or weights that do not fit the model (file named).
+    """
+    directory = Path(path)
+    fmt = detect_format(directory)
+    if fmt == "mixlora":
+        from .io_mixlora import load_mixlora
+
+        return load_mixlora(model, directory, name=name or "default")
+    if fmt == "native":
+        meta = _read_json(directory / NATIVE_CONFIG)
+        try:
+            config = AdapterConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{directory / NATIVE_CONFIG}: invalid adapter config ({e})") from e
+        name = name or meta.get("adapter_name", "default")
+        prefix, extra_prefix = "adapter.", "extra."
+        extra = list(meta.get("extra_trainable") or [])
+    else:
+        meta = _read_json(directory / PEFT_CONFIG)
+        config = _lora_config_from_peft(meta, directory / PEFT_CONFIG)
+        name = name or "default"
+        prefix, extra_prefix = _PEFT_PREFIX, _PEFT_PREFIX
+        extra = list(meta.get("modules_to_save") or [])
+    weights_file = directory / WEIGHTS
+    tensors = _read_safetensors(weights_file)
+    if fmt == "peft":
+        tensors, config = _peft_tensors(tensors, config, weights_file)
+    if name not in adapter_names(model):
+        try:
+            attach(model, config, name=name)
+        except ValueError as e:
+            raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
+    _load_extra(model, tensors, extra, extra_prefix, weights_file, fmt)
+    _load_layers(model, name, tensors, prefix, weights_file)
+    return model
+
+
+def _lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
+    unsupported = {
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_qalora": False,
+    }
+    for key, ok in unsupported.items():
+        if meta.get(key, ok) not in (ok, None):
+            raise ValueError(f"{file}: {key}={meta[key]!r} is not supported (only {ok!r})")
+    if meta.get("layers_to_transform") or meta.get("layer_replication"):
+        raise ValueError(f"{file}: layers_to_transform/layer_replication are not supported")
+    try:
+        target = meta.get("target_modules") or ["q_proj", "v_proj"]
+        return LoRAConfig(
+            r=int(meta.get("r", 8)),
+            alpha=float(meta.get("lora_alpha", 8)),
+            dropout=float(meta.get("lora_dropout", 0.0) or 0.0),
+            use_rslora=bool(meta.get("use_rslora", False)),
+            target_modules=sorted(target) if isinstance(target, (list, tuple)) else target,
+            rank_pattern=dict(meta.get("rank_pattern") or {}),
+            alpha_pattern={k: float(v) for k, v in (meta.get("alpha_pattern") or {}).items()},
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: invalid LoRA config ({e})") from e
+
+
+def _peft_tensors(tensors: dict[str, torch.Tensor], config: LoRAConfig, file: Path):
+    """Rename peft keys to ours and target exactly the modules present in the file.
+
+    peft's ``target_modules`` may also match modules it skipped (e.g. ``layers_pattern``); the
+    weights file is the truth about which modules carry an adapter.
+    """
+    out: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    for key, t in tensors.items():
+        if not key.startswith(_PEFT_PREFIX):
+            raise ValueError(f"{file}: unexpected key {key!r} (expected {_PEFT_PREFIX}...)")
+        rest = key[len(_PEFT_PREFIX):]
+        for part in ("lora_A", "lora_B"):
+            tail = f".{part}.weight"
+            if rest.endswith(tail):
+                module = rest[: -len(tail)]
+                out[f"{_PEFT_PREFIX}{module}.{part}"] = t
+                if part == "lora_A":
+                    modules.append(module)
+                break
+        else:
+            out[key] = t  # modules_to_save tensor
+    if not modules:
+        raise ValueError(f"{file}: no lora_A/lora_B tensors found")
+    fields = config.to_dict()
+    fields.pop("variant")
+    fields["target_modules"] = sorted(modules)
+    return out, LoRAConfig(**fields)
+
+
+def _load_extra(model, tensors, extra, prefix, file, fmt) -> None:
+    if not extra:
+        return
+    state_by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for module_name in extra:
+        candidates = [module_name]
+        if fmt == "peft":
+            # peft's rule for modules_to_save: a plain suffix ("norm" also names
+            # "input_layernorm"); only modules the file has weights for are taken below
+            candidates = [n for n, _ in model.named_modules() if n and n.endswith(module_name)]
+        for full in candidates:
+            module = model.get_submodule(full)
+            state = {k: tensors[f"{prefix}{full}.{k}"] for k in module.state_dict() if f"{prefix}{full}.{k}" in tensors}
+            if state:
+                state_by_module[full] = state
+    for full, state in state_by_module.items():
+        module = model.get_submodule(full)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{file}: weights for {full} do not fit the model ({e})") from e
+    mark_trainable(model, list(state_by_module))
+
+
+def _load_layers(model, name, tensors, prefix, file) -> None:
+    used: set[str] = set()
+    for path, _, layer in iter_adapters(model, name):
+        expected = layer.adapter_state()
+        state = {}
+        for key in expected:
+            full = f"{prefix}{path}.{key}"
+            if full not in tensors:
+                raise ValueError(f"{file}: missing tensor {full!r} for adapter {name!r}")
+            state[key] = tensors[full]
+            used.add(full)
+        try:
+            layer.load_adapter_state(state)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{file}: tensors for {path} do not fit ({e})") from e
+    leftover = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
+    leftover = [k for k in leftover if not _is_extra_key(model, k, prefix)]
+    if leftover:
+        raise ValueError(
+            f"{file}: {len(leftover)} tensor(s) match no adapter module of this model, "
+            f"e.g. {leftover[0]!r}"
+        )
+
+
+def _is_extra_key(model, key: str, prefix: str) -> bool:
+    module_name = key[len(prefix):].rsplit(".", 1)[0]
+    return any(module_name == m for m in extra_trainable_modules(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# factors straight from files (analysis without model classes)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module name: (B, A)}`` with the scaling folded in (``dW = B @ A``), from files only.
+
+    Reads any directory :func:`save_adapter` writes and any peft LoRA directory, without
+    building a model. MixLoRA experts appear as ``"<ffn module>.<proj>.experts.<e>"``.
+    """
+    directory = Path(path)
+    fmt = detect_format(directory)
+    if fmt == "mixlora":
+        from .io_mixlora import read_mixlora_factors
+
+        return read_mixlora_factors(directory)
+    tensors = _read_safetensors(directory / WEIGHTS)
+    if fmt == "peft":
+        meta = _read_json(directory / PEFT_CONFIG)
+        config = _lora_config_from_peft(meta, directory / PEFT_CONFIG)
+        tensors, config = _peft_tensors(tensors, config, directory / WEIGHTS)
+        out = {}
+        for module in config.target_modules:
+            r, alpha = config.rank_for(module)
+            scale = alpha / r**0.5 if config.use_rslora else alpha / r
+            A = tensors[f"{_PEFT_PREFIX}{module}.lora_A"].float()
+            B = tensors[f"{_PEFT_PREFIX}{module}.lora_B"].float()
+            out[module] = (B * scale, A)
+        return out
+    # native: rebuild each layer's factors through its class on a stand-in frozen module
+    meta = _read_json(directory / NATIVE_CONFIG)
+    config = AdapterConfig.from_dict(meta["config"])
+    from .adapters.base import AdapterLayer
+
+    out = {}
+    for module, spec in (meta.get("modules") or {}).items():
+        state = {
+            k[len(f"adapter.{module}."):]: v
+            for k, v in tensors.items()
+            if k.startswith(f"adapter.{module}.")
+        }
+        try:
+            layer: AdapterLayer = _layer_from_state(config, module, spec, state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{directory / WEIGHTS}: cannot rebuild {module} ({e})") from e
+        if layer.mergeable:
+            out[module] = layer.factors()
+        else:
+            for proj, pairs in layer.expert_factors().items():
+                for e, pair in enumerate(pairs):
+                    out[f"{module}.{proj}.experts.{e}"] = pair
+    return out

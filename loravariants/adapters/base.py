@@ -324,6 +324,29 @@ class AdapterLayer(nn.Module):
         """The parameters this adapter trains."""
         return [p for p in self.parameters()]
 
+    # -- saving -------------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to restore this adapter (parameters and buffers), by name."""
+        return dict(self.state_dict())
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`adapter_state`.
+
+        Raises:
+            ValueError: missing or unexpected names, or a shape that differs.
+        """
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"missing tensors {missing}, unexpected tensors {unexpected}")
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"{key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}"
+                )
+        self.load_state_dict(dict(state))
+
 
 # ---------------------------------------------------------------------------------------------
 # The host: replaces a frozen module in the model and runs its named adapters.

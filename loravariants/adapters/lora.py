@@ -15,7 +15,8 @@ exactly at the frozen one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -48,6 +49,9 @@ class LoRAConfig(AdapterConfig):
         init: ``"kaiming"`` (A kaiming-uniform, B zero: the paper), ``"gaussian"`` (A normal
             with std 1/r, B zero: peft's "gaussian"), or ``"random"`` (both random: a non-zero
             update from the start, for tests and analysis).
+        rank_pattern: per-module rank overrides, ``{pattern: r}`` (peft's rule: the pattern
+            matches the end of the module name: ``(.*[.])?pattern$``).
+        alpha_pattern: per-module alpha overrides, same matching.
     """
 
     variant: ClassVar[str] = "lora"
@@ -56,6 +60,8 @@ class LoRAConfig(AdapterConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,13 +72,32 @@ class LoRAConfig(AdapterConfig):
             raise ValueError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in LORA_INITS:
             raise ValueError(f"init must be one of {list(LORA_INITS)}, got {self.init!r}")
+        for key, value in self.rank_pattern.items():
+            check_range(f"rank_pattern[{key!r}]", value, low=1, integer=True)
+        for key, value in self.alpha_pattern.items():
+            check_range(f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
+
+    def rank_for(self, path: str) -> tuple[int, float]:
+        """``(r, alpha)`` for the module named ``path``, after the pattern overrides."""
+        return (
+            _pattern_value(self.rank_pattern, path, self.r),
+            _pattern_value(self.alpha_pattern, path, self.alpha),
+        )
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     def create_layer(self, path: str, module: nn.Module) -> LoRALinear:
-        return LoRALinear(module, self)
+        r, alpha = self.rank_for(path)
+        return LoRALinear(module, self, r=r, alpha=alpha)
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
 
 
 def init_lora_(A: torch.Tensor, B: torch.Tensor, init: str) -> None:
