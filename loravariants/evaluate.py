@@ -1,0 +1,183 @@
+"""Evaluation: perplexity at several context lengths, and passkey retrieval.
+
+Always full attention: the model is put in ``eval()`` mode, where the ``"s2_attn"`` backend
+falls back to full causal attention (S2-Attn is a training-time approximation only).
+
+Perplexity uses the standard strided sliding window: windows of ``context_length`` tokens start
+every ``stride`` tokens; in each window only the tokens not scored by an earlier window count,
+so every token (but the first) is scored exactly once, with between ``context_length - stride``
+and ``context_length - 1`` tokens of context::
+
+    tokens   : t0 t1 t2 t3 t4 t5 t6 t7 t8 t9
+    window 1 : [t0 t1 t2 t3]            scores t1..t3
+    window 2 :       [t2 t3 t4 t5]      scores t4..t5   (stride 2)
+    window 3 :             [t4 t5 t6 t7]  scores t6..t7  ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters.base import check_range
+
+__all__ = ["windows", "perplexity", "perplexity_at_lengths", "passkey_accuracy", "PasskeyResult"]
+
+
+def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, n_scored)`` for each window over ``n_tokens`` tokens.
+
+    The last ``n_scored`` tokens of ``tokens[begin:end]`` are scored in that window. A stride
+    below the window length makes consecutive windows overlap, so every scored token has at
+    least one token of context and none is skipped.
+    """
+    check_range("context_length", context_length, low=2, integer=True)
+    check_range("stride", stride, low=1, high=context_length - 1, integer=True)
+    out = []
+    prev_end = 1  # token 0 has no context and is never scored
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context_length, n_tokens)
+        if end > prev_end:
+            out.append((begin, end, end - prev_end))
+            prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    context_length: int,
+    stride: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> float:
+    """Perplexity of a token stream under the strided sliding window.
+
+    Args:
+        model: a causal LM returning ``.logits`` of shape ``(b, n, vocab)``.
+        tokens: 1-D token ids ``(N,)`` (documents joined with EOS).
+        context_length: window length.
+        stride: distance between window starts, in ``[1, context_length - 1]`` (default
+            ``context_length // 2``).
+        batch_size: windows per forward (full-length windows only).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``exp(mean NLL)`` over the ``N - 1`` scored tokens.
+    """
+    tokens = torch.as_tensor(tokens).flatten()
+    if tokens.numel() < 2:
+        raise ValueError("perplexity needs at least 2 tokens")
+    stride = stride or max(1, context_length // 2)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    spans = windows(tokens.numel(), context_length, stride)
+    nll_sum, count = 0.0, 0
+    bar = tqdm(total=len(spans), desc=f"ppl@{context_length}", disable=not progress, leave=False)
+    i = 0
+    while i < len(spans):
+        # batch consecutive windows of equal length
+        length = spans[i][1] - spans[i][0]
+        group = [spans[i]]
+        while (len(group) < batch_size and i + len(group) < len(spans)
+               and spans[i + len(group)][1] - spans[i + len(group)][0] == length):
+            group.append(spans[i + len(group)])
+        ids = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
+        logits = model(input_ids=ids).logits.float()
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        target_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (g, length - 1)
+        for row, (_, _, scored) in enumerate(group):
+            nll_sum -= target_logp[row, -scored:].double().sum().item()
+            count += scored
+        i += len(group)
+        bar.update(len(group))
+    bar.close()
+    model.train(was_training)
+    return math.exp(nll_sum / count)
+
+
+def perplexity_at_lengths(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    lengths: Sequence[int],
+    stride_ratio: float = 0.5,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> dict[int, float]:
+    """:func:`perplexity` at each context length (stride = ``stride_ratio * length``).
+
+    ``max_tokens`` truncates the stream so that every length is scored on the same tokens.
+    """
+    check_range("stride_ratio", stride_ratio, low=0, high=1, low_open=True)
+    tokens = torch.as_tensor(tokens).flatten()
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    return {
+        int(n): perplexity(model, tokens, int(n), max(1, int(n * stride_ratio)), batch_size,
+                           progress)
+        for n in lengths
+    }
+
+
+@dataclass
+class PasskeyResult:
+    """Passkey retrieval at one prompt length."""
+
+    length: int
+    accuracy: float
+    trials: int
+    answers: list[str]
+
+
+@torch.no_grad()
+def passkey_accuracy(
+    model: nn.Module,
+    tokenizer,
+    lengths: Sequence[int],
+    trials: int = 10,
+    seed: int = 0,
+) -> dict[int, PasskeyResult]:
+    """LongLoRA's passkey test: greedy decoding, exact match of the key, ``trials`` per length.
+
+    Args:
+        model: a causal LM with ``generate``.
+        tokenizer: its tokenizer.
+        lengths: prompt lengths in tokens.
+        trials: prompts per length (the key and its depth vary with the seed).
+        seed: base seed for keys and positions.
+    """
+    from .data.passkey import passkey_prompt
+
+    check_range("trials", trials, low=1, integer=True)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results = {}
+    for length in lengths:
+        answers, hits = [], 0
+        for trial in range(trials):
+            prompt_ids, key = passkey_prompt(tokenizer, int(length), seed=seed * 1000 + trial)
+            ids = torch.as_tensor(prompt_ids, device=device)[None]
+            n_new = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 2
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            answers.append(text)
+            digits = "".join(ch for ch in text.strip().split(" ")[0] if ch.isdigit())
+            hits += digits == key
+        results[int(length)] = PasskeyResult(int(length), hits / trials, trials, answers)
+    model.train(was_training)
+    return results

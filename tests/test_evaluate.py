@@ -1,0 +1,57 @@
+"""Sliding-window perplexity: every token scored once, with the documented context."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_llama
+
+from loravariants.evaluate import perplexity, perplexity_at_lengths, windows
+
+
+@pytest.mark.parametrize("n, length, stride", [(10, 4, 2), (33, 8, 7), (33, 8, 3), (5, 8, 4)])
+def test_windows_score_every_token_once(n, length, stride):
+    scored = []
+    for begin, end, k in windows(n, length, stride):
+        assert end - begin <= length and 1 <= k <= end - begin - (begin == 0)
+        scored.extend(range(end - k, end))
+    assert scored == list(range(1, n))
+
+
+def _brute_force_nll(model, tokens, length, stride):
+    """Score token t with exactly the context its window gives it, one forward per token."""
+    total = 0.0
+    for begin, end, k in windows(tokens.numel(), length, stride):
+        for t in range(end - k, end):
+            logits = model(input_ids=tokens[None, begin:t]).logits[0, -1]  # predicts token t
+            total -= F.log_softmax(logits.double(), -1)[tokens[t]].item()
+    return total / (tokens.numel() - 1)
+
+
+@pytest.mark.parametrize("stride, batch", [(3, 1), (5, 2), (2, 4)])
+def test_perplexity_equals_brute_force(stride, batch):
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 128, (29,), generator=torch.Generator().manual_seed(0))
+    expected = math.exp(_brute_force_nll(model, tokens, 6, stride))
+    assert perplexity(model, tokens, 6, stride, batch_size=batch) == pytest.approx(expected, rel=1e-5)
+
+
+def test_single_window_equals_model_loss():
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=tokens[None], labels=tokens[None]).loss.item()
+    assert perplexity(model, tokens, 16) == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_lengths_and_errors():
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
+    out = perplexity_at_lengths(model, tokens, [8, 16], max_tokens=32)
+    assert set(out) == {8, 16} and all(v > 1 for v in out.values())
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, tokens, 8, stride=8)
+    with pytest.raises(ValueError, match="context_length"):
+        perplexity(model, tokens, 1)
