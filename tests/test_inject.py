@@ -108,3 +108,22 @@ def test_on_step_end_resets_optimizer_state_of_returned_params(tiny_llama, token
 def test_mark_trainable_unknown_module(tiny_llama):
     with pytest.raises(ValueError, match="no module named"):
         lv.mark_trainable(tiny_llama, ["model.nonexistent"])
+
+
+def test_route_rows_accepts_peft_style_names_per_row():
+    model = make_tiny_llama()
+    batch = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(4))
+    lv.attach(model, LoRAConfig(r=2, init="random"), name="a")
+    lv.attach(model, LoRAConfig(r=2, init="random"), name="b")
+    with lv.route_rows({"a": torch.tensor([0]), "b": torch.tensor([2])}):
+        by_index = model(batch).logits
+    with lv.route_rows(["a", None, "b"]):
+        by_name = model(batch).logits
+    assert_close(by_name, by_index, rtol=0, atol=0)
+
+
+def test_route_rows_refuses_merged_adapters(tiny_llama, tokens):
+    lv.attach(tiny_llama, LoRAConfig(r=2, init="random"), name="a")
+    lv.merge(tiny_llama)
+    with pytest.raises(ValueError, match="merged"), lv.route_rows({"a": slice(0, 1)}):
+        tiny_llama(tokens)

@@ -42,6 +42,7 @@ __all__ = [
     "iter_frozen_modules",
     "match_target",
     "route_rows",
+    "rows_by_adapter",
     "register_variant",
     "VARIANTS",
 ]
@@ -391,6 +392,10 @@ class AdapterHost(nn.Module):
         return [n for n in names if n in self.adapters and not self.adapters[n].merged]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows_of = _ROW_ROUTING[0]
+        if rows_of is not None and any(layer.merged for layer in self.adapters.values()):
+            merged = [n for n, layer in self.adapters.items() if layer.merged]
+            raise ValueError(f"adapters {merged} are merged into the weights; unmerge to route rows")
         running = self._running()
         if not running or args or kwargs:
             if running and (args or kwargs):
@@ -398,7 +403,6 @@ class AdapterHost(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         layer0 = self.adapters[running[0]]
         out, ctx = layer0.base_forward(self.base_layer, x)
-        rows_of = _ROW_ROUTING[0]
         if rows_of is None:
             for name in running:
                 out = out + self.adapters[name].update(x, ctx)
@@ -416,18 +420,36 @@ class AdapterHost(nn.Module):
         return f"adapters={list(self.adapters)}"
 
 
+def rows_by_adapter(adapter_per_row: Sequence[str | None]) -> dict[str, torch.Tensor]:
+    """peft-style ``adapter_names`` (an adapter name, or None for the base model, per batch row)
+    to the ``{name: row indices}`` mapping :func:`route_rows` uses."""
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(adapter_per_row):
+        if name is not None:
+            out.setdefault(name, []).append(i)
+    return {name: torch.tensor(rows) for name, rows in out.items()}
+
+
 @contextlib.contextmanager
-def route_rows(rows: Mapping[str, slice | torch.Tensor]) -> Iterator[None]:
+def route_rows(
+    rows: Mapping[str, slice | torch.Tensor] | Sequence[str | None],
+) -> Iterator[None]:
     """Within the block, adapter ``name`` updates only batch rows ``rows[name]``.
 
-    Rows not listed for any adapter get the frozen model's output. Merged adapters are part of
-    the weights and cannot be routed: unmerge first.
+    ``rows`` is either ``{adapter name: slice or index tensor}`` or, like peft's
+    ``adapter_names``, one adapter name (or None) per batch row. Rows not given to any adapter
+    get the frozen model's output. Merged adapters are part of the weights and cannot be
+    routed: unmerge first.
 
     Example::
 
         with lv.route_rows({"lora": slice(0, 4), "mix": slice(4, 8)}):
             logits = model(input_ids).logits   # rows 0-3 through "lora", 4-7 through "mix"
+        with lv.route_rows(["lora", None, "mix"]):  # one name per row; None = base model
+            logits = model(input_ids).logits
     """
+    if not isinstance(rows, Mapping):
+        rows = rows_by_adapter(rows)
     previous = _ROW_ROUTING[0]
     _ROW_ROUTING[0] = dict(rows)
     try:

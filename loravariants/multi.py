@@ -1,0 +1,183 @@
+"""Concurrent multi-adapter training on one frozen base (ASPEN / m-LoRA, arXiv 2312.02515).
+
+::
+
+    job "lora":  rows 0..3  ─┐                         ┌─► loss_lora  ─► AdamW_lora
+    job "mix":   rows 4..7  ─┼─► one forward, frozen ──┼─► loss_mix   ─► AdamW_mix
+    job "cola":  rows 8..11 ─┘   layers run once;      └─► loss_cola  ─► AdamW_cola
+                                 each adapter adds its        (one backward of the sum)
+                                 update to its own rows
+
+Every job keeps what a sequential run has: its own data order (seeded by its config), optimizer,
+LR schedule, ``aux_loss`` and ``on_step_end`` (a COLA restart resets only that job's optimizer
+state). The frozen computation of every layer runs once per step for all jobs.
+
+Gradients are exact, not approximated: the fused forward is ordinary autograd through
+:func:`~loravariants.adapters.base.route_rows`, so each adapter's gradient is the gradient of its
+own loss on its own rows, dropout masks included (ASPEN's hand-written fused backward drops the
+dropout mask). The loss is the sum of the per-job losses; since rows are disjoint and no
+trainable parameter is shared, job ``j``'s parameters receive exactly ``d loss_j / d theta_j``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters.base import route_rows
+from .inject import adapter_config, adapter_names, aux_loss, extra_trainable_modules, iter_adapters
+from .inject import on_step_end as run_step_end_hooks
+from .train import TrainConfig, TrainingDiverged, TrainResult, _collate, global_rows, lr_factor
+
+__all__ = ["Job", "train_concurrent", "causal_lm_loss"]
+
+
+@dataclass
+class Job:
+    """One adapter's training job: the adapter's name, its data and its budget."""
+
+    adapter: str
+    dataset: Any
+    config: TrainConfig
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100 (what HF causal LMs compute).
+
+    Args:
+        logits: ``(b, n, vocab)``.
+        labels: ``(b, n)``.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def _job_params(model: nn.Module, name: str) -> list[nn.Parameter]:
+    return [p for _, _, layer in iter_adapters(model, name) for p in layer.parameters()]
+
+
+def train_concurrent(
+    model: nn.Module,
+    jobs: list[Job],
+    progress: bool = True,
+) -> dict[str, TrainResult]:
+    """Train several adapters of one model at once, one job per adapter.
+
+    Args:
+        model: the frozen base with every job's adapter attached (``lv.attach(..., name=...)``).
+        jobs: one :class:`Job` per adapter; their datasets must yield equal-length rows.
+            ``grad_accum`` must agree; ``max_steps`` may differ (a finished job stops
+            contributing rows).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``{adapter name: TrainResult}``, with the same fields as sequential :func:`train` runs;
+        ``tokens_per_second`` is each job's tokens over the shared wall time.
+
+    Raises:
+        ValueError: unknown adapter, duplicate jobs, differing grad_accum, or extra trainable
+            modules (embeddings/norms would be shared between jobs).
+    """
+    names = [job.adapter for job in jobs]
+    if not jobs:
+        raise ValueError("train_concurrent needs at least one job")
+    if len(set(names)) != len(names):
+        raise ValueError(f"each adapter may have one job only, got {names}")
+    unknown = sorted(set(names) - set(adapter_names(model)))
+    if unknown:
+        raise ValueError(f"no adapter named {unknown} attached; attached: {adapter_names(model)}")
+    if len({job.config.grad_accum for job in jobs}) != 1:
+        raise ValueError("all jobs must use the same grad_accum")
+    if extra_trainable_modules(model):
+        raise ValueError(
+            "concurrent training cannot share trainable base modules "
+            f"{extra_trainable_modules(model)} between jobs; train them sequentially"
+        )
+    device = next(model.parameters()).device
+    grad_accum = jobs[0].config.grad_accum
+    state = {}
+    for job in jobs:
+        cfg = job.config
+        params = _job_params(model, job.adapter)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        cycle = {"start": 0}
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s, cfg=cfg, cycle=cycle: lr_factor(
+                s - cycle["start"], cfg.warmup_steps, cfg.max_steps - cycle["start"], cfg.schedule
+            ),
+        )
+        restart_lr = bool(getattr(adapter_config(model, job.adapter), "restart_lr_schedule", False))
+        state[job.adapter] = dict(params=params, opt=opt, sched=sched, cycle=cycle,
+                                  restart_lr=restart_lr, result=TrainResult())
+
+    model.train()
+    total_steps = max(job.config.max_steps for job in jobs)
+    bar = tqdm(total=total_steps, desc=f"train x{len(jobs)}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in range(total_steps):
+        running = [job for job in jobs if step < job.config.max_steps]
+        losses = {job.adapter: 0.0 for job in running}
+        auxes = {job.adapter: 0.0 for job in running}
+        for micro in range(grad_accum):
+            batches, rows_of, offset = [], {}, 0
+            for job in running:
+                bs = job.config.batch_size
+                start = (step * grad_accum + micro) * bs
+                batch = _collate(job.dataset, global_rows(len(job.dataset), job.config.seed, start, bs))
+                batches.append(batch)
+                rows_of[job.adapter] = slice(offset, offset + bs)
+                offset += bs
+            merged = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
+            labels = merged.pop("labels")
+            with route_rows(rows_of):
+                logits = model(**merged).logits
+            total = torch.zeros((), device=device)
+            for job in running:
+                rows = rows_of[job.adapter]
+                lm = causal_lm_loss(logits[rows], labels[rows])
+                aux = aux_loss(model, job.adapter).to(device)
+                total = total + (lm + aux) / grad_accum
+                losses[job.adapter] += lm.item() / grad_accum
+                auxes[job.adapter] += aux.item() / grad_accum
+                state[job.adapter]["result"].tokens += int((labels[rows][:, 1:] != -100).sum())
+            total.backward()
+        for job in running:
+            s, cfg = state[job.adapter], job.config
+            if not (math.isfinite(losses[job.adapter]) and math.isfinite(auxes[job.adapter])):
+                raise TrainingDiverged(
+                    f"adapter {job.adapter!r}: loss became {losses[job.adapter]} at step {step + 1}"
+                )
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(s["params"], cfg.max_grad_norm)
+            s["opt"].step()
+            s["sched"].step()
+            s["opt"].zero_grad(set_to_none=True)
+            reset = run_step_end_hooks(model, step + 1, s["opt"], name=job.adapter)
+            if reset and s["restart_lr"]:
+                s["cycle"]["start"] = step + 1
+            s["result"].losses.append(losses[job.adapter])
+            s["result"].aux_losses.append(auxes[job.adapter])
+            s["result"].steps = step + 1
+        bar.update(1)
+        bar.set_postfix({n: f"{losses[n]:.3f}" for n in losses})
+    bar.close()
+    wall = time.perf_counter() - t0
+    model.eval()
+    results = {}
+    for name, s in state.items():
+        r = s["result"]
+        r.wall_time = wall
+        r.tokens_per_second = r.tokens / max(wall, 1e-9)
+        results[name] = r
+    return results
