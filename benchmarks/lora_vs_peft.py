@@ -23,8 +23,13 @@ from loravariants.adapters import LoRAConfig
 def build(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
     )
     return LlamaForCausalLM(config)
 
@@ -38,14 +43,18 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     ours = lv.attach(build(), LoRAConfig(r=8, alpha=16, init="random", target_modules=targets))
-    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    theirs = peft.get_peft_model(
+        build(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets)
+    )
     for path, layer in lv.adapter_layers(ours).items():
         target = theirs.base_model.model.get_submodule(path)
         target.lora_A["default"].weight.data.copy_(layer.lora_A.data)
         target.lora_B["default"].weight.data.copy_(layer.lora_B.data)
     ours.train()
     theirs.train()
-    batch = torch.randint(0, 1024, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(
+        0, 1024, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+    )
 
     def step(model):
         def run():
@@ -60,9 +69,11 @@ def main() -> None:
     loss_theirs = theirs(input_ids=batch, labels=batch).loss.item()
     assert abs(loss_ours - loss_theirs) < 1e-4, (loss_ours, loss_theirs)
     medians = interleaved_medians({"loravariants": step(ours), "peft": step(theirs)}, args.repeats)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; batch {args.batch} x {args.seq} tokens, "
-          f"Llama 4 layers d=256, LoRA r=8 on q,k,v,o; losses agree ({loss_ours:.5f})")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; batch {args.batch} x {args.seq} tokens, "
+        f"Llama 4 layers d=256, LoRA r=8 on q,k,v,o; losses agree ({loss_ours:.5f})"
+    )
     for name, seconds in medians.items():
         print(f"{name:>13}: {1000 * seconds:8.2f} ms / forward+backward (median of {args.repeats})")
     print(f"ratio peft / loravariants: {medians['peft'] / medians['loravariants']:.3f}x")

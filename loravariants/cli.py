@@ -74,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         parser.print_usage(sys.stderr)
-        print(f"loravariants: error: unknown command {command!r}; "
-              f"choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"loravariants: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module_name, func_name, _ = COMMANDS[command]
     try:

@@ -89,8 +89,11 @@ def perplexity(
         # batch consecutive windows of equal length
         length = spans[i][1] - spans[i][0]
         group = [spans[i]]
-        while (len(group) < batch_size and i + len(group) < len(spans)
-               and spans[i + len(group)][1] - spans[i + len(group)][0] == length):
+        while (
+            len(group) < batch_size
+            and i + len(group) < len(spans)
+            and spans[i + len(group)][1] - spans[i + len(group)][0] == length
+        ):
             group.append(spans[i + len(group)])
         ids = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
         logits = model(input_ids=ids).logits.float()
@@ -124,8 +127,9 @@ def perplexity_at_lengths(
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     return {
-        int(n): perplexity(model, tokens, int(n), max(1, int(n * stride_ratio)), batch_size,
-                           progress)
+        int(n): perplexity(
+            model, tokens, int(n), max(1, int(n * stride_ratio)), batch_size, progress
+        )
         for n in lengths
     }
 
@@ -171,10 +175,13 @@ def passkey_accuracy(
             ids = torch.as_tensor(prompt_ids, device=device)[None]
             n_new = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 2
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
-                do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             answers.append(text)
             digits = "".join(ch for ch in text.strip().split(" ")[0] if ch.isdigit())
             hits += digits == key

@@ -91,15 +91,17 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"adapter name must match {_NAME_RE.pattern} (no dots), got {name!r}"
-        )
+        raise ValueError(f"adapter name must match {_NAME_RE.pattern} (no dots), got {name!r}")
     if name in _configs(model):
         raise ValueError(f"an adapter named {name!r} is already attached")
     targets = config.select(model)
     if not targets:
         linear_names = sorted(
-            {p.rsplit(".", 1)[-1] for p, m in iter_frozen_modules(model) if isinstance(m, nn.Linear)}
+            {
+                p.rsplit(".", 1)[-1]
+                for p, m in iter_frozen_modules(model)
+                if isinstance(m, nn.Linear)
+            }
         )
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no module of "

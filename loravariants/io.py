@@ -195,8 +195,11 @@ def _module_spec(module: nn.Module) -> dict[str, Any]:
     """Shape of a frozen module, enough to rebuild a stand-in for :func:`read_factors`."""
     if isinstance(module, nn.Linear):
         return {"type": "linear", "in": module.in_features, "out": module.out_features}
-    children = {n: {"in": c.in_features, "out": c.out_features}
-                for n, c in module.named_children() if isinstance(c, nn.Linear)}
+    children = {
+        n: {"in": c.in_features, "out": c.out_features}
+        for n, c in module.named_children()
+        if isinstance(c, nn.Linear)
+    }
     return {"type": type(module).__name__, "linears": children}
 
 
@@ -360,7 +363,7 @@ def _peft_tensors(tensors: dict[str, torch.Tensor], config: LoRAConfig, file: Pa
     for key, t in tensors.items():
         if not key.startswith(_PEFT_PREFIX):
             raise ValueError(f"{file}: unexpected key {key!r} (expected {_PEFT_PREFIX}...)")
-        rest = key[len(_PEFT_PREFIX):]
+        rest = key[len(_PEFT_PREFIX) :]
         for part in ("lora_A", "lora_B"):
             tail = f".{part}.weight"
             if rest.endswith(tail):
@@ -391,7 +394,11 @@ def _load_extra(model, tensors, extra, prefix, file, fmt) -> None:
             candidates = [n for n, _ in model.named_modules() if n and n.endswith(module_name)]
         for full in candidates:
             module = model.get_submodule(full)
-            state = {k: tensors[f"{prefix}{full}.{k}"] for k in module.state_dict() if f"{prefix}{full}.{k}" in tensors}
+            state = {
+                k: tensors[f"{prefix}{full}.{k}"]
+                for k in module.state_dict()
+                if f"{prefix}{full}.{k}" in tensors
+            }
             if state:
                 state_by_module[full] = state
     for full, state in state_by_module.items():
@@ -428,7 +435,7 @@ def _load_layers(model, name, tensors, prefix, file) -> None:
 
 
 def _is_extra_key(model, key: str, prefix: str) -> bool:
-    module_name = key[len(prefix):].rsplit(".", 1)[0]
+    module_name = key[len(prefix) :].rsplit(".", 1)[0]
     return any(module_name == m for m in extra_trainable_modules(model))
 
 
@@ -470,7 +477,7 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
     out = {}
     for module, spec in (meta.get("modules") or {}).items():
         state = {
-            k[len(f"adapter.{module}."):]: v
+            k[len(f"adapter.{module}.") :]: v
             for k, v in tensors.items()
             if k.startswith(f"adapter.{module}.")
         }

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,13 +116,24 @@ def train_concurrent(
             ),
         )
         restart_lr = bool(getattr(adapter_config(model, job.adapter), "restart_lr_schedule", False))
-        state[job.adapter] = dict(params=params, opt=opt, sched=sched, cycle=cycle,
-                                  restart_lr=restart_lr, result=TrainResult())
+        state[job.adapter] = dict(
+            params=params,
+            opt=opt,
+            sched=sched,
+            cycle=cycle,
+            restart_lr=restart_lr,
+            result=TrainResult(),
+        )
 
     model.train()
     total_steps = max(job.config.max_steps for job in jobs)
-    bar = tqdm(total=total_steps, desc=f"train x{len(jobs)}", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        desc=f"train x{len(jobs)}",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     for step in range(total_steps):
         running = [job for job in jobs if step < job.config.max_steps]
@@ -134,7 +144,9 @@ def train_concurrent(
             for job in running:
                 bs = job.config.batch_size
                 start = (step * grad_accum + micro) * bs
-                batch = _collate(job.dataset, global_rows(len(job.dataset), job.config.seed, start, bs))
+                batch = _collate(
+                    job.dataset, global_rows(len(job.dataset), job.config.seed, start, bs)
+                )
                 batches.append(batch)
                 rows_of[job.adapter] = slice(offset, offset + bs)
                 offset += bs

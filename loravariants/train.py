@@ -242,8 +242,12 @@ def train(
     cycle = {"start": 0}  # the LR schedule restarts here (COLA with restart_lr_schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: lr_factor(s - cycle["start"], config.warmup_steps,
-                            config.max_steps - cycle["start"], config.schedule),
+        lambda s: lr_factor(
+            s - cycle["start"],
+            config.warmup_steps,
+            config.max_steps - cycle["start"],
+            config.schedule,
+        ),
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
@@ -264,8 +268,12 @@ def train(
 
     model.train()
     bar = tqdm(
-        total=config.max_steps, initial=start_step, desc="train", unit="step",
-        disable=not (progress and accelerator.is_main_process), dynamic_ncols=True,
+        total=config.max_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+        dynamic_ncols=True,
     )
     t0 = time.perf_counter()
     run_tokens = 0
@@ -276,7 +284,9 @@ def train(
         step_tokens = 0
         for micro in range(config.grad_accum):
             chunk = rows[micro * micro_rows : (micro + 1) * micro_rows]
-            batch = _collate(dataset, chunk[rank * config.batch_size : (rank + 1) * config.batch_size])
+            batch = _collate(
+                dataset, chunk[rank * config.batch_size : (rank + 1) * config.batch_size]
+            )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             step_tokens += int((batch["labels"][:, 1:] != -100).sum())
             last = micro == config.grad_accum - 1
@@ -306,8 +316,11 @@ def train(
         if reset and restart_lr:
             cycle["start"] = step + 1
 
-        tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device),
-                                        reduction="sum").item())
+        tokens = int(
+            accelerator.reduce(
+                torch.tensor(step_tokens, device=accelerator.device), reduction="sum"
+            ).item()
+        )
         run_tokens += tokens
         result.tokens += tokens
         result.losses.append(lm_mean)
@@ -317,17 +330,26 @@ def train(
         tps = run_tokens / max(elapsed, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{lm_mean:.4f}", tok_s=f"{tps:,.0f}")
-        if metrics_file is not None and accelerator.is_main_process and (
-            (step + 1) % config.log_every == 0 or step + 1 == config.max_steps
+        if (
+            metrics_file is not None
+            and accelerator.is_main_process
+            and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps)
         ):
-            line = {"step": step + 1, "loss": lm_mean, "aux_loss": aux_mean,
-                    "lr": scheduler.get_last_lr()[0], "tokens": result.tokens,
-                    "tokens_per_s": tps, "elapsed_s": elapsed}
+            line = {
+                "step": step + 1,
+                "loss": lm_mean,
+                "aux_loss": aux_mean,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": result.tokens,
+                "tokens_per_s": tps,
+                "elapsed_s": elapsed,
+            }
             with metrics_file.open("a") as f:
                 f.write(json.dumps(line) + "\n")
         if out is not None and config.save_every and (step + 1) % config.save_every == 0:
-            _save_checkpoint(out, inner, optimizer, scheduler, cycle, result, step + 1,
-                             config, accelerator)
+            _save_checkpoint(
+                out, inner, optimizer, scheduler, cycle, result, step + 1, config, accelerator
+            )
     bar.close()
     result.wall_time = time.perf_counter() - t0
     result.tokens_per_second = run_tokens / max(result.wall_time, 1e-9)

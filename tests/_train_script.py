@@ -1,6 +1,6 @@
 """Run by tests/test_train.py: a tiny training run, alone or under torch.distributed.run.
 
-    python tests/_train_script.py OUT_DIR BATCH_SIZE [STEPS]
+python tests/_train_script.py OUT_DIR BATCH_SIZE [STEPS]
 """
 
 from __future__ import annotations

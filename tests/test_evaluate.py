@@ -36,7 +36,9 @@ def test_perplexity_equals_brute_force(stride, batch):
     model = make_tiny_llama()
     tokens = torch.randint(0, 128, (29,), generator=torch.Generator().manual_seed(0))
     expected = math.exp(_brute_force_nll(model, tokens, 6, stride))
-    assert perplexity(model, tokens, 6, stride, batch_size=batch) == pytest.approx(expected, rel=1e-5)
+    assert perplexity(model, tokens, 6, stride, batch_size=batch) == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_single_window_equals_model_loss():

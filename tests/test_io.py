@@ -80,7 +80,9 @@ def test_we_load_a_peft_saved_adapter(tmp_path, tokens):
 def test_load_into_an_already_attached_adapter(tmp_path, tokens, trained):
     model, ref = trained
     lv.save_adapter(model, tmp_path / "a")
-    target = lv.attach(make_tiny_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    target = lv.attach(
+        make_tiny_llama(), LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     lv.load_adapter(target, tmp_path / "a", name="default")
     target.model.norm.weight.data.copy_(model.model.norm.weight)
     assert_close(target(tokens).logits, ref, rtol=0, atol=0)
@@ -89,7 +91,9 @@ def test_load_into_an_already_attached_adapter(tmp_path, tokens, trained):
 def test_mismatched_adapter_names_the_file(tmp_path, trained):
     model, _ = trained
     lv.save_adapter(model, tmp_path / "a")
-    other = lv.attach(make_tiny_llama(), LoRAConfig(r=2, alpha=8, target_modules=["q_proj", "v_proj"]))
+    other = lv.attach(
+        make_tiny_llama(), LoRAConfig(r=2, alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*shape"):
         lv.load_adapter(other, tmp_path / "a", name="default")
     wider = make_tiny_llama(hidden_size=64, intermediate_size=64)

@@ -63,7 +63,11 @@ def test_merge_then_unmerge_restores_weights(tokens):
     assert_close(model(tokens).logits, unmerged, atol=1e-5, rtol=1e-5)
     lv.merge(model)  # idempotent
     lv.unmerge(model)
-    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "adapters" not in k}
+    after = {
+        k.replace(".base_layer", ""): v
+        for k, v in model.state_dict().items()
+        if "adapters" not in k
+    }
     for key, value in before.items():
         assert_close(after[key], value, atol=1e-7, rtol=0)
     assert_close(model(tokens).logits, unmerged, atol=1e-6, rtol=0)
@@ -80,11 +84,15 @@ def _copy_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
 def test_matches_peft_forward_and_gradients(tokens, use_rslora):
     ours = lv.attach(
         make_tiny_llama(),
-        LoRAConfig(r=4, alpha=8, init="random", use_rslora=use_rslora, target_modules=["q_proj", "v_proj"]),
+        LoRAConfig(
+            r=4, alpha=8, init="random", use_rslora=use_rslora, target_modules=["q_proj", "v_proj"]
+        ),
     )
     theirs = peft.get_peft_model(
         make_tiny_llama(),
-        peft.LoraConfig(r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=["q_proj", "v_proj"]),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=["q_proj", "v_proj"]
+        ),
     )
     _copy_into_peft(ours, theirs)
     out_ours = ours(tokens, labels=tokens)
@@ -140,7 +148,9 @@ def test_config_dict_round_trip_and_unknown_field():
 
 
 def test_rank_pattern_sets_per_module_rank(tiny_llama):
-    lv.attach(tiny_llama, LoRAConfig(r=4, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 1.0}))
+    lv.attach(
+        tiny_llama, LoRAConfig(r=4, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 1.0})
+    )
     layers = lv.adapter_layers(tiny_llama)
     assert layers["model.layers.0.self_attn.v_proj"].r == 2
     assert layers["model.layers.0.self_attn.v_proj"].scaling == 0.5

@@ -34,7 +34,11 @@ class FixedMaskDropout(nn.Module):
 def _two_adapter_model():
     model = make_tiny_llama()
     lv.attach(model, LoRAConfig(r=4, dropout=0.1, init="random"), name="a")
-    lv.attach(model, LoRAConfig(r=2, dropout=0.1, init="random", target_modules=["k_proj", "o_proj"]), name="b")
+    lv.attach(
+        model,
+        LoRAConfig(r=2, dropout=0.1, init="random", target_modules=["k_proj", "o_proj"]),
+        name="b",
+    )
     for i, (_, _, layer) in enumerate(lv.iter_adapters(model)):
         layer.dropout = FixedMaskDropout(0.1, seed=i)
     return model.train()
@@ -62,8 +66,16 @@ def test_fused_gradients_equal_per_adapter_loop_with_dropout():
 
 def test_concurrent_losses_equal_sequential_runs():
     configs = {
-        "a": (LoRAConfig(r=4, init="kaiming"), TrainConfig(max_steps=4, batch_size=2, lr=1e-2, warmup_steps=1, seed=1)),
-        "b": (LoRAConfig(r=2, target_modules=["k_proj"]), TrainConfig(max_steps=3, batch_size=3, lr=5e-3, warmup_steps=0, seed=2, schedule="cosine")),
+        "a": (
+            LoRAConfig(r=4, init="kaiming"),
+            TrainConfig(max_steps=4, batch_size=2, lr=1e-2, warmup_steps=1, seed=1),
+        ),
+        "b": (
+            LoRAConfig(r=2, target_modules=["k_proj"]),
+            TrainConfig(
+                max_steps=3, batch_size=3, lr=5e-3, warmup_steps=0, seed=2, schedule="cosine"
+            ),
+        ),
     }
     data = {"a": random_blocks(seed=5), "b": random_blocks(seed=6)}
     together = make_tiny_llama()
@@ -75,10 +87,14 @@ def test_concurrent_losses_equal_sequential_runs():
     )
     for name, (adapter, config) in configs.items():
         alone = lv.attach(make_tiny_llama(), adapter, name=name)
-        alone.load_state_dict({**alone.state_dict(), **{k: v for k, v in init.items() if f".{name}." in k}})
+        alone.load_state_dict(
+            {**alone.state_dict(), **{k: v for k, v in init.items() if f".{name}." in k}}
+        )
         expected = train(alone, data[name], config, progress=False)
         assert len(results[name].losses) == config.max_steps
-        assert_close(torch.tensor(results[name].losses), torch.tensor(expected.losses), atol=2e-5, rtol=1e-5)
+        assert_close(
+            torch.tensor(results[name].losses), torch.tensor(expected.losses), atol=2e-5, rtol=1e-5
+        )
         for k, v in alone.state_dict().items():
             if ".adapters." in k:
                 assert_close(together.state_dict()[k], v, atol=1e-5, rtol=1e-4, msg=k)

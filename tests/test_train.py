@@ -43,8 +43,15 @@ def test_same_seed_same_losses():
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
-    config = TrainConfig(max_steps=6, batch_size=2, lr=1e-2, warmup_steps=2, schedule="cosine",
-                         save_every=3, keep_last=2)
+    config = TrainConfig(
+        max_steps=6,
+        batch_size=2,
+        lr=1e-2,
+        warmup_steps=2,
+        schedule="cosine",
+        save_every=3,
+        keep_last=2,
+    )
     full_model = _model()
     full = train(full_model, random_blocks(), config, output_dir=tmp_path / "full", progress=False)
     ckpts = sorted((tmp_path / "full" / "checkpoints").glob("step-*"))
@@ -55,13 +62,19 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000006")
     resumed_model = _model()
-    resumed = train(resumed_model, random_blocks(), config, output_dir=tmp_path / "cut",
-                    progress=False)
+    resumed = train(
+        resumed_model, random_blocks(), config, output_dir=tmp_path / "cut", progress=False
+    )
     assert resumed.resumed_from == 3
     assert resumed.losses == full.losses
-    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+    for (name, a), b in zip(
+        full_model.state_dict().items(), resumed_model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(ln)["step"]
+        for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -112,8 +125,13 @@ def test_lr_schedule_shapes():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"max_steps": 0}, "max_steps"), ({"lr": 0}, "lr"), ({"schedule": "step"}, "schedule"),
-     ({"betas": (0.9, 1.0)}, "betas"), ({"mixed_precision": "fp8"}, "mixed_precision")],
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"lr": 0}, "lr"),
+        ({"schedule": "step"}, "schedule"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ],
 )
 def test_bad_train_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -123,12 +141,26 @@ def test_bad_train_config_names_the_field(kwargs, field):
 def test_two_processes_equal_one_process_at_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     script = str(HERE / "_train_script.py")
-    subprocess.run([sys.executable, script, str(tmp_path / "one"), "4"], check=True, env=env,
-                   timeout=300)
+    subprocess.run(
+        [sys.executable, script, str(tmp_path / "one"), "4"], check=True, env=env, timeout=300
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29517", script, str(tmp_path / "two"), "2"],
-        env=env, timeout=300, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            script,
+            str(tmp_path / "two"),
+            "2",
+        ],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "adapter-rank0.pt")

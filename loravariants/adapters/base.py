@@ -176,9 +176,7 @@ class AdapterConfig:
         target_cls = cls
         if cls is AdapterConfig or (variant and variant != cls.variant):
             if variant not in VARIANTS:
-                raise ValueError(
-                    f"variant must be one of {sorted(VARIANTS)}, got {variant!r}"
-                )
+                raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
             target_cls = VARIANTS[variant]
         names = {f.name for f in dataclasses.fields(target_cls)}
         unknown = sorted(set(data) - names)
@@ -395,7 +393,9 @@ class AdapterHost(nn.Module):
         rows_of = _ROW_ROUTING[0]
         if rows_of is not None and any(layer.merged for layer in self.adapters.values()):
             merged = [n for n, layer in self.adapters.items() if layer.merged]
-            raise ValueError(f"adapters {merged} are merged into the weights; unmerge to route rows")
+            raise ValueError(
+                f"adapters {merged} are merged into the weights; unmerge to route rows"
+            )
         running = self._running()
         if not running or args or kwargs:
             if running and (args or kwargs):
