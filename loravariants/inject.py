@@ -109,7 +109,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         )
     layers: dict[str, AdapterLayer] = {}
     for path, module in targets:
-        layer = config.create_layer(path, module)
+        # a new layer follows the model's mode, so dropout is off when attached in eval()
+        layer = config.create_layer(path, module).train(module.training)
         host = model.get_submodule(path) if path else model
         if not isinstance(host, AdapterHost):
             if not path:
@@ -135,6 +136,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         layer = host.adapters[name]
         if layer.merged:
             layer.unmerge()
+        layer.on_detach()
         del host.adapters[name]
         if not host.adapters:
             parent_path, _, child = path.rpartition(".")

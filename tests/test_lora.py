@@ -171,3 +171,8 @@ def test_adapter_params_are_fp32_on_a_bf16_base(tokens):
     layer = next(iter(lv.adapter_layers(model).values()))
     assert layer.lora_A.dtype == torch.float32
     assert model(tokens).logits.dtype == torch.bfloat16
+
+
+def test_attach_follows_the_model_mode(tiny_llama):
+    lv.attach(tiny_llama.eval(), LoRAConfig(r=2, dropout=0.5))
+    assert not any(layer.training for layer in lv.adapter_layers(tiny_llama).values())

@@ -323,6 +323,12 @@ class AdapterLayer(nn.Module):
         """The parameters this adapter trains."""
         return [p for p in self.parameters()]
 
+    def on_detach(self) -> None:
+        """Called by ``lv.detach`` after unmerging, before the layer is dropped.
+
+        A no-op by default; COLA takes its folded links back out of the frozen weight.
+        """
+
     # -- saving -------------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Everything needed to restore this adapter (parameters and buffers), by name."""

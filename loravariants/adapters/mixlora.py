@@ -1,0 +1,464 @@
+"""MixLoRA: a top-k router over LoRA experts that share one frozen FFN (TUDB-Labs,
+arXiv 2404.15159), plus one plain LoRA per attention projection.
+
+::
+
+                 ┌──────────────► router R (E x hidden, fp32) ─► softmax ─► top-k ─► w (renorm.)
+                 │
+          x ─────┼─► W_gate x = G ─┐   (frozen, computed once for all tokens)
+                 └─► W_up   x = U ─┤
+                                   ▼   per expert e, on its routed tokens only:
+                     g_e = G + s B_ge A_ge x,   u_e = U + s B_ue A_ue x,   a_e = act(g_e) * u_e
+                     y_e = W_down a_e + s B_de A_de a_e
+
+    h = sum_{e in top-k(x)} w_e(x) · y_e(x),        sum_e w_e = 1
+
+    balance loss = coef · E · sum_i f_i P_i    (f_i: fraction of tokens routed to expert i,
+                                                P_i: mean router probability of expert i),
+                   averaged over the adapter's MixLoRA layers.
+
+How it is computed. The host adds ``update(x) = h - base(x)`` to the frozen FFN's output
+``base(x) = W_down a_0`` with ``a_0 = act(G) * U``. Because the weights sum to one and
+``W_down`` is linear,
+
+    h - base(x) = W_down [sum_e w_e (a_e - a_0)] + sum_e w_e s B_de A_de a_e
+
+so each expert contributes, on its own tokens, one intermediate-space difference and its
+down-LoRA term; the frozen down projection then runs once over all tokens instead of once per
+(token, expert) pair. The loop is over the E experts (not over tokens); dispatch uses one sort
+of the (token, expert) assignments and one host sync for the E group sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (
+    AdapterConfig,
+    AdapterHost,
+    AdapterLayer,
+    check_range,
+    iter_frozen_modules,
+    match_target,
+    register_variant,
+)
+from .lora import LoRAConfig, LoRALinear
+
+__all__ = ["MixLoRAConfig", "MixLoRAFFN", "FFN_PROJECTIONS", "ffn_activation_name"]
+
+#: the frozen FFN projections MixLoRA knows (Llama, Mistral, Qwen2, Gemma naming).
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_FUSED = ("gate_up_proj",)  # Phi-3: not supported (clear error)
+
+
+@register_variant
+@dataclass
+class MixLoRAConfig(AdapterConfig):
+    """MixLoRA: E LoRA experts on the FFN behind a top-k router, LoRA on attention.
+
+    Attributes:
+        num_experts: E, >= 1. Default 8 (paper and reference code).
+        top_k: experts per token, in [1, E]. Default 2 (paper and reference code).
+        r: attention LoRA rank, >= 1. Default 8.
+        alpha: attention LoRA scaling numerator, > 0. Default 16.
+        dropout: attention LoRA dropout, in [0, 1). Default 0.05 (the `mixlora` package's
+            loader refuses 0).
+        expert_r / expert_alpha / expert_dropout: the experts' LoRA; ``None`` = the attention
+            LoRA's value. Default ``None``.
+        router_aux_loss_coef: balance-loss coefficient, >= 0. Default 0.01: the MixLoRA
+            README's example (the reference code's default is 0.001); 0 switches it off.
+        router_init_range: std of the router's normal init, > 0. Default 0.02.
+        jitter_noise: eps of the multiplicative U(1-eps, 1+eps) noise on the router input,
+            training only, in [0, 1). Default 0.
+        target_modules: attention projections given one plain LoRA. Default q, k, v, o.
+        ffn_projections: FFN projections given per-expert LoRA, a non-empty subset of
+            ``gate_proj, up_proj, down_proj``. Default all three.
+    """
+
+    variant: ClassVar[str] = "mixlora"
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    num_experts: int = 8
+    top_k: int = 2
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    expert_r: int | None = None
+    expert_alpha: float | None = None
+    expert_dropout: float | None = None
+    router_aux_loss_coef: float = 0.01
+    router_init_range: float = 0.02
+    jitter_noise: float = 0.0
+    ffn_projections: list[str] = field(default_factory=lambda: list(FFN_PROJECTIONS))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("num_experts", self.num_experts, low=1, integer=True)
+        check_range("top_k", self.top_k, low=1, high=self.num_experts, integer=True)
+        check_range("r", self.r, low=1, integer=True)
+        check_range("alpha", self.alpha, low=0, low_open=True)
+        check_range("dropout", self.dropout, low=0, high=1, high_open=True)
+        if self.expert_r is not None:
+            check_range("expert_r", self.expert_r, low=1, integer=True)
+        if self.expert_alpha is not None:
+            check_range("expert_alpha", self.expert_alpha, low=0, low_open=True)
+        if self.expert_dropout is not None:
+            check_range("expert_dropout", self.expert_dropout, low=0, high=1, high_open=True)
+        check_range("router_aux_loss_coef", self.router_aux_loss_coef, low=0)
+        check_range("router_init_range", self.router_init_range, low=0, low_open=True)
+        check_range("jitter_noise", self.jitter_noise, low=0, high=1, high_open=True)
+        fp = self.ffn_projections
+        if (
+            not isinstance(fp, (list, tuple))
+            or not fp
+            or len(set(fp)) != len(fp)
+            or any(p not in FFN_PROJECTIONS for p in fp)
+        ):
+            raise ValueError(
+                f"ffn_projections must be a non-empty subset of {list(FFN_PROJECTIONS)} "
+                f"without repeats, got {fp!r}"
+            )
+        self.ffn_projections = list(fp)
+        if isinstance(self.target_modules, list):
+            clash = sorted(set(self.target_modules) & set(FFN_PROJECTIONS + _FUSED))
+            if clash:
+                raise ValueError(
+                    f"target_modules are the attention projections; {clash} belong to the FFN "
+                    "(its experts are chosen by ffn_projections)"
+                )
+
+    # -- resolved expert settings -------------------------------------------------------------
+    @property
+    def expert_rank(self) -> int:
+        return self.r if self.expert_r is None else self.expert_r
+
+    @property
+    def expert_lora_alpha(self) -> float:
+        return self.alpha if self.expert_alpha is None else self.expert_alpha
+
+    @property
+    def expert_lora_dropout(self) -> float:
+        return self.dropout if self.expert_dropout is None else self.expert_dropout
+
+    def attention_lora(self) -> LoRAConfig:
+        """The plain LoRA config of the attention projections."""
+        tm = self.target_modules
+        return LoRAConfig(
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=tm if isinstance(tm, str) else list(tm),
+        )
+
+    # -- what to wrap -------------------------------------------------------------------------
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Attention linears matching ``target_modules`` and every FFN block.
+
+        An FFN block is a module with ``gate_proj``, ``up_proj`` and ``down_proj`` linears and
+        an ``act_fn`` (Llama, Mistral, Qwen2, Gemma).
+
+        Raises:
+            ValueError: a module looks like an FFN but is not one MixLoRA knows (fused
+                ``gate_up_proj`` as in Phi-3, missing projection or activation, a projection
+                already wrapped by another adapter), or the model has no FFN at all.
+        """
+        ffns: list[tuple[str, nn.Module]] = []
+        for path, module in iter_frozen_modules(model):
+            children = dict(module.named_children())
+            if any(n in children for n in FFN_PROJECTIONS + _FUSED):
+                check_ffn(module, path)
+                ffns.append((path, module))
+        if not ffns:
+            raise ValueError(
+                f"MixLoRA found no feed-forward block in {type(model).__name__}: it needs a "
+                f"module with {list(FFN_PROJECTIONS)} linears and an act_fn"
+            )
+        inside = tuple(p + "." for p, _ in ffns)
+        attention = [
+            (path, module)
+            for path, module in iter_frozen_modules(model)
+            if isinstance(module, nn.Linear)
+            and not path.startswith(inside)
+            and match_target(path, self.target_modules)
+        ]
+        return attention + ffns
+
+    def create_layer(self, path: str, module: nn.Module) -> AdapterLayer:
+        if isinstance(module, nn.Linear):
+            layer: AdapterLayer = LoRALinear(module, self.attention_lora())
+        else:
+            layer = MixLoRAFFN(module, self)
+        return layer
+
+    def on_attached(self, layers: Mapping[str, AdapterLayer]) -> None:
+        """Average the balance loss over this adapter's MixLoRA layers."""
+        moe = [layer for layer in layers.values() if isinstance(layer, MixLoRAFFN)]
+        for layer in moe:
+            layer.aux_loss_weight = 1.0 / len(moe)
+
+
+def check_ffn(module: nn.Module, path: str = "") -> None:
+    """Raise a ``ValueError`` naming ``path`` unless ``module`` is an FFN MixLoRA supports."""
+    where = f"{path or 'module'} ({type(module).__name__})"
+    children = dict(module.named_children())
+    if any(n in children for n in _FUSED):
+        raise ValueError(
+            f"{where} has a fused gate_up_proj (Phi-3 style); MixLoRA supports FFNs with "
+            f"separate {list(FFN_PROJECTIONS)}"
+        )
+    for name in FFN_PROJECTIONS:
+        child = children.get(name)
+        if isinstance(child, AdapterHost):
+            raise ValueError(
+                f"{where}.{name} is already wrapped by another adapter; MixLoRA needs the "
+                "FFN's projections unwrapped"
+            )
+        if not isinstance(child, nn.Linear):
+            raise ValueError(
+                f"{where} is not an FFN MixLoRA knows: it needs {list(FFN_PROJECTIONS)} "
+                f"as nn.Linear, {name} is {'missing' if child is None else type(child).__name__}"
+            )
+    if not callable(getattr(module, "act_fn", None)):
+        raise ValueError(f"{where} is not an FFN MixLoRA knows: it has no act_fn")
+
+
+def ffn_activation_name(model: nn.Module) -> str:
+    """The FFN activation's name as the `mixlora` package writes it (``"silu"``, ...).
+
+    Read from the model config (``hidden_act``, Gemma's ``hidden_activation``).
+
+    Raises:
+        ValueError: the model has no such config entry.
+    """
+    cfg = getattr(model, "config", None)
+    for key in ("hidden_act", "hidden_activation"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, str):
+            return value
+    raise ValueError(
+        f"cannot tell the FFN activation of {type(model).__name__}: its config has no hidden_act"
+    )
+
+
+class _LoRAExpert(nn.Module):
+    """One expert: a LoRA (A, B) per adapted FFN projection.
+
+    Parameters: ``lora_A[proj]`` ``(r, in)``, ``lora_B[proj]`` ``(out, r)``, fp32; LoRA init
+    (A kaiming-uniform, B zero).
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], r: int, device) -> None:
+        super().__init__()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for proj, (in_f, out_f) in shapes.items():
+            A = nn.Parameter(torch.empty(r, in_f, device=device))
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            self.lora_A[proj] = A
+            self.lora_B[proj] = nn.Parameter(torch.zeros(out_f, r, device=device))
+
+
+class MixLoRAFFN(AdapterLayer):
+    """MixLoRA update of one frozen FFN block (see the module docstring for the equations).
+
+    Args:
+        base: the frozen FFN: ``gate_proj``, ``up_proj``, ``down_proj`` (``nn.Linear``) and
+            ``act_fn``.
+        config: a :class:`MixLoRAConfig`.
+
+    Parameters (fp32):
+        router: ``(E, hidden)``, bias-free, normal(0, router_init_range).
+        experts: ``nn.ModuleList`` of E experts, each with ``lora_A[proj]`` / ``lora_B[proj]``
+            for every ``proj`` in ``config.ffn_projections``.
+
+    After a forward, :meth:`aux_loss` holds that forward's balance loss (``None`` before the
+    first forward) and :meth:`router_stats` its routing counts. Both are kept from every
+    forward, training or eval, so routing can be inspected at evaluation time; a training loop
+    adds ``lv.aux_loss(model)`` right after its forward.
+    """
+
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module, config: MixLoRAConfig) -> None:
+        super().__init__(base, config)
+        check_ffn(base)
+        hidden = base.gate_proj.in_features
+        device = base.gate_proj.weight.device
+        self.num_experts, self.top_k = config.num_experts, config.top_k
+        self.r, self.alpha = config.expert_rank, config.expert_lora_alpha
+        self.scaling = self.alpha / self.r
+        self.projections = list(config.ffn_projections)
+        shapes = {
+            p: (getattr(base, p).in_features, getattr(base, p).out_features)
+            for p in self.projections
+        }
+        self.router = nn.Parameter(torch.empty(config.num_experts, hidden, device=device))
+        nn.init.normal_(self.router, mean=0.0, std=config.router_init_range)
+        self.experts = nn.ModuleList(
+            _LoRAExpert(shapes, self.r, device) for _ in range(config.num_experts)
+        )
+        p = config.expert_lora_dropout
+        self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.jitter_noise = config.jitter_noise
+        self.aux_loss_coef = config.router_aux_loss_coef
+        self.aux_loss_weight = 1.0  # 1 / number of MixLoRA layers, set by on_attached
+        self._aux: torch.Tensor | None = None
+        self._stats: dict[str, Any] | None = None
+
+    # -- frozen part, shared by every adapter on this FFN -------------------------------------
+    @staticmethod
+    def base_forward(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Frozen FFN once for all tokens.
+
+        Returns:
+            ``base(x)`` and the context ``(G, U, a_0)``: gate and up projections and
+            ``act(G) * U``, each ``(..., intermediate)``.
+        """
+        G = base.gate_proj(x)
+        U = base.up_proj(x)
+        a0 = base.act_fn(G) * U
+        return base.down_proj(a0), (G, U, a0)
+
+    @staticmethod
+    def select_rows(ctx: Any, rows: slice | torch.Tensor) -> Any:
+        return tuple(t[rows] for t in ctx)
+
+    # -- routing ------------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router probabilities and top-k choice for tokens ``x`` ``(T, hidden)``.
+
+        Returns:
+            ``probs (T, E)`` fp32 softmax over all experts, ``weights (T, k)`` renormalised to
+            sum to one, ``experts (T, k)`` long indices.
+        """
+        h = x.float()
+        if self.training and self.jitter_noise > 0:
+            # a new tensor: the caller's x is never modified
+            eps = self.jitter_noise
+            h = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
+        probs = torch.softmax(F.linear(h, self.router.float()), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, weights, experts
+
+    def _lora(self, expert: _LoRAExpert, proj: str, h: torch.Tensor) -> torch.Tensor:
+        A, B = expert.lora_A[proj], expert.lora_B[proj]
+        return F.linear(F.linear(self.dropout(h.to(A.dtype)), A), B) * self.scaling
+
+    def update(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        """``sum_e w_e y_e - base(x)``; x: ``(..., hidden)`` -> ``(..., hidden)`` in x's dtype.
+
+        Args:
+            x: FFN input.
+            ctx: ``(G, U, a_0)`` from :meth:`base_forward` (computed here when ``None``).
+        """
+        base = self.base
+        if ctx is None:
+            _, ctx = self.base_forward(base, x)
+        G, U, a0 = (t.reshape(-1, t.shape[-1]) for t in ctx)
+        xt = x.reshape(-1, x.shape[-1])
+        T, E, k = xt.shape[0], self.num_experts, self.top_k
+        probs, weights, experts = self.route(xt)
+
+        # balance loss and statistics: f_i counts each (token, expert) assignment, so sum f = k
+        counts = torch.bincount(experts.reshape(-1), minlength=E)
+        frac = counts.float() / max(T, 1)
+        mean_prob = probs.mean(dim=0) if T else probs.sum(dim=0)
+        self._aux = self.aux_loss_coef * E * (frac * mean_prob).sum() * self.aux_loss_weight
+        self._stats = {"tokens_per_expert": counts.detach(), "num_tokens": T}
+
+        # dispatch: group the T*k assignments by expert with one stable sort
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token_of = order // k
+        weight_of = weights.reshape(-1)[order]
+        sizes = counts.tolist()  # the one host sync
+        gate_up = [p for p in ("gate_proj", "up_proj") if p in self.projections]
+        inter = torch.zeros(T, G.shape[-1], dtype=torch.float32, device=x.device)
+        out = torch.zeros(T, xt.shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, expert in enumerate(self.experts):  # loop over experts, never over tokens
+            n = sizes[e]
+            if n == 0:
+                continue
+            tok = token_of[start : start + n]
+            w = weight_of[start : start + n, None]
+            start += n
+            xe = xt.index_select(0, tok)
+            if gate_up:
+                g, u = G.index_select(0, tok), U.index_select(0, tok)
+                if "gate_proj" in gate_up:
+                    g = g + self._lora(expert, "gate_proj", xe).to(g.dtype)
+                if "up_proj" in gate_up:
+                    u = u + self._lora(expert, "up_proj", xe).to(u.dtype)
+                a = base.act_fn(g) * u
+                inter.index_add_(0, tok, w * (a.float() - a0.index_select(0, tok).float()))
+            else:
+                a = a0.index_select(0, tok)
+            if "down_proj" in self.projections:
+                out.index_add_(0, tok, w * self._lora(expert, "down_proj", a).float())
+        W_down = base.down_proj.weight
+        if gate_up:
+            out = out + F.linear(inter.to(W_down.dtype), W_down).float()
+        return out.to(x.dtype).reshape(x.shape)
+
+    # -- training hooks and inspection --------------------------------------------------------
+    def aux_loss(self) -> torch.Tensor | None:
+        """``coef · E · sum_i f_i P_i / (number of MixLoRA layers)`` from the last forward."""
+        return self._aux
+
+    def router_stats(self) -> dict[str, Any] | None:
+        """Routing of the last forward: ``{"tokens_per_expert": (E,) long, "num_tokens": T}``.
+
+        A token routed to k experts counts once for each; ``None`` before any forward.
+        """
+        return self._stats
+
+    # -- the update as matrices ---------------------------------------------------------------
+    def expert_factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``{proj: [(s · B_e, A_e) for each expert e]}``, detached fp32 (``dW_e = B @ A``)."""
+        return {
+            proj: [
+                (
+                    ex.lora_B[proj].detach().float() * self.scaling,
+                    ex.lora_A[proj].detach().float(),
+                )
+                for ex in self.experts
+            ]
+            for proj in self.projections
+        }
+
+    def delta_weight(self) -> torch.Tensor:
+        raise ValueError(
+            "MixLoRA has no single delta weight: its update depends on the routing; use "
+            "expert_factors() for each expert's (B, A)"
+        )
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError(
+            "MixLoRA has no single low-rank update: use expert_factors() for each expert's (B, A)"
+        )
+
+    def merge(self) -> None:
+        raise ValueError(
+            "MixLoRA's FFN experts cannot be merged: which experts apply depends on the input "
+            "(merge(model, skip_unmergeable=True) merges the attention LoRA only)"
+        )
+
+    def unmerge(self) -> None:
+        if self.merged:  # never true: merge refuses
+            raise ValueError("MixLoRA layers are never merged")
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, r={self.r}, "
+            f"alpha={self.alpha}, projections={self.projections}"
+        )

@@ -1,0 +1,322 @@
+"""The MixLoRA ecosystem's adapter format (MoE-PEFT and the `mixlora` package).
+
+A directory with two files:
+
+* ``adapter_config.json``::
+
+      {"peft_type": "MIXLORA", "routing_strategy": "mixlora", "num_experts": 8, "top_k": 2,
+       "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05,
+       "target_modules": ["q_proj", ..., "gate_proj", "up_proj", "down_proj"],
+       "act_fn": "silu", "expert_lora": {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05},
+       "router_aux_loss_coef": 0.01, "router_init_range": 0.02, "jitter_noise": 0.0,
+       "base_model_name_or_path": ...}
+
+  ``target_modules`` lists the attention projections (plain LoRA) *and* the FFN projections
+  that carry experts, as the reference code writes it.
+* ``adapter_model.bin``: ``torch.save`` of a flat dict of tensors::
+
+      mixlora.layers.{i}.mlp.moe_gate.weight                        (E, hidden)
+      mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_A.weight       (r, in)
+      mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_B.weight       (out, r)
+      mixlora.layers.{i}.self_attn.{proj}.lora_A.weight / lora_B.weight
+
+  ``lora_B`` is stored unscaled (scaling ``lora_alpha / r``), as in peft. ``i`` is the decoder
+  layer index found in the module path (``...layers.{i}...``); what follows it in the path is
+  kept (``self_attn.q_proj``, ``mlp``).
+
+Reading uses ``torch.load(weights_only=True)``: tensors only, nothing is unpickled beyond them.
+
+Compatibility note: the `mixlora` package's loader (0.2.3) asserts ``lora_dropout > 0``. We
+write the adapter's real dropout; a file with dropout 0 therefore loads here and in MoE-PEFT,
+not in that package (:func:`save_mixlora` warns). Its inference does not use dropout, so
+``save_mixlora(..., loader_dropout=0.05)`` writes that value instead, on request only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters.base import AdapterLayer
+from .adapters.lora import LoRALinear
+from .adapters.mixlora import FFN_PROJECTIONS, MixLoRAConfig, MixLoRAFFN, ffn_activation_name
+from .inject import adapter_config, adapter_names, attach, iter_adapters
+from .utils import atomic_directory
+
+__all__ = ["save_mixlora", "load_mixlora", "read_mixlora_factors"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.bin"
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+
+
+def _file_prefix(module_path: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``mixlora.layers.3.self_attn.q_proj``."""
+    m = _LAYER_RE.search(module_path)
+    if m is None:
+        raise ValueError(
+            f"{module_path}: the MixLoRA format needs module paths with a layer index "
+            "(...layers.<i>...)"
+        )
+    return f"mixlora.layers.{m.group(1)}.{m.group(2)}"
+
+
+def _layer_tensors(path: str, layer: AdapterLayer) -> dict[str, torch.Tensor]:
+    """The file's tensors for one adapter layer, keyed as the format names them."""
+    prefix = _file_prefix(path)
+    if isinstance(layer, MixLoRAFFN):
+        out = {f"{prefix}.moe_gate.weight": layer.router}
+        for e, expert in enumerate(layer.experts):
+            for proj in layer.projections:
+                out[f"{prefix}.{proj}.experts.{e}.lora_A.weight"] = expert.lora_A[proj]
+                out[f"{prefix}.{proj}.experts.{e}.lora_B.weight"] = expert.lora_B[proj]
+        return out
+    if isinstance(layer, LoRALinear):
+        return {f"{prefix}.lora_A.weight": layer.lora_A, f"{prefix}.lora_B.weight": layer.lora_B}
+    raise ValueError(f"{path}: {type(layer).__name__} has no MixLoRA-format form")
+
+
+def _config_json(config: MixLoRAConfig, model: nn.Module, dropout: float, expert_dropout: float):
+    tm = config.target_modules
+    if isinstance(tm, str):
+        raise ValueError(
+            "the MixLoRA format lists target_modules by name; a regex target_modules "
+            f"({tm!r}) cannot be written"
+        )
+    cfg = getattr(model, "config", None)
+    return {
+        "peft_type": "MIXLORA",
+        "routing_strategy": "mixlora",
+        "task_type": "CAUSAL_LM",
+        "bias": "none",
+        "num_experts": config.num_experts,
+        "top_k": config.top_k,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": dropout,
+        "target_modules": list(tm) + list(config.ffn_projections),
+        "act_fn": ffn_activation_name(model),
+        "expert_lora": {
+            "r": config.expert_rank,
+            "lora_alpha": config.expert_lora_alpha,
+            "lora_dropout": expert_dropout,
+        },
+        "router_aux_loss_coef": config.router_aux_loss_coef,
+        "router_init_range": config.router_init_range,
+        "jitter_noise": config.jitter_noise,
+        "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+    }
+
+
+def save_mixlora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    loader_dropout: float | None = None,
+) -> Path:
+    """Write MixLoRA adapter ``name`` of ``model`` in the MixLoRA format, atomically.
+
+    Args:
+        model: a model with a :class:`MixLoRAConfig` adapter attached.
+        path: target directory (replaced if it exists).
+        name: adapter name (the only one when ``None``).
+        loader_dropout: when given, written instead of a dropout of 0 (attention and experts)
+            so the `mixlora` package's loader, which asserts ``lora_dropout > 0``, accepts the
+            file. Off by default: the real value is written.
+
+    Returns:
+        The directory written.
+
+    Raises:
+        ValueError: the adapter is not MixLoRA, a regex ``target_modules``, or a module path
+            without a layer index.
+    """
+    config = adapter_config(model, name)
+    if not isinstance(config, MixLoRAConfig):
+        raise ValueError(
+            f"format 'mixlora' holds MixLoRA adapters only, got variant {config.variant!r}"
+        )
+    name = name or adapter_names(model)[0]
+    dropout, expert_dropout = config.dropout, config.expert_lora_dropout
+    if loader_dropout is not None:
+        if not loader_dropout > 0:
+            raise ValueError(f"loader_dropout must be > 0, got {loader_dropout!r}")
+        dropout = dropout or float(loader_dropout)
+        expert_dropout = expert_dropout or float(loader_dropout)
+    elif dropout == 0 or expert_dropout == 0:
+        warnings.warn(
+            "writing lora_dropout 0: the `mixlora` package's loader asserts lora_dropout > 0 "
+            "(MoE-PEFT and loravariants accept it); pass loader_dropout=... for that loader",
+            stacklevel=2,
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for path_, _, layer in iter_adapters(model, name):
+        for key, t in _layer_tensors(path_, layer).items():
+            tensors[key] = t.detach().to("cpu").contiguous().clone()
+    meta = _config_json(config, model, dropout, expert_dropout)
+    with atomic_directory(path) as tmp:
+        torch.save(tensors, tmp / WEIGHTS_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    file = directory / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: MixLoRA adapter config not found")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a valid JSON file ({e})") from e
+    if not isinstance(meta, dict) or meta.get("peft_type") != "MIXLORA":
+        raise ValueError(f'{file}: not a MixLoRA adapter config (needs "peft_type": "MIXLORA")')
+    strategy = meta.get("routing_strategy", "mixlora")
+    if strategy != "mixlora":
+        raise ValueError(
+            f"{file}: routing_strategy {strategy!r} is not supported (only 'mixlora', top-k)"
+        )
+    return meta
+
+
+def _config_from_json(meta: dict[str, Any], file: Path) -> MixLoRAConfig:
+    try:
+        targets = meta["target_modules"]
+        if isinstance(targets, dict):  # MoE-PEFT also writes {name: bool}
+            targets = [k for k, v in targets.items() if v]
+        expert = meta.get("expert_lora") or {}
+        ffn = [t for t in targets if t in FFN_PROJECTIONS]
+        return MixLoRAConfig(
+            num_experts=int(meta["num_experts"]),
+            top_k=int(meta["top_k"]),
+            r=int(meta["r"]),
+            alpha=float(meta["lora_alpha"]),
+            dropout=float(meta.get("lora_dropout") or 0.0),
+            expert_r=int(expert["r"]) if "r" in expert else None,
+            expert_alpha=float(expert["lora_alpha"]) if "lora_alpha" in expert else None,
+            expert_dropout=(float(expert["lora_dropout"]) if "lora_dropout" in expert else None),
+            # absent keys: the reference code's defaults (coef 0.001, range 0.02, no jitter)
+            router_aux_loss_coef=float(meta.get("router_aux_loss_coef", 0.001)),
+            router_init_range=float(meta.get("router_init_range", 0.02)),
+            jitter_noise=float(meta.get("jitter_noise", 0.0)),
+            target_modules=[t for t in targets if t not in FFN_PROJECTIONS],
+            ffn_projections=ffn or list(FFN_PROJECTIONS),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: invalid MixLoRA config ({e!r})") from e
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    file = directory / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: MixLoRA adapter weights not found")
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt zip/pickle, or a pickle that is more than tensors
+        raise ValueError(f"{file}: not a readable tensor file ({e})") from e
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise ValueError(f"{file}: expected a dict of named tensors")
+    return data
+
+
+def load_mixlora(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Load a MixLoRA-format directory into ``model``.
+
+    Attaches adapter ``name`` from the file's config unless one by that name is attached (then
+    the file's weights replace its weights; shapes must agree).
+
+    Raises:
+        FileNotFoundError: missing directory or files (named).
+        ValueError: invalid or corrupt files, a different FFN activation, or weights that do
+            not fit the model (file named).
+    """
+    directory = Path(path)
+    meta = _read_config(directory)
+    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    config = _config_from_json(meta, config_file)
+    act = meta.get("act_fn")
+    if act is not None:
+        try:
+            own = ffn_activation_name(model)
+        except ValueError:
+            own = None
+        if own is not None and own != act:
+            raise ValueError(f"{config_file}: act_fn {act!r} but the model's FFN uses {own!r}")
+    tensors = _read_weights(directory)
+    if name not in adapter_names(model):
+        try:
+            attach(model, config, name=name)
+        except ValueError as e:
+            raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
+    used: set[str] = set()
+    with torch.no_grad():
+        for module_path, _, layer in iter_adapters(model, name):
+            for key, param in _layer_tensors(module_path, layer).items():
+                if key not in tensors:
+                    raise ValueError(f"{weights_file}: missing tensor {key!r}")
+                t = tensors[key]
+                if tuple(t.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"{weights_file}: {key} has shape {tuple(t.shape)}, the model needs "
+                        f"{tuple(param.shape)}"
+                    )
+                param.copy_(t)
+                used.add(key)
+    leftover = sorted(set(tensors) - used)
+    if leftover:
+        raise ValueError(
+            f"{weights_file}: {len(leftover)} tensor(s) match no adapter module of this model, "
+            f"e.g. {leftover[0]!r}"
+        )
+    return model
+
+
+_EXPERT_RE = re.compile(r"^mixlora\.(.+)\.experts\.(\d+)\.lora_([AB])\.weight$")
+_LORA_RE = re.compile(r"^mixlora\.(.+)\.lora_([AB])\.weight$")
+
+
+def read_mixlora_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (B, A)}`` with the scaling folded in (``dW = B @ A``), from the files only.
+
+    Keys use Llama-style module names: ``"model.layers.0.self_attn.q_proj"`` for an attention
+    LoRA, ``"model.layers.0.mlp.gate_proj.experts.3"`` for expert 3 of a projection. The
+    routers are not LoRA factors and are left out.
+    """
+    directory = Path(path)
+    meta = _read_config(directory)
+    config = _config_from_json(meta, directory / CONFIG_FILE)
+    tensors = _read_weights(directory)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    scales: dict[str, float] = {}
+    for key, t in tensors.items():
+        m = _EXPERT_RE.match(key)
+        if m:
+            module = f"model.{m.group(1)}.experts.{m.group(2)}"
+            scales[module] = config.expert_lora_alpha / config.expert_rank
+            pairs.setdefault(module, {})[m.group(3)] = t
+            continue
+        m = _LORA_RE.match(key)
+        if m:
+            module = f"model.{m.group(1)}"
+            scales[module] = config.alpha / config.r
+            pairs.setdefault(module, {})[m.group(2)] = t
+    out = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{directory / WEIGHTS_FILE}: {module} lacks lora_A or lora_B")
+        out[module] = (ab["B"].float() * scales[module], ab["A"].float())
+    return out

@@ -1,0 +1,406 @@
+"""MixLoRA: top-k routed LoRA experts on a shared frozen FFN, on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from torch import nn
+from torch.testing import assert_close
+
+import loravariants as lv
+from loravariants.adapters.lora import LoRALinear
+from loravariants.adapters.mixlora import MixLoRAConfig, MixLoRAFFN
+from loravariants.io_mixlora import load_mixlora, read_mixlora_factors, save_mixlora
+
+ALL_PROJ = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _randomise(module: nn.Module, seed: int = 3) -> None:
+    """Non-zero expert B's and a livelier router, so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "router" in name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _layer(seed: int = 0, **fields) -> tuple[MixLoRAFFN, nn.Module]:
+    mlp = make_tiny_llama(seed).model.layers[0].mlp
+    torch.manual_seed(seed + 1)
+    layer = MixLoRAFFN(mlp, MixLoRAConfig(target_modules=["q_proj"], **fields))
+    _randomise(layer, seed + 2)
+    return layer, mlp
+
+
+def _dense_reference(layer: MixLoRAFFN, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, then masked by the routing: the slow, obvious MixLoRA."""
+    xt = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(xt.float() @ layer.router.T, dim=-1)
+    top_w, top_i = probs.topk(layer.top_k, dim=-1)
+    top_w = top_w / top_w.sum(-1, keepdim=True)
+    out = torch.zeros_like(xt)
+    s = layer.scaling
+    for e, expert in enumerate(layer.experts):
+
+        def lora(proj, h, expert=expert):
+            if proj not in layer.projections:
+                return 0
+            return s * h @ expert.lora_A[proj].T @ expert.lora_B[proj].T
+
+        g = mlp.gate_proj(xt) + lora("gate_proj", xt)
+        u = mlp.up_proj(xt) + lora("up_proj", xt)
+        a = mlp.act_fn(g) * u
+        y = mlp.down_proj(a) + lora("down_proj", a)
+        w = (top_w * (top_i == e)).sum(-1, keepdim=True)  # 0 where e was not chosen
+        out = out + w * y
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    "projections", [ALL_PROJ, ["down_proj"], ["gate_proj", "up_proj"], ["up_proj"]]
+)
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_equals_dense_reference_forward_and_grads(projections, top_k):
+    layer, mlp = _layer(num_experts=4, top_k=top_k, ffn_projections=projections, dropout=0.0)
+    layer.train()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    fast = layer(x)
+    slow = _dense_reference(layer, mlp, x)
+    assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    params = [x] + [p for p in layer.parameters()]
+    g = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad((fast * g).sum(), params, allow_unused=True)
+    grads_slow = torch.autograd.grad((slow * g).sum(), params, allow_unused=True)
+    for p, a, b in zip(params, grads_fast, grads_slow, strict=True):
+        # an expert no token was routed to gets no gradient (None) from the sparse path
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_model_logits_match_reference_and_zero_init(tokens):
+    model = make_tiny_llama()
+    ref = model(tokens).logits
+    lv.attach(model, MixLoRAConfig(num_experts=4, top_k=2))
+    assert_close(model(tokens).logits, ref, atol=1e-6, rtol=0)  # every B starts at zero
+    layers = lv.adapter_layers(model)
+    kinds = {p.rsplit(".", 1)[-1]: type(layer) for p, layer in layers.items()}
+    assert kinds["mlp"] is MixLoRAFFN and kinds["q_proj"] is LoRALinear
+    assert sum(isinstance(v, MixLoRAFFN) for v in layers.values()) == 2
+    assert len(layers) == 2 * 5  # q, k, v, o and the FFN per decoder layer
+
+
+def test_eval_is_deterministic_with_dropout_and_jitter():
+    layer, _ = _layer(num_experts=4, top_k=2, dropout=0.3, jitter_noise=0.2)
+    x = torch.randn(2, 9, 32)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_top_k_all_with_uniform_router_is_mean_of_experts():
+    layer, mlp = _layer(num_experts=4, top_k=4, dropout=0.0)
+    with torch.no_grad():
+        layer.router.zero_()
+    x = torch.randn(5, 32)
+    per_expert = []
+    for e in range(4):
+        single, _ = _layer(num_experts=1, top_k=1, dropout=0.0)
+        single.experts[0].load_state_dict(layer.experts[e].state_dict())
+        single._base_ref[0] = mlp
+        per_expert.append(single(x))
+    assert_close(layer(x), torch.stack(per_expert).mean(0), atol=1e-6, rtol=1e-6)
+    stats = layer.router_stats()
+    assert stats["tokens_per_expert"].tolist() == [5, 5, 5, 5] and stats["num_tokens"] == 5
+
+
+def test_balance_loss_hand_computed():
+    """E=2, k=1, hidden 2: tokens [1,0], [1,0], [0,1] go to experts 0, 0, 1."""
+    ffn = nn.Module()
+    ffn.gate_proj, ffn.up_proj = nn.Linear(2, 4, bias=False), nn.Linear(2, 4, bias=False)
+    ffn.down_proj, ffn.act_fn = nn.Linear(4, 2, bias=False), nn.SiLU()
+    coef = 0.01
+    layer = MixLoRAFFN(
+        ffn,
+        MixLoRAConfig(num_experts=2, top_k=1, router_aux_loss_coef=coef, target_modules=["q"]),
+    )
+    with torch.no_grad():
+        layer.router.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    assert layer.aux_loss() is None and layer.router_stats() is None
+    layer(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    p_a = math.exp(2) / (math.exp(2) + 1)  # token [1,0]: logits (2, 0)
+    p_b = math.exp(1) / (math.exp(1) + 1)  # token [0,1]: logits (0, 1)
+    P = [(2 * p_a + (1 - p_b)) / 3, (2 * (1 - p_a) + p_b) / 3]
+    f = [2 / 3, 1 / 3]
+    expected = coef * 2 * (f[0] * P[0] + f[1] * P[1])
+    assert layer.aux_loss().item() == pytest.approx(expected, rel=1e-6)
+    assert layer.router_stats()["tokens_per_expert"].tolist() == [2, 1]
+
+
+def test_balance_loss_is_averaged_over_layers(tokens):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=4, top_k=2, router_aux_loss_coef=0.1))
+    _randomise(model)
+    model(tokens)
+    moe = [lay for lay in lv.adapter_layers(model).values() if isinstance(lay, MixLoRAFFN)]
+    assert all(lay.aux_loss_weight == 0.5 for lay in moe)
+    per_layer = []
+    for lay in moe:
+        counts = lay.router_stats()["tokens_per_expert"].float()
+        assert counts.sum() == tokens.numel() * 2
+        per_layer.append(lay.aux_loss() / lay.aux_loss_weight)
+    total = lv.aux_loss(model)
+    assert_close(total, torch.stack(per_layer).mean())
+    assert total.requires_grad  # it trains the router
+    total.backward()
+    assert all(torch.count_nonzero(lay.router.grad) > 0 for lay in moe)
+
+
+def test_callers_tensor_unchanged():
+    layer, _ = _layer(num_experts=4, top_k=2, dropout=0.3, jitter_noise=0.3)
+    layer.train()
+    x = torch.randn(3, 7, 32)
+    keep, version = x.clone(), x._version
+    layer(x).sum().backward()
+    assert torch.equal(x, keep) and x._version == version
+
+
+def test_merge_refused_and_expert_factors(tokens):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=3, top_k=2))
+    with pytest.raises(ValueError, match="depends on the input"):
+        lv.merge(model)
+    layer = next(v for v in lv.adapter_layers(model).values() if isinstance(v, MixLoRAFFN))
+    with pytest.raises(ValueError, match="depends on the input"):
+        layer.merge()
+    with pytest.raises(ValueError, match="expert_factors"):
+        layer.delta_weight()
+    with pytest.raises(ValueError, match="expert_factors"):
+        layer.factors()
+    _randomise(model)
+    with torch.no_grad():  # experts at zero: a rounding-level routing flip cannot matter
+        for ex in layer.experts:
+            for B in ex.lora_B.values():
+                B.zero_()
+    expected = model(tokens).logits
+    lv.merge(model, skip_unmergeable=True)  # attention LoRA only
+    assert_close(model(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+    lv.unmerge(model)
+    _randomise(model)
+    ef = layer.expert_factors()
+    assert set(ef) == set(ALL_PROJ) and len(ef["up_proj"]) == 3
+    B, A = ef["down_proj"][1]
+    assert B.shape == (32, 8) and A.shape == (8, 64)
+    assert_close(B, layer.experts[1].lora_B["down_proj"].detach() * layer.scaling)
+
+
+def test_mixlora_format_round_trip(tokens, tmp_path):
+    model = make_tiny_llama()
+    config = MixLoRAConfig(num_experts=4, top_k=2, expert_r=4, expert_alpha=8.0)
+    lv.attach(model, config)
+    _randomise(model)
+    expected = model(tokens).logits
+    out = lv.save_adapter(model, tmp_path / "mix", format="mixlora")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.bin"]
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "MIXLORA" and meta["routing_strategy"] == "mixlora"
+    assert meta["act_fn"] == "silu" and meta["num_experts"] == 4 and meta["top_k"] == 2
+    assert meta["expert_lora"] == {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.05}
+    assert set(meta["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", *ALL_PROJ}
+    assert meta["router_aux_loss_coef"] == 0.01 and meta["router_init_range"] == 0.02
+    tensors = torch.load(out / "adapter_model.bin", weights_only=True)
+    assert tensors["mixlora.layers.1.mlp.moe_gate.weight"].shape == (4, 32)
+    assert tensors["mixlora.layers.0.mlp.down_proj.experts.3.lora_B.weight"].shape == (32, 4)
+    assert tensors["mixlora.layers.0.self_attn.v_proj.lora_A.weight"].shape == (8, 32)
+    assert len(tensors) == 2 * (1 + 4 * 3 * 2 + 4 * 2)
+
+    fresh = make_tiny_llama()
+    lv.load_adapter(fresh, out)
+    assert_close(fresh(tokens).logits, expected, atol=1e-6, rtol=1e-6)
+    loaded = lv.adapter_config(fresh)
+    for key in (
+        "num_experts",
+        "top_k",
+        "r",
+        "alpha",
+        "dropout",
+        "expert_rank",
+        "expert_lora_alpha",
+        "expert_lora_dropout",
+        "router_aux_loss_coef",
+        "router_init_range",
+        "jitter_noise",
+        "target_modules",
+        "ffn_projections",
+    ):
+        assert getattr(loaded, key) == getattr(config, key), key
+
+    factors = read_mixlora_factors(out)
+    layer = lv.adapter_layers(model)["model.layers.0.mlp"]
+    B, A = factors["model.layers.0.mlp.gate_proj.experts.3"]
+    assert_close(B @ A, torch.matmul(*layer.expert_factors()["gate_proj"][3]))
+    att = lv.adapter_layers(model)["model.layers.0.self_attn.q_proj"]
+    B, A = factors["model.layers.0.self_attn.q_proj"]
+    assert_close(B @ A, att.delta_weight())
+    assert len(factors) == 2 * (4 + 4 * 3)
+
+
+def test_native_round_trip(tokens, tmp_path):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=3, top_k=2))
+    _randomise(model)
+    expected = model(tokens).logits
+    lv.save_adapter(model, tmp_path / "nat", format="native")
+    fresh = make_tiny_llama()
+    lv.load_adapter(fresh, tmp_path / "nat")
+    assert_close(fresh(tokens).logits, expected, atol=1e-6, rtol=1e-6)
+    from loravariants.io import read_factors
+
+    factors = read_factors(tmp_path / "nat")
+    layer = lv.adapter_layers(model)["model.layers.1.mlp"]
+    assert_close(
+        torch.matmul(*factors["model.layers.1.mlp.up_proj.experts.2"]),
+        torch.matmul(*layer.expert_factors()["up_proj"][2]),
+    )
+
+
+def test_zero_dropout_warns_and_loader_dropout_is_explicit(tmp_path):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=2, top_k=1, dropout=0.0))
+    with pytest.warns(UserWarning, match="lora_dropout"):
+        save_mixlora(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a/adapter_config.json").read_text())["lora_dropout"] == 0.0
+    save_mixlora(model, tmp_path / "b", loader_dropout=0.05)
+    meta = json.loads((tmp_path / "b/adapter_config.json").read_text())
+    assert meta["lora_dropout"] == 0.05 and meta["expert_lora"]["lora_dropout"] == 0.05
+
+
+def test_corrupt_or_mismatched_files_name_the_file(tmp_path):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=2, top_k=1))
+    out = save_mixlora(model, tmp_path / "mix")
+    (out / "adapter_model.bin").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="adapter_model.bin"):
+        load_mixlora(make_tiny_llama(), out)
+    # a pickle holding more than tensors is refused, not executed
+    torch.save({"x": torch.zeros(1), "y": {1, 2}}, out / "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.bin"):
+        load_mixlora(make_tiny_llama(), out)
+    # weights from a model with other shapes
+    other = make_tiny_llama(hidden_size=48)
+    lv.attach(other, MixLoRAConfig(num_experts=2, top_k=1))
+    save_mixlora(other, tmp_path / "other")
+    with pytest.raises(ValueError, match="adapter_model.bin"):
+        load_mixlora(make_tiny_llama(), tmp_path / "other")
+    meta = json.loads((tmp_path / "other/adapter_config.json").read_text())
+    meta["routing_strategy"] = "mixlora-switch"
+    (tmp_path / "other/adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        load_mixlora(make_tiny_llama(), tmp_path / "other")
+
+
+class _GPT2StyleMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc, self.c_proj, self.act = nn.Linear(8, 16), nn.Linear(16, 8), nn.GELU()
+
+
+class _Phi3StyleMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj, self.down_proj = nn.Linear(8, 32), nn.Linear(16, 8)
+        self.activation_fn = nn.SiLU()
+
+
+class _NoActMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 16), nn.Linear(8, 16)
+        self.down_proj = nn.Linear(16, 8)
+
+
+class _Block(nn.Module):
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.q_proj, self.mlp = nn.Linear(8, 8), mlp
+
+
+@pytest.mark.parametrize(
+    "mlp, message",
+    [
+        (_GPT2StyleMLP(), "no feed-forward block"),
+        (_Phi3StyleMLP(), "gate_up_proj"),
+        (_NoActMLP(), "act_fn"),
+    ],
+)
+def test_unknown_ffn_raises(mlp, message):
+    with pytest.raises(ValueError, match=message):
+        lv.attach(_Block(mlp), MixLoRAConfig(target_modules=["q_proj"]))
+
+
+def test_ffn_projection_wrapped_by_other_adapter_raises():
+    from loravariants.adapters.lora import LoRAConfig
+
+    model = make_tiny_llama()
+    lv.attach(model, LoRAConfig(target_modules=["gate_proj"]), name="lora")
+    with pytest.raises(ValueError, match="already wrapped"):
+        lv.attach(model, MixLoRAConfig(), name="mix")
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"num_experts": 0}, "num_experts"),
+        ({"top_k": 3, "num_experts": 2}, "top_k"),
+        ({"top_k": 0}, "top_k"),
+        ({"r": 0}, "r"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"expert_r": 0}, "expert_r"),
+        ({"expert_alpha": 0.0}, "expert_alpha"),
+        ({"expert_dropout": -0.1}, "expert_dropout"),
+        ({"router_aux_loss_coef": -0.01}, "router_aux_loss_coef"),
+        ({"router_init_range": 0.0}, "router_init_range"),
+        ({"jitter_noise": 1.0}, "jitter_noise"),
+        ({"ffn_projections": ["fc1"]}, "ffn_projections"),
+        ({"ffn_projections": []}, "ffn_projections"),
+        ({"target_modules": ["q_proj", "down_proj"]}, "target_modules"),
+    ],
+)
+def test_bad_config_names_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        MixLoRAConfig(**fields)
+
+
+def test_defaults_follow_expert_settings():
+    config = MixLoRAConfig(r=4, alpha=8.0, dropout=0.1)
+    assert (config.expert_rank, config.expert_lora_alpha, config.expert_lora_dropout) == (
+        4,
+        8.0,
+        0.1,
+    )
+    assert MixLoRAConfig.from_dict(config.to_dict()) == config
+
+
+def test_route_rows_with_another_adapter(tokens):
+    """MixLoRA on rows 0, a MultiLoRA adapter on row 1: each row equals its adapter alone."""
+    from loravariants.adapters.multilora import MultiLoRAConfig
+
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=4, top_k=2), name="mix")
+    lv.attach(model, MultiLoRAConfig(num_branches=2, r=2, target_modules=["q_proj"]), name="multi")
+    _randomise(model)
+    with torch.no_grad():
+        for layer in lv.adapter_layers(model, "multi").values():
+            layer.scales.normal_()
+    with lv.route_rows({"mix": slice(0, 1), "multi": slice(1, 2)}):
+        fused = model(tokens).logits
+    lv.set_active_adapters(model, ["mix"])
+    assert_close(fused[:1], model(tokens[:1]).logits, atol=1e-5, rtol=1e-5)
+    lv.set_active_adapters(model, ["multi"])
+    assert_close(fused[1:], model(tokens[1:]).logits, atol=1e-5, rtol=1e-5)
