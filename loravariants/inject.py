@@ -138,6 +138,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
             layer.unmerge()
         layer.on_detach()
         del host.adapters[name]
+        host._tell_shared()
         if not host.adapters:
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model

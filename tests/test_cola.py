@@ -270,3 +270,31 @@ def test_detach_takes_the_chain_back_out(tokens):
     for n, p in model.named_parameters():
         assert_close(p, w0[n], atol=1e-6, rtol=0, msg=n)
     assert_close(model(tokens).logits, reference, atol=1e-5, rtol=0)
+
+
+def test_shared_frozen_module_is_never_written(tokens):
+    """With another adapter on the same modules, restarts keep the chain out of W."""
+    model = make_tiny_llama()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lv.attach(model, LoRAConfig(r=2, init="random", target_modules=TARGETS), name="other")
+    lv.attach(model, COLAConfig(r=4, init="random", target_modules=TARGETS), name="cola")
+    before = model(tokens).logits
+    restart(model, "cola")
+    restart(model, "cola")
+    assert_close(model(tokens).logits, before, atol=1e-5, rtol=0)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, w0[n.replace(".base_layer", "")]), n
+
+
+def test_becoming_shared_unfolds_the_chain(tokens):
+    model = make_tiny_llama()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lv.attach(model, COLAConfig(r=4, init="random", target_modules=TARGETS))
+    restart(model)
+    before = model(tokens).logits
+    lv.attach(model, LoRAConfig(r=2, target_modules=TARGETS), name="zero_lora")  # B = 0
+    assert_close(model(tokens).logits, before, atol=1e-5, rtol=0)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert_close(p, w0[n.replace(".base_layer", "")], atol=1e-6, rtol=0, msg=n)

@@ -223,6 +223,7 @@ class AdapterLayer(nn.Module):
         self._base_ref = [base]
         self.config = config
         self.merged = False
+        self.shares_base = False  # set by the host: other adapters use the same frozen module
 
     @property
     def base(self) -> nn.Module:
@@ -323,6 +324,14 @@ class AdapterLayer(nn.Module):
         """The parameters this adapter trains."""
         return [p for p in self.parameters()]
 
+    def set_shared(self, shared: bool) -> None:
+        """Told by the host whether other adapters share this frozen module.
+
+        A layer that writes into the frozen weight as part of training (COLA's restarts) must
+        stop doing so while shared, or it would change the other adapters' base.
+        """
+        self.shares_base = shared
+
     def on_detach(self) -> None:
         """Called by ``lv.detach`` after unmerging, before the layer is dropped.
 
@@ -390,6 +399,12 @@ class AdapterHost(nn.Module):
                     f"{type(layer).__name__} cannot share a module with {type(first).__name__}"
                 )
         self.adapters[name] = layer
+        self._tell_shared()
+
+    def _tell_shared(self) -> None:
+        shared = len(self.adapters) > 1
+        for layer in self.adapters.values():
+            layer.set_shared(shared)
 
     def _running(self) -> list[str]:
         names = list(self.adapters) if self.active_adapters is None else self.active_adapters

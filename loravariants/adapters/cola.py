@@ -19,9 +19,13 @@ reset. Chain length 1 is plain LoRA. The final update ``W_final - W0`` has rank 
 ``sum_j r_j``; the folded links' factors are kept as small fp32 buffers (``chain_B``,
 ``chain_A``) so :meth:`COLALinear.factors` returns it exactly, for analysis and peft export.
 
-Invariant: the layer's frozen weight always holds ``W0 + chain_B @ chain_A``. Loading saved
-COLA state therefore folds the saved chain into the weight (after unfolding the old one), so a
-saved chain loads correctly onto a fresh base model.
+Invariant: the frozen weight holds ``W0 + chain_B[:, :k] @ chain_A[:k]`` with ``k =
+folded_rank``, and the layer adds the rest of the chain itself. While the layer is alone on its
+frozen module every finished link is folded (``k`` = the whole chain: the paper's merge, no extra
+compute). While other adapters share the module (several named adapters, concurrent training)
+nothing is folded (``k = 0``): writing into the shared weight would change their base. Loading
+saved COLA state unfolds the old chain and folds the saved one by the same rule, so a saved chain
+loads correctly onto a fresh base model.
 """
 
 from __future__ import annotations
@@ -249,6 +253,10 @@ class COLALinear(AdapterLayer):
         self.register_buffer("chain_B", torch.zeros(base.out_features, 0, device=device))
         self.register_buffer("link_index", torch.zeros((), dtype=torch.long, device=device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Rank of the chain prefix folded into the frozen weight. Finished links are folded
+        # (the paper's merge) while this layer is alone on its frozen module; while the module
+        # is shared with other adapters they stay a separate low-rank term of this layer.
+        self.folded_rank = 0
 
     # -- the current link ---------------------------------------------------------------------
     @property
@@ -262,9 +270,29 @@ class COLALinear(AdapterLayer):
         return lora_scaling(self.r, self.alpha, self.config.use_rslora)
 
     def update(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        """``s_j · B_j A_j dropout(x)``; x: ``(..., in)`` -> ``(..., out)`` in x's dtype."""
-        h = self.dropout(x.to(self.lora_A.dtype))
-        return (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(x.dtype)
+        """``s_j · B_j A_j dropout(x)`` plus the finished links not folded into the weight
+        (no dropout on them: they act as frozen weights); x: ``(..., in)`` -> ``(..., out)``."""
+        h = x.to(self.lora_A.dtype)
+        out = F.linear(F.linear(self.dropout(h), self.lora_A), self.lora_B) * self.scaling
+        k = self.folded_rank
+        if self.chain_A.shape[0] > k:
+            out = out + F.linear(F.linear(h, self.chain_A[k:]), self.chain_B[:, k:])
+        return out.to(x.dtype)
+
+    def _fold(self, sign: float, start: int, stop: int) -> None:
+        """``W += sign * chain_B[:, start:stop] @ chain_A[start:stop]`` (skipped on meta)."""
+        W = self.base.weight
+        if stop > start and W.device.type != "meta":
+            W += sign * (self.chain_B[:, start:stop] @ self.chain_A[start:stop]).to(W.dtype)
+
+    @torch.no_grad()
+    def set_shared(self, shared: bool) -> None:
+        """Shared frozen module: take the folded links back out (they become this layer's own
+        term), so the other adapters see the original weight."""
+        super().set_shared(shared)
+        if shared and self.folded_rank:
+            self._fold(-1.0, 0, self.folded_rank)
+            self.folded_rank = 0
 
     def link_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current link alone: ``(s_j · B_j, A_j)``, detached fp32."""
@@ -323,16 +351,19 @@ class COLALinear(AdapterLayer):
         if self.merged:
             raise ValueError("cannot restart a merged COLA link; unmerge it first")
         W = self.base.weight
-        if W.dtype not in _EXACT_DTYPES:
+        fold = not self.shares_base and self.folded_rank == self.chain_A.shape[0]
+        if fold and W.dtype not in _EXACT_DTYPES:
             warnings.warn(
                 f"COLA folds a link into a {W.dtype} weight: the fold is rounded to that dtype "
                 "(keep the frozen weights in float32 for an exact chain)",
                 stacklevel=2,
             )
         B, A = self.link_factors()
-        W += (B @ A).to(W.dtype)
         self.chain_B = torch.cat([self.chain_B, B.to(self.chain_B.dtype)], dim=1)
         self.chain_A = torch.cat([self.chain_A, A.to(self.chain_A.dtype)], dim=0)
+        if fold:
+            self._fold(1.0, self.folded_rank, self.chain_A.shape[0])
+            self.folded_rank = self.chain_A.shape[0]
         self.link_index += 1
         new_r = self.config.link_rank(int(self.link_index), self.first_r)
         for p, shape in ((self.lora_A, (new_r, W.shape[1])), (self.lora_B, (W.shape[0], new_r))):
@@ -384,7 +415,7 @@ class COLALinear(AdapterLayer):
         """Restore a saved chain; ranks and chain length may differ from the current ones.
 
         The old chain is taken out of the frozen weight and the loaded one folded in, keeping
-        the invariant ``W = W0 + chain_B @ chain_A``.
+        the invariant (module docstring).
 
         Raises:
             ValueError: missing/unexpected names or shapes that do not fit the frozen module.
@@ -414,10 +445,8 @@ class COLALinear(AdapterLayer):
         was_merged = self.merged
         if was_merged:
             self.unmerge()
-        W = self.base.weight
-        fold = W.device.type != "meta"  # stand-in modules (read_factors) carry no values
-        if fold:
-            W -= (self.chain_B.float() @ self.chain_A.float()).to(W.dtype)
+        self._fold(-1.0, 0, self.folded_rank)
+        self.folded_rank = 0
         dev = self.chain_A.device
         self.chain_A = cA.detach().to(dev, torch.float32).clone()
         self.chain_B = cB.detach().to(dev, torch.float32).clone()
@@ -427,16 +456,17 @@ class COLALinear(AdapterLayer):
             if p.shape != t.shape:
                 _resize_in_place(p, torch.empty(t.shape, dtype=p.dtype, device=p.device))
             p.copy_(t)
-        if fold:
-            W += (self.chain_B @ self.chain_A).to(W.dtype)
+        if not self.shares_base:
+            self._fold(1.0, 0, self.chain_A.shape[0])
+            self.folded_rank = self.chain_A.shape[0]
         if was_merged:
             self.merge()
 
     @torch.no_grad()
     def on_detach(self) -> None:
         """Take the folded links back out of the frozen weight (``lv.detach`` restores W0)."""
-        W = self.base.weight
-        W -= (self.chain_B @ self.chain_A).to(W.dtype)
+        self._fold(-1.0, 0, self.folded_rank)
+        self.folded_rank = 0
         self.chain_A = self.chain_A[:0].clone()
         self.chain_B = self.chain_B[:, :0].clone()
 
