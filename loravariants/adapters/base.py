@@ -428,14 +428,33 @@ class AdapterHost(nn.Module):
             for name in running:
                 out = out + self.adapters[name].update(x, ctx)
             return out
+        routed = [(rows_of[n], n) for n in running if n in rows_of]
+        if all(isinstance(r, slice) and r.step in (None, 1) for r, _ in routed):
+            return out + self._sliced_updates(x, ctx, layer0, routed)
         out = out.clone()
-        for name in running:
-            rows = rows_of.get(name)
-            if rows is None:
-                continue
+        for rows, name in routed:
             sub = layer0.select_rows(ctx, rows)
             out[rows] = out[rows] + self.adapters[name].update(x[rows], sub)
         return out
+
+    def _sliced_updates(self, x, ctx, layer0, routed) -> torch.Tensor:
+        """Updates for contiguous row blocks, concatenated in row order (zeros in the gaps):
+        one addition, no copy of the output and no index assignment in the autograd graph."""
+        pieces, cursor, n = [], 0, x.shape[0]
+        for rows, name in sorted(routed, key=lambda item: item[0].indices(n)[0]):
+            start, stop, _ = rows.indices(n)
+            if start < cursor:
+                raise ValueError("route_rows: row blocks of different adapters overlap")
+            update = self.adapters[name].update(x[start:stop], layer0.select_rows(ctx, rows))
+            if start > cursor:
+                pieces.append(update.new_zeros((start - cursor, *update.shape[1:])))
+            pieces.append(update)
+            cursor = stop
+        if not pieces:
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        if cursor < n:
+            pieces.append(pieces[-1].new_zeros((n - cursor, *pieces[-1].shape[1:])))
+        return torch.cat(pieces)
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}"
