@@ -471,7 +471,10 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
         return out
     # native: rebuild each layer's factors through its class on a stand-in frozen module
     meta = _read_json(directory / NATIVE_CONFIG)
-    config = AdapterConfig.from_dict(meta["config"])
+    try:
+        config = AdapterConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{directory / NATIVE_CONFIG}: invalid adapter config ({e})") from e
     from .adapters.base import AdapterLayer
 
     out = {}
