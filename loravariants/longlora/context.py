@@ -1,0 +1,165 @@
+"""Context extension for LongLoRA: RoPE position interpolation plus trainable embed/norm.
+
+Linear position interpolation (Chen et al. 2023) divides every position by
+``factor = target_length / original_length``, so a model trained on ``L`` tokens sees
+positions ``0 .. L`` again when it reads ``factor * L`` tokens::
+
+    rotary angle(p) = p * inv_freq          ->   (p / factor) * inv_freq
+
+transformers expresses this in ``config.rope_parameters`` (``rope_type="linear"``,
+``factor``); NTK-aware ``"dynamic"`` and ``"yarn"`` use the same field. LongLoRA also trains the
+input embeddings and every norm layer ("LoRA+"); :func:`extend_context` marks them with
+:func:`loravariants.inject.mark_trainable` so they are trained and saved with the adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ..inject import mark_trainable
+
+METHODS = ("linear", "dynamic", "yarn")
+TRAINABLE = ("embed", "norm")
+
+__all__ = ["METHODS", "TRAINABLE", "extend_context", "trainable_module_names"]
+
+
+def _rope_dicts(config: Any) -> list[dict]:
+    """The RoPE parameter dict(s) of a config: one, or one per layer type."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict) or not params:
+        raise ValueError(
+            f"{type(config).__name__} has no rope_parameters: extend_context needs a RoPE model"
+        )
+    if "rope_type" in params:
+        return [params]
+    nested = [p for p in params.values() if isinstance(p, dict) and "rope_type" in p]
+    if not nested:
+        raise ValueError(f"unrecognised rope_parameters {params!r}")
+    return nested
+
+
+def _original_length(config: Any, params: dict) -> tuple[int, float]:
+    """(pre-training context length, current scaling factor) read from a RoPE dict."""
+    rope_type = params.get("rope_type", "default")
+    length = config.max_position_embeddings
+    if rope_type == "default":
+        return length, 1.0
+    if rope_type == "linear":
+        factor = float(params["factor"])
+        return round(length / factor), factor
+    if rope_type == "dynamic":  # transformers' dynamic NTK reads max_position_embeddings as L
+        return length, float(params["factor"])
+    if rope_type == "yarn":
+        return int(params["original_max_position_embeddings"]), float(params["factor"])
+    raise ValueError(
+        f"rope_parameters['rope_type'] is {rope_type!r}; extend_context handles models with "
+        f"'default' RoPE or one of {METHODS}"
+    )
+
+
+def _rebuild_rotary(model: nn.Module) -> int:
+    """Re-create every rotary-embedding module from its (updated) config; returns the count."""
+    rebuilt = 0
+    for name, module in list(model.named_modules()):
+        if not (hasattr(module, "inv_freq") and hasattr(module, "rope_type")):
+            continue
+        device = module.inv_freq.device
+        fresh = type(module)(config=module.config).to(device)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, fresh)
+        rebuilt += 1
+    return rebuilt
+
+
+def trainable_module_names(model: nn.Module, trainable: Iterable[str]) -> list[str]:
+    """Qualified names of the input embedding (not lm_head) and/or every norm module."""
+    wanted = set(trainable)
+    unknown = wanted - set(TRAINABLE)
+    if unknown:
+        raise ValueError(
+            f"trainable must be a subset of {TRAINABLE}, got unknown {sorted(unknown)}"
+        )
+    names = []
+    if "embed" in wanted:
+        embed = model.get_input_embeddings()
+        names += [n for n, m in model.named_modules() if m is embed][:1]
+    if "norm" in wanted:
+        names += [
+            n
+            for n, m in model.named_modules()
+            if "norm" in type(m).__name__.lower() and any(True for _ in m.parameters(recurse=False))
+        ]
+    return names
+
+
+def extend_context(
+    model: nn.Module,
+    target_length: int,
+    method: str = "linear",
+    trainable: Iterable[str] = TRAINABLE,
+) -> nn.Module:
+    """Extend a RoPE model's context to ``target_length`` tokens, in place.
+
+    Sets ``config.rope_parameters`` to ``method`` with ``factor = target_length / L``
+    (``L``: the pre-training context, ``max_position_embeddings`` of an unscaled model), sets
+    ``max_position_embeddings = target_length`` (``"dynamic"`` keeps ``L`` there: transformers'
+    dynamic NTK reads it as the pre-training length and scales beyond it), rebuilds the rotary
+    embedding modules so the change takes effect, and marks the input embeddings and/or all
+    norm modules trainable (LongLoRA's "LoRA+"; lm_head stays frozen).
+
+    Calling it again on an extended model re-scales from the original ``L``.
+
+    Args:
+        model: a transformers RoPE model (Llama, Mistral, Qwen2, ...).
+        target_length: new context length in tokens; must exceed the current context.
+        method: ``"linear"`` (position interpolation, LongLoRA's choice), ``"dynamic"``
+            (NTK-aware) or ``"yarn"``.
+        trainable: any of ``"embed"``, ``"norm"``; ``()`` marks nothing.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: unknown ``method``/``trainable`` or ``target_length`` not above the
+            current context.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(trainable, str):
+        trainable = (trainable,)
+    trainable = tuple(trainable)
+    names = trainable_module_names(model, trainable)  # validates before anything changes
+    config = model.config.get_text_config(decoder=True)
+    dicts = _rope_dicts(config)
+    original, current_factor = _original_length(config, dicts[0])
+    current = round(original * current_factor)
+    if isinstance(target_length, bool) or not isinstance(target_length, int):
+        raise ValueError(f"target_length must be an int, got {target_length!r}")
+    if target_length <= current:
+        raise ValueError(
+            f"target_length must exceed the current context of {current} tokens, "
+            f"got {target_length}"
+        )
+    factor = target_length / original
+    for params in dicts:
+        theta = params.get("rope_theta")
+        partial = params.get("partial_rotary_factor")
+        params.clear()
+        params.update(rope_type=method, factor=factor)
+        if theta is not None:
+            params["rope_theta"] = theta
+        if partial is not None:
+            params["partial_rotary_factor"] = partial
+        if method == "yarn":
+            params["original_max_position_embeddings"] = original
+    config.max_position_embeddings = original if method == "dynamic" else target_length
+    if _rebuild_rotary(model) == 0:
+        raise ValueError(f"no rotary embedding module found in {type(model).__name__}")
+    if names:
+        mark_trainable(model, names)
+    return model

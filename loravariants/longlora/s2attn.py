@@ -1,0 +1,544 @@
+"""Shifted sparse attention (S2-Attn, LongLoRA), training-time only.
+
+Every head attends causally inside groups of ``G`` consecutive tokens. The first half of the
+heads uses groups starting at 0, the second half groups shifted by ``G // 2``, so information
+flows across group boundaries through the shifted heads (n = 16, G = 8 shown)::
+
+    position          0 1 2 3 4 5 6 7 8 9 . . . . . 15
+    heads [0, h/2)   [ group 0       ][ group 1         ]     groups [0,G), [G,2G), ...
+    heads [h/2, h)   [ g0    ][ group 1         ][ g2   ]     groups [0,G/2), [G/2,3G/2), ...
+
+No token moves and nothing wraps around: the shifted half's first group is the short ``[0, G/2)``
+and its last group is whatever is left (``[n - G/2, n)`` when ``G`` divides ``n``). Lengths
+that ``G`` does not divide simply end with a shorter group. Inside a group attention is causal,
+and a key-padding mask (or any 4-D boolean mask) is applied on top.
+
+Cost: about ``n * G / 2`` query-key pairs instead of ``n**2 / 2``, i.e. 4x fewer at ``G = n/4``.
+
+Kernels with identical semantics:
+    * ``"sdpa"``: groups of equal length become batch elements of one
+      ``torch.nn.functional.scaled_dot_product_attention`` call with ``is_causal=True`` (with a
+      per-group boolean mask when there is padding).
+    * ``"flash"``: ``flash_attn_varlen_func`` with one variable-length segment per group and
+      sample (CUDA, fp16/bf16, optional dependency ``flash-attn``).
+    * ``"eager"``: dense ``(h, n, n)`` block mask and explicit softmax; the reference for tests.
+
+Importing :mod:`loravariants.longlora` registers :func:`s2_attention_forward` as the transformers
+attention implementation ``"s2_attn"``; in eval mode and with a KV cache it is exact full causal
+attention (transformers' SDPA path).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNELS = ("auto", "sdpa", "flash", "eager")
+DEFAULT_GROUP_SIZE_RATIO = 0.25
+
+__all__ = [
+    "KERNELS",
+    "group_size_for",
+    "s2_attention_forward",
+    "s2_block_mask",
+    "shifted_sparse_attention",
+]
+
+
+# ----------------------------------------------------------------------------- group layout
+
+
+def _segments(n: int, group_size: int, shift: int) -> list[tuple[int, int, int]]:
+    """Split ``[0, n)`` into runs of equal-length groups.
+
+    Returns:
+        ``(start, num_groups, length)`` triples covering ``[0, n)`` in order: an optional short
+        head ``[0, shift)``, the full groups, and an optional shorter tail.
+    """
+    segments = []
+    start = 0
+    if shift:
+        head = min(shift, n)
+        segments.append((0, 1, head))
+        start = head
+    full = (n - start) // group_size
+    if full:
+        segments.append((start, full, group_size))
+        start += full * group_size
+    if start < n:
+        segments.append((start, 1, n - start))
+    return segments
+
+
+def _group_ids(n: int, group_size: int, shift: int, device: torch.device | None) -> torch.Tensor:
+    """Group index of every position, (n,). Shifted groups: [0, shift), [shift, shift + G), ..."""
+    pos = torch.arange(n, device=device)
+    return (pos + (group_size - shift if shift else 0)) // group_size
+
+
+def _head_halves(num_heads: int) -> list[tuple[int, int, int]]:
+    """``(first_head, end_head, shift_flag)``: unshifted heads first (the larger half if odd)."""
+    split = num_heads - num_heads // 2
+    halves = [(0, split, 0)]
+    if split < num_heads:
+        halves.append((split, num_heads, 1))
+    return halves
+
+
+def s2_block_mask(
+    seq_len: int, group_size: int, num_heads: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Dense S2-Attn mask: which key each query may see, per head.
+
+    Args:
+        seq_len: sequence length n.
+        group_size: group size G.
+        num_heads: number of query heads h; the last ``h // 2`` heads use the shifted groups.
+        device: device of the result.
+
+    Returns:
+        Boolean tensor (h, n, n), True where query i may attend key j (same group and j <= i).
+    """
+    _check_group_size(group_size)
+    masks = []
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    for start, end, shifted in _head_halves(num_heads):
+        ids = _group_ids(seq_len, group_size, group_size // 2 if shifted else 0, device)
+        same = (ids[:, None] == ids[None, :]) & causal
+        masks.append(same.expand(end - start, -1, -1))
+    return torch.cat(masks, dim=0)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _check_group_size(group_size: Any) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
+
+
+def _normalise_mask(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split a user mask into a key-padding mask (b, n) or a full boolean mask (b, 1, n, n).
+
+    At most one of the two is returned; both are None when nothing is masked.
+    """
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() == 2:
+        if attention_mask.shape != (batch, kv_len):
+            raise ValueError(
+                f"attention_mask (2-D key padding) must have shape {(batch, kv_len)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        valid = attention_mask.bool()
+        return (None, None) if bool(valid.all()) else (valid, None)
+    if attention_mask.dim() == 4:
+        if attention_mask.shape[-2:] != (q_len, kv_len) or attention_mask.shape[1] != 1:
+            raise ValueError(
+                f"attention_mask (4-D) must have shape (b, 1, {q_len}, {kv_len}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask
+        if mask.dtype != torch.bool:  # additive float mask: 0 = keep, large negative = drop
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        return None, mask.expand(batch, -1, -1, -1)
+    raise ValueError(
+        f"attention_mask must be 2-D (b, n) or 4-D (b, 1, n, n), got {attention_mask.dim()}-D"
+    )
+
+
+def _segment_mask(
+    key_valid: torch.Tensor | None,
+    full_mask: torch.Tensor | None,
+    start: int,
+    num_groups: int,
+    length: int,
+) -> torch.Tensor | None:
+    """Boolean mask (b * m, 1, L, L) for ``m`` consecutive groups of length ``L`` at ``start``.
+
+    Includes causality, so the SDPA call must use ``is_causal=False`` when this is not None.
+    """
+    stop = start + num_groups * length
+    if key_valid is not None:
+        batch = key_valid.shape[0]
+        causal = torch.ones(length, length, dtype=torch.bool, device=key_valid.device).tril()
+        valid = key_valid[:, start:stop].reshape(batch * num_groups, 1, length)
+        # padded keys are never seen; padded queries see nothing (their output is zero)
+        return valid[..., None, :] & valid[..., :, None] & causal
+    if full_mask is not None:
+        batch = full_mask.shape[0]
+        block = full_mask[:, 0, start:stop, start:stop].reshape(
+            batch, num_groups, length, num_groups, length
+        )
+        # (b, L, L, m): the diagonal blocks, one per group
+        diag = torch.diagonal(block, dim1=1, dim2=3).permute(0, 3, 1, 2)
+        return diag.reshape(batch * num_groups, 1, length, length)
+    return None
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _split_halves(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]]:
+    """Per head half: ``(q, k, v, enable_gqa, shifted)``.
+
+    Query heads are split with ``split`` (one cheap backward, no zero-filled slices). Key/value
+    heads are split the same way when the half boundary falls between key/value groups, shared
+    when every query head of a half uses one key/value head, and gathered (materialised) only
+    when a key/value group straddles the boundary.
+    """
+    num_heads, num_kv = query.shape[1], key.shape[1]
+    rep = num_heads // num_kv
+    halves = _head_halves(num_heads)
+    qs = query.split([end - first for first, end, _ in halves], dim=1)
+    if all(first % rep == 0 and end % rep == 0 for first, end, _ in halves):
+        sizes = [(end - first) // rep for first, end, _ in halves]
+        ks, vs = key.split(sizes, dim=1), value.split(sizes, dim=1)
+        return [
+            (q, k, v, rep > 1, bool(s))
+            for q, k, v, (_, _, s) in zip(qs, ks, vs, halves, strict=True)
+        ]
+    out = []
+    for q, (first, end, shifted) in zip(qs, halves, strict=True):
+        if first // rep == (end - 1) // rep:  # one key/value head serves the whole half
+            k = key.narrow(1, first // rep, 1)
+            v = value.narrow(1, first // rep, 1)
+            out.append((q, k, v, end - first > 1, bool(shifted)))
+        else:
+            index = torch.arange(first, end, device=key.device) // rep
+            out.append(
+                (q, key.index_select(1, index), value.index_select(1, index), False, bool(shifted))
+            )
+    return out
+
+
+def _to_groups(x: torch.Tensor, num_groups: int, length: int) -> torch.Tensor:
+    """(b, hh, m * L, d) -> (b * m, hh, L, d)."""
+    x = x.unflatten(2, (num_groups, length))
+    return x.transpose(1, 2).reshape(-1, x.shape[1], length, x.shape[-1])
+
+
+def _sdpa_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group_size: int,
+    key_valid: torch.Tensor | None,
+    full_mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Groups of equal length become SDPA batch elements. Returns (b, n, h, d)."""
+    batch, _, n, _ = query.shape
+    halves = []
+    for q, k, v, gqa, shifted in _split_halves(query, key, value):
+        segments = _segments(n, group_size, group_size // 2 if shifted else 0)
+        sizes = [m * length for _, m, length in segments]
+        parts = zip(
+            q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), strict=True
+        )
+        pieces = []
+        for (start, m, length), qkv in zip(segments, parts, strict=True):
+            mask = _segment_mask(key_valid, full_mask, start, m, length)
+            row_ok = None
+            if mask is not None:
+                # rows with no visible key (padded queries) would give NaN: let them see the
+                # whole group and zero their output afterwards
+                row_ok = mask.any(-1, keepdim=True)
+                mask = mask | ~row_ok
+            out = F.scaled_dot_product_attention(
+                *(_to_groups(x, m, length) for x in qkv),
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            if row_ok is not None:
+                out = out * row_ok
+            # (b*m, hh, L, d) -> (b, m*L, hh, d)
+            pieces.append(out.unflatten(0, (batch, m)).permute(0, 1, 3, 2, 4).flatten(1, 2))
+        halves.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.cat(halves, dim=2) if len(halves) > 1 else halves[0].contiguous()
+
+
+def _eager_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group_size: int,
+    key_valid: torch.Tensor | None,
+    full_mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Dense reference: explicit (h, n, n) block mask and softmax. Returns (b, n, h, d)."""
+    batch, num_heads, n, head_dim = query.shape
+    rep = num_heads // key.shape[1]
+    key = key.repeat_interleave(rep, dim=1)
+    value = value.repeat_interleave(rep, dim=1)
+    allowed = s2_block_mask(n, group_size, num_heads, query.device)[None]  # (1, h, n, n)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :] & key_valid[:, None, :, None]
+    if full_mask is not None:
+        allowed = allowed & full_mask
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+    scores = (query @ key.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_ok = allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~row_ok, 0.0)  # fully masked rows: finite, zeroed below
+    probs = torch.softmax(scores, dim=-1) * row_ok
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return (probs @ value).transpose(1, 2).contiguous()
+
+
+def _flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flash_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group_size: int,
+    key_valid: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """flash-attn varlen: one causal segment per (sample, group) of valid tokens.
+
+    Padded tokens are dropped before the call, so a group's segment holds only its valid tokens
+    in order; causal attention over them equals the masked dense computation. Returns
+    (b, n, h, d) with zeros at padded positions.
+    """
+    from flash_attn import flash_attn_varlen_func
+
+    batch, num_heads, n, head_dim = query.shape
+    rep = num_heads // key.shape[1]
+    if key_valid is None:
+        key_valid = torch.ones(batch, n, dtype=torch.bool, device=query.device)
+    flat_valid = key_valid.reshape(-1)
+    index = flat_valid.nonzero().squeeze(1)  # valid tokens in (sample, position) order
+    sample = index // n
+    pos = index % n
+    # tokens as rows: (b*n, heads, d)
+    q_rows = query.transpose(1, 2).reshape(batch * n, num_heads, head_dim)[index]
+    k_rows = key.transpose(1, 2).reshape(batch * n, key.shape[1], head_dim)[index]
+    v_rows = value.transpose(1, 2).reshape(batch * n, value.shape[1], head_dim)[index]
+    groups_per_sample = n // group_size + 2
+    halves = []
+    for first, end, shifted in _head_halves(num_heads):
+        shift = group_size // 2 if shifted else 0
+        group = (pos + (group_size - shift if shift else 0)) // group_size
+        segment = sample * groups_per_sample + group  # nondecreasing along the rows
+        counts = torch.unique_consecutive(segment, return_counts=True)[1]
+        cu_seqlens = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        max_len = int(counts.max())
+        if rep == 1 or (first % rep == 0 and end % rep == 0):
+            k_half = k_rows[:, first // rep : end // rep]
+            v_half = v_rows[:, first // rep : end // rep]
+        else:
+            kv_index = torch.arange(first, end, device=query.device) // rep
+            k_half = k_rows.index_select(1, kv_index)
+            v_half = v_rows.index_select(1, kv_index)
+        out = flash_attn_varlen_func(
+            q_rows[:, first:end].contiguous(),
+            k_half.contiguous(),
+            v_half.contiguous(),
+            cu_seqlens,
+            cu_seqlens,
+            max_len,
+            max_len,
+            dropout_p=dropout,
+            softmax_scale=scaling,
+            causal=True,
+        )
+        full = out.new_zeros(batch * n, end - first, head_dim).index_copy(0, index, out)
+        halves.append(full)
+    out = torch.cat(halves, dim=1) if len(halves) > 1 else halves[0]
+    return out.view(batch, n, num_heads, head_dim)
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def shifted_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group_size: int,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Shifted sparse attention (S2-Attn) of LongLoRA.
+
+    The first ``h - h // 2`` heads attend causally within groups ``[0, G), [G, 2G), ...``; the
+    last ``h // 2`` heads within groups ``[0, G//2), [G//2, G//2 + G), ...``. The last group
+    of each half may be shorter. Padded positions of a 2-D mask, and any query row that can see
+    no key, output zeros (every kernel agrees on that).
+
+    Args:
+        query: (b, h, n, d).
+        key: (b, h_kv, n, d), h divisible by h_kv (grouped-query attention when h_kv < h).
+        value: (b, h_kv, n, d).
+        group_size: G, tokens per group (>= 1); LongLoRA uses n // 4.
+        attention_mask: optional (b, n) key-padding mask (1/True = real token, 0/False =
+            padding, as HF's ``attention_mask``), or a boolean (b or 1, 1, n, n) mask (True =
+            may attend; e.g. transformers' SDPA mask), intersected with the S2 groups. A float
+            4-D mask is read as additive (0 = keep, dtype minimum = drop).
+        scaling: softmax scale; default ``1 / sqrt(d)``.
+        dropout: attention-probability dropout (apply only in training).
+        kernel: ``"sdpa"``, ``"flash"`` (CUDA + flash-attn, 2-D masks only), ``"eager"``
+            (dense reference) or ``"auto"`` (flash when usable, else sdpa).
+
+    Returns:
+        (b, n, h, d), the layout transformers' attention functions return.
+
+    Raises:
+        ValueError: on bad shapes, ``group_size`` or ``kernel``.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    _check_group_size(group_size)
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError("query, key and value must be 4-D (b, h, n, d)")
+    batch, num_heads, n, _ = query.shape
+    if key.shape[0] != batch or key.shape[2] != n or value.shape[:3] != key.shape[:3]:
+        raise ValueError(
+            f"key/value must be (b, h_kv, n, d) matching query {tuple(query.shape)}, got "
+            f"{tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    if num_heads % key.shape[1]:
+        raise ValueError(
+            f"query heads ({num_heads}) must be a multiple of key heads ({key.shape[1]})"
+        )
+    key_valid, full_mask = _normalise_mask(attention_mask, batch, n, n)
+
+    if kernel == "auto":
+        usable = (
+            query.is_cuda
+            and query.dtype in (torch.float16, torch.bfloat16)
+            and full_mask is None
+            and _flash_available()
+        )
+        kernel = "flash" if usable else "sdpa"
+    if kernel == "flash":
+        if not query.is_cuda or not _flash_available():
+            raise ValueError("kernel='flash' needs a CUDA tensor and the flash-attn package")
+        if full_mask is not None:
+            raise ValueError("kernel='flash' supports only a 2-D (b, n) key-padding attention_mask")
+        return _flash_kernel(query, key, value, group_size, key_valid, scaling, dropout)
+    if kernel == "eager":
+        return _eager_kernel(query, key, value, group_size, key_valid, full_mask, scaling, dropout)
+    return _sdpa_kernel(query, key, value, group_size, key_valid, full_mask, scaling, dropout)
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def group_size_for(config: Any, seq_len: int) -> int:
+    """Group size for a sequence of ``seq_len`` tokens from a model config.
+
+    ``config.s2_group_size`` (absolute) wins when set; otherwise
+    ``int(seq_len * config.s2_group_size_ratio)`` (default ratio 0.25), at least 1.
+    """
+    absolute = getattr(config, "s2_group_size", None)
+    if absolute is not None:
+        _check_group_size(absolute)
+        return absolute
+    ratio = getattr(config, "s2_group_size_ratio", None)
+    ratio = DEFAULT_GROUP_SIZE_RATIO if ratio is None else ratio
+    if not 0 < ratio <= 1:
+        raise ValueError(f"s2_group_size_ratio must be in (0, 1], got {ratio!r}")
+    return max(1, int(seq_len * ratio))
+
+
+def s2_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function ``"s2_attn"`` (see ``AttentionInterface``).
+
+    S2-Attn while ``module.training`` on a full causal prefill whose length is at least one
+    group; otherwise (eval, KV cache with shorter queries, short inputs, non-causal modules)
+    it is exactly transformers' SDPA attention, so evaluation and generation are unchanged.
+    The mask it receives is transformers' SDPA mask (registered for ``"s2_attn"`` too): None
+    without padding, else a boolean (b, 1, n, n) mask whose group-diagonal blocks are used.
+
+    Args:
+        module: the attention module (``training``, ``config``, ``is_causal`` are read).
+        query: (b, h, n, d).
+        key: (b, h_kv, n_kv, d).
+        value: (b, h_kv, n_kv, d).
+        attention_mask: None or the SDPA mask (b, 1, n, n_kv).
+        dropout: attention dropout.
+        scaling: softmax scale.
+        is_causal: overrides ``module.is_causal`` when given.
+        **kwargs: passed through to the SDPA fallback.
+
+    Returns:
+        ``(output (b, n, h, d), None)``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    config = getattr(module, "config", None)
+    group_size = group_size_for(config, q_len)
+    if not module.training or not causal or q_len != kv_len or q_len < group_size:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    kernel = getattr(config, "s2_kernel", None) or "auto"
+    out = shifted_sparse_attention(
+        query,
+        key,
+        value,
+        group_size,
+        attention_mask=attention_mask,
+        scaling=scaling,
+        dropout=dropout,
+        kernel=kernel,
+    )
+    return out, None
+
+
+def register() -> None:
+    """Register ``"s2_attn"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("s2_attn", s2_attention_forward)
+    # transformers builds no mask at all for names missing here: register SDPA's mask so that
+    # padding reaches the attention function (and the eval fallback gets exactly SDPA's input)
+    AttentionMaskInterface.register("s2_attn", sdpa_mask)

@@ -1,0 +1,149 @@
+"""extend_context: RoPE position interpolation, rebuilt rotary modules, trainable embed/norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import loravariants as lv
+from loravariants.longlora import extend_context
+from tests.conftest import make_tiny_llama
+
+
+def rotary(model):
+    return model.model.rotary_emb
+
+
+def cos_sin(model, positions):
+    x = torch.zeros(1, dtype=torch.float32)
+    pos = torch.as_tensor(positions)[None]
+    return rotary(model)(x, pos)
+
+
+def test_linear_updates_config_and_interpolates_positions():
+    model = make_tiny_llama()  # max_position_embeddings 128
+    before_cos, before_sin = cos_sin(model, [0, 1, 5, 64, 127])
+    old_inv_freq = rotary(model).inv_freq.clone()
+    assert extend_context(model, 512) is model
+    cfg = model.config
+    assert cfg.max_position_embeddings == 512
+    assert cfg.rope_parameters["rope_type"] == "linear"
+    assert cfg.rope_parameters["factor"] == 4.0
+    assert_close(rotary(model).inv_freq, old_inv_freq / 4)
+    # position p * factor after interpolation == position p before
+    after_cos, after_sin = cos_sin(model, [0, 4, 20, 256, 508])
+    assert_close(after_cos, before_cos)
+    assert_close(after_sin, before_sin)
+
+
+def test_forward_uses_the_new_rotary():
+    model = make_tiny_llama()
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        extend_context(model, 256)
+        after = model(ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_embed_and_norms_trainable_lm_head_not():
+    model = make_tiny_llama()
+    extend_context(model, 256)
+    names = lv.extra_trainable_modules(model)
+    assert "model.embed_tokens" in names
+    assert "model.norm" in names
+    assert "model.layers.0.input_layernorm" in names
+    assert "model.layers.1.post_attention_layernorm" in names
+    assert not any("lm_head" in n for n in names)
+    assert model.model.embed_tokens.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if "norm" in n)
+    assert not model.model.layers[0].self_attn.q_proj.weight.requires_grad
+    if model.lm_head.weight is not model.model.embed_tokens.weight:
+        assert not model.lm_head.weight.requires_grad
+
+
+def test_trainable_subset_and_none():
+    model = make_tiny_llama()
+    extend_context(model, 256, trainable=("norm",))
+    assert "model.embed_tokens" not in lv.extra_trainable_modules(model)
+    other = make_tiny_llama()
+    extend_context(other, 256, trainable=())
+    assert lv.extra_trainable_modules(other) == []
+
+
+def test_dynamic_and_yarn():
+    model = make_tiny_llama()
+    extend_context(model, 512, method="dynamic")
+    assert model.config.rope_parameters == {
+        "rope_type": "dynamic",
+        "factor": 4.0,
+        "rope_theta": 10000.0,
+    }
+    assert model.config.max_position_embeddings == 128  # dynamic NTK scales beyond this
+    assert rotary(model).rope_type == "dynamic"
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+    model = make_tiny_llama()
+    old_inv_freq = rotary(model).inv_freq.clone()
+    extend_context(model, 512, method="yarn")
+    params = model.config.rope_parameters
+    assert params["rope_type"] == "yarn" and params["factor"] == 4.0
+    assert params["original_max_position_embeddings"] == 128
+    assert model.config.max_position_embeddings == 512
+    assert rotary(model).attention_scaling > 1.0
+    inv = rotary(model).inv_freq
+    assert_close(inv[0], old_inv_freq[0])  # high frequencies kept
+    assert inv[-1] < old_inv_freq[-1]  # low frequencies interpolated
+
+
+def test_extending_twice_rescales_from_the_original_length():
+    model = make_tiny_llama()
+    extend_context(model, 256)
+    extend_context(model, 512)
+    assert model.config.rope_parameters["factor"] == 4.0
+    assert model.config.max_position_embeddings == 512
+
+
+@pytest.mark.parametrize(
+    "family", [(MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM)]
+)
+def test_other_families(family):
+    config_cls, model_cls = family
+    torch.manual_seed(0)
+    model = model_cls(
+        config_cls(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    old = rotary(model).inv_freq.clone()
+    extend_context(model, 256)
+    assert model.config.rope_parameters["factor"] == 4.0
+    assert_close(rotary(model).inv_freq, old / 4)
+    assert model.model.embed_tokens.weight.requires_grad
+
+
+def test_bad_arguments():
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="target_length"):
+        extend_context(model, 128)
+    with pytest.raises(ValueError, match="target_length"):
+        extend_context(model, 64)
+    with pytest.raises(ValueError, match="target_length"):
+        extend_context(model, 256.0)
+    with pytest.raises(ValueError, match="method"):
+        extend_context(model, 256, method="ntk")
+    with pytest.raises(ValueError, match="trainable"):
+        extend_context(model, 256, trainable=("lm_head",))
+    # nothing changed by the failed calls
+    assert model.config.max_position_embeddings == 128
+    assert model.config.rope_parameters["rope_type"] == "default"
