@@ -1,0 +1,438 @@
+"""The built-in base model: a small Llama pretrained at 256 tokens on the Python standard library.
+
+The LongLoRA experiments need a base model with a short native context to extend. Downloading
+one is not always possible, so the library trains its own on the one long-document corpus every
+machine has offline (the stdlib's source; see ``data/corpus.py``)::
+
+    stdlib *.py --split by hash--> train docs --BPE--> tokenizer (4096)
+                                        |                  |
+                                        +--> <s> doc </s> <s> doc </s> ... --> 256-token blocks
+                                                                                   |
+    LlamaForCausalLM (4 layers, d=256) <-- AdamW, warm-up + cosine, fixed seed ----+
+
+The result is saved with ``save_pretrained`` (model and tokenizer) under
+``<cache>/base-models/<name>-<hash of the config>``; the build is atomic (temporary folder,
+then rename) and reused until the config, the data pipeline, the library or the Python
+version (the stdlib is the data) change. ``docs/data.md`` records its time, loss and perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters.base import check_range
+
+__all__ = [
+    "BaseModelConfig",
+    "DEFAULT_NAME",
+    "default_cache_dir",
+    "base_model_path",
+    "build_base_model",
+    "pretrain",
+    "resolve_base_model",
+    "load_base_model",
+    "pretrain_base_main",
+]
+
+#: the sentinel that names the built-in base model
+DEFAULT_NAME = "default"
+
+
+@dataclass
+class BaseModelConfig:
+    """Architecture, data and schedule of the built-in base model.
+
+    Attributes:
+        vocab_size: BPE vocabulary (including 256 bytes and 3 special tokens).
+        hidden_size: model width; a multiple of ``num_heads``.
+        num_layers: decoder layers.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads (grouped-query attention); divides ``num_heads``.
+        intermediate_size: SwiGLU FFN width.
+        context_length: native context (``max_position_embeddings``) and block length.
+        rope_theta: RoPE base.
+        data_source: pretraining text (see ``data.load_documents``); ``stdlib`` by default.
+        max_documents: cap on documents read (None: all).
+        validation_fraction: documents held out (the same split the experiments use).
+        tokenizer_chars: characters of training text used to learn the BPE merges.
+        steps: optimizer steps.
+        batch_size: blocks per step.
+        lr: peak learning rate.
+        min_lr_ratio: final learning rate as a share of ``lr`` (cosine decay).
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW decay on matrices (not on norms).
+        max_grad_norm: gradient clipping (0: none).
+        val_tokens: validation tokens scored for the final perplexity.
+        seed: the one seed (initialisation and data order).
+    """
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 688
+    context_length: int = 256
+    rope_theta: float = 10000.0
+    data_source: str = "stdlib"
+    max_documents: int | None = None
+    validation_fraction: float = 0.05
+    tokenizer_chars: int = 4_000_000
+    steps: int = 160
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 16
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    val_tokens: int = 32768
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "steps",
+            "batch_size",
+            "tokenizer_chars",
+            "val_tokens",
+        ):
+            check_range(name, getattr(self, name), low=1, integer=True)
+        check_range("vocab_size", self.vocab_size, low=259, integer=True)
+        check_range("context_length", self.context_length, low=2, integer=True)
+        check_range("warmup_steps", self.warmup_steps, low=0, integer=True)
+        check_range("seed", self.seed, integer=True)
+        check_range("lr", self.lr, low=0, low_open=True)
+        check_range("rope_theta", self.rope_theta, low=0, low_open=True)
+        check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_range("weight_decay", self.weight_decay, low=0)
+        check_range("max_grad_norm", self.max_grad_norm, low=0)
+        check_range(
+            "validation_fraction",
+            self.validation_fraction,
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+        )
+        if self.max_documents is not None:
+            check_range("max_documents", self.max_documents, low=2, integer=True)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_heads ({self.num_heads})"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("hidden_size / num_heads must be even (RoPE rotates pairs)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"
+            )
+        if not isinstance(self.data_source, str) or not self.data_source:
+            raise ValueError(f"data_source must be a non-empty string, got {self.data_source!r}")
+
+    def key(self) -> str:
+        """A short hash of everything that determines the weights: this config, the data
+        pipeline and library versions, and the Python version (whose stdlib is the data)."""
+        from . import __version__
+        from .data import DATA_PIPELINE_VERSION
+
+        blob = json.dumps(
+            {
+                "config": asdict(self),
+                "data_pipeline": DATA_PIPELINE_VERSION,
+                "library": __version__,
+                "python": list(sys.version_info[:2]),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def llama_config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.context_length,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=False,  # LongLoRA trains embed_tokens but not lm_head
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/loravariants`` when XDG_CACHE_HOME is set, else
+    ``~/.cache/loravariants``."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    root = Path(xdg) if xdg else Path(os.path.expanduser("~")) / ".cache"
+    return root / "loravariants"
+
+
+def base_model_path(config: BaseModelConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``config``'s model is (or would be) cached."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    c = config
+    name = f"llama-{c.num_layers}L{c.hidden_size}d-ctx{c.context_length}-{c.key()}"
+    return root / "base-models" / name
+
+
+def _lr_at(step: int, config: BaseModelConfig) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to ``min_lr_ratio * lr`` (step is 0-based)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def _validation_perplexity(model, blocks: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        batch = blocks[i : i + batch_size]
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(model(input_ids=batch, labels=batch).loss) * n
+        count += n
+    model.train()
+    return math.exp(total / count)
+
+
+def pretrain(config: BaseModelConfig, progress: bool = True):
+    """Train the tokenizer and the model of ``config`` from scratch (no caching).
+
+    Returns:
+        ``(model, tokenizer, info)``; ``info`` holds the final training loss (mean of the last
+        10 steps), validation perplexity, tokens seen and seconds taken.
+    """
+    from tqdm.auto import tqdm
+    from transformers import LlamaForCausalLM
+
+    from .data import join_with_eos, load_corpus, pack_blocks, tokenize_documents, train_tokenizer
+
+    start = time.perf_counter()
+    corpus = load_corpus(
+        config.data_source,
+        max_documents=config.max_documents,
+        validation_fraction=config.validation_fraction,
+    )
+
+    def tokenizer_texts():
+        chars = 0
+        for doc in corpus.train:
+            if chars >= config.tokenizer_chars:
+                return
+            text = doc.text[: config.tokenizer_chars - chars]
+            chars += len(text)
+            yield text
+
+    # No model_max_length: the tokenizer also serves the context-extended model.
+    tokenizer = train_tokenizer(tokenizer_texts(), config.vocab_size)
+    train_stream = join_with_eos(
+        tokenize_documents([d.text for d in corpus.train], tokenizer), tokenizer.eos_token_id
+    )
+    blocks, _ = pack_blocks(train_stream, config.context_length)
+    val_stream = join_with_eos(
+        tokenize_documents([d.text for d in corpus.validation], tokenizer),
+        tokenizer.eos_token_id,
+    )[: config.val_tokens]
+    val_blocks, _ = pack_blocks(val_stream, min(config.context_length, val_stream.numel()))
+
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation="sdpa")
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    # Data order: one seeded permutation of the blocks per epoch (independent of global RNG).
+    gen = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(blocks.shape[0], generator=gen)
+    cursor, losses = 0, []
+    train_start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="pretrain base", disable=not progress, leave=False)
+    for step in bar:
+        rows = []
+        while len(rows) < config.batch_size:
+            if cursor == order.numel():
+                order, cursor = torch.randperm(blocks.shape[0], generator=gen), 0
+            take = min(config.batch_size - len(rows), order.numel() - cursor)
+            rows += order[cursor : cursor + take].tolist()
+            cursor += take
+        batch = blocks[rows]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        elapsed = time.perf_counter() - train_start
+        bar.set_postfix(
+            loss=f"{losses[-1]:.3f}",
+            tok_s=f"{(step + 1) * batch.numel() / max(elapsed, 1e-9):,.0f}",
+        )
+    bar.close()
+    train_seconds = time.perf_counter() - train_start
+    val_ppl = _validation_perplexity(model, val_blocks, config.batch_size)
+    model.eval()
+    info = {
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "validation_perplexity": val_ppl,
+        "validation_tokens": int(val_blocks.numel()),
+        "train_tokens_available": int(blocks.numel()),
+        "tokens_seen": config.steps * config.batch_size * config.context_length,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return model, tokenizer, info
+
+
+def build_base_model(
+    config: BaseModelConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """The cached base model's folder, pretraining it first when missing (or ``force``).
+
+    The folder holds ``save_pretrained`` output of the model and tokenizer (so
+    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load it) and
+    ``build_info.json`` (config, metrics, versions). It appears atomically: a killed build
+    leaves no partial folder behind.
+
+    Args:
+        config: the model to build (default: ``BaseModelConfig()``).
+        cache_dir: cache root (default: :func:`default_cache_dir`).
+        force: rebuild even when cached.
+        progress: show a progress bar.
+    """
+    from . import __version__
+    from .utils import atomic_directory
+
+    config = config or BaseModelConfig()
+    path = base_model_path(config, cache_dir)
+    if (path / "build_info.json").is_file() and not force:
+        return path
+    model, tokenizer, info = pretrain(config, progress)
+    import transformers
+
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {
+            "config": asdict(config),
+            "metrics": info,
+            "key": config.key(),
+            "versions": {
+                "loravariants": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": sys.version.split()[0],
+            },
+        }
+        (tmp / "build_info.json").write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def resolve_base_model(
+    name: str = DEFAULT_NAME,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+):
+    """``(path_or_hub_name, tokenizer)`` of a base model without loading its weights.
+
+    ``"default"`` builds (or reuses) the built-in model; anything else is passed to
+    ``from_pretrained`` (a local folder, or a hub name, which downloads).
+    """
+    from transformers import AutoTokenizer
+
+    if name == DEFAULT_NAME:
+        path: str | Path = build_base_model(cache_dir=cache_dir, progress=progress)
+    else:
+        path = name
+        local = Path(name).expanduser()
+        if local.exists():
+            path = local
+        elif name.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"base model folder {name!r} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs one; EOS is the usual stand-in
+    return path, tokenizer
+
+
+def load_base_model(
+    path_or_name: str = DEFAULT_NAME,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+):
+    """``(model, tokenizer)``: the built-in base (``"default"``) or any ``from_pretrained``
+    path / hub name. The model is returned in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path, tokenizer = resolve_base_model(path_or_name, cache_dir, progress)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def pretrain_base_main(argv: Sequence[str]) -> int:
+    """``loravariants pretrain-base [--cache-dir DIR] [--force] [--quiet]``: print the path."""
+    parser = argparse.ArgumentParser(
+        prog="loravariants pretrain-base",
+        description="Build (or reuse) the built-in base model and print its folder.",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help=f"cache root (default {default_cache_dir()})"
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    config = BaseModelConfig()
+    cached = (base_model_path(config, args.cache_dir) / "build_info.json").is_file()
+    if not cached or args.force:
+        print("pretraining the base model (a few minutes on a CPU) ...", file=sys.stderr)
+    path = build_base_model(config, args.cache_dir, force=args.force, progress=not args.quiet)
+    metrics = json.loads((path / "build_info.json").read_text())["metrics"]
+    print(
+        f"{'reused' if cached and not args.force else 'built'}: final train loss "
+        f"{metrics['final_train_loss']:.3f}, validation perplexity "
+        f"{metrics['validation_perplexity']:.2f}, {metrics['train_seconds']:.0f} s training",
+        file=sys.stderr,
+    )
+    print(path)
+    return 0

@@ -1,0 +1,156 @@
+"""The built-in base model: config validation, caching, determinism, loading (tiny configs)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from loravariants.base_model import (
+    BaseModelConfig,
+    base_model_path,
+    build_base_model,
+    default_cache_dir,
+    load_base_model,
+    pretrain_base_main,
+    resolve_base_model,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    for i in range(24):
+        body = " ".join(words[(i + j) % len(words)] for j in range(60))
+        (root / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n# {body}\n")
+    return root
+
+
+def tiny_config(corpus_dir, **overrides) -> BaseModelConfig:
+    fields = dict(
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        context_length=32,
+        data_source=str(corpus_dir),
+        tokenizer_chars=20_000,
+        steps=4,
+        batch_size=2,
+        warmup_steps=1,
+        val_tokens=128,
+    )
+    fields.update(overrides)
+    return BaseModelConfig(**fields)
+
+
+def _state(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_build_caches_and_loads(corpus_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = tiny_config(corpus_dir)
+    path = build_base_model(config, cache_dir=tmp_path, progress=False)
+    assert path == base_model_path(config, tmp_path) and path.parent.parent == tmp_path
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    info = json.loads((path / "build_info.json").read_text())
+    assert info["config"]["hidden_size"] == 32 and info["metrics"]["validation_perplexity"] > 1
+
+    stamp = (path / "build_info.json").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert build_base_model(config, cache_dir=tmp_path, progress=False) == path
+    assert time.perf_counter() - start < 1.0  # reused, not retrained
+    assert (path / "build_info.json").stat().st_mtime_ns == stamp
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.max_position_embeddings == 32 and model.config.num_key_value_heads == 1
+    assert model.config.vocab_size == len(tok) == 300
+    ids = torch.tensor([tok("def f(x):")["input_ids"]])
+    assert model(ids).logits.shape == (1, ids.shape[1], 300)
+
+    loaded, tok2 = load_base_model(str(path))
+    assert not loaded.training and tok2.eos_token == "</s>"
+    again, _ = resolve_base_model(str(path))
+    assert str(again) == str(path)
+
+
+def test_build_is_deterministic_across_dirs(corpus_dir, tmp_path):
+    config = tiny_config(corpus_dir)
+    a = _state(build_base_model(config, cache_dir=tmp_path / "a", progress=False))
+    b = _state(build_base_model(config, cache_dir=tmp_path / "b", progress=False))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # a different seed is a different model (and a different cache entry)
+    assert base_model_path(tiny_config(corpus_dir, seed=1), tmp_path / "a") != base_model_path(
+        config, tmp_path / "a"
+    )
+
+
+def test_force_rebuilds_atomically(corpus_dir, tmp_path):
+    config = tiny_config(corpus_dir)
+    path = build_base_model(config, cache_dir=tmp_path, progress=False)
+    stamp = (path / "build_info.json").stat().st_mtime_ns
+    time.sleep(0.01)
+    assert build_base_model(config, cache_dir=tmp_path, force=True, progress=False) == path
+    assert (path / "build_info.json").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_cache_key_follows_config(corpus_dir, tmp_path):
+    a = base_model_path(tiny_config(corpus_dir), tmp_path)
+    assert a == base_model_path(tiny_config(corpus_dir), tmp_path)
+    assert a != base_model_path(tiny_config(corpus_dir, steps=5), tmp_path)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "loravariants"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "loravariants"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("hidden_size", 0),
+        ("num_heads", 3),  # 32 is not a multiple of 3
+        ("num_kv_heads", 3),
+        ("vocab_size", 100),
+        ("lr", 0.0),
+        ("steps", 1.5),
+        ("validation_fraction", 1.0),
+        ("min_lr_ratio", 2.0),
+    ],
+)
+def test_bad_config_raises(corpus_dir, field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(corpus_dir, **{field: value})
+
+
+def test_missing_local_model_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        resolve_base_model(str(tmp_path / "no-such-model"))
+
+
+def test_cli_function_reuses_cache(corpus_dir, tmp_path, capsys, monkeypatch):
+    # The CLI always builds the default config; point it at a cached tiny build instead.
+    import loravariants.base_model as bm
+
+    config = tiny_config(corpus_dir)
+    path = build_base_model(config, cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(bm, "BaseModelConfig", lambda: config)
+    assert pretrain_base_main(["--cache-dir", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == str(path) and "reused" in out.err
