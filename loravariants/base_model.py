@@ -372,16 +372,18 @@ def resolve_base_model(
     name: str = DEFAULT_NAME,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    config: BaseModelConfig | None = None,
 ):
     """``(path_or_hub_name, tokenizer)`` of a base model without loading its weights.
 
-    ``"default"`` builds (or reuses) the built-in model; anything else is passed to
-    ``from_pretrained`` (a local folder, or a hub name, which downloads).
+    ``"default"`` builds (or reuses) the built-in model — ``config`` changes its fields (each
+    variant is cached under its own key); anything else is passed to ``from_pretrained`` (a
+    local folder, or a hub name, which downloads).
     """
     from transformers import AutoTokenizer
 
     if name == DEFAULT_NAME:
-        path: str | Path = build_base_model(cache_dir=cache_dir, progress=progress)
+        path: str | Path = build_base_model(config, cache_dir=cache_dir, progress=progress)
     else:
         path = name
         local = Path(name).expanduser()

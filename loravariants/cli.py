@@ -20,6 +20,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "quickstart_main",
         "the main job: build the default base, extend it 4x with S2-Attn, compare all variants",
     ),
+    "compare": (
+        "loravariants.cli",
+        "compare_main",
+        "run an experiment config: every adapter x seed, then the report",
+    ),
+    "train": (
+        "loravariants.cli",
+        "train_main",
+        "train one row of an experiment config (one seed) and save its adapter",
+    ),
+    "eval": (
+        "loravariants.cli",
+        "eval_main",
+        "perplexity at several lengths (+ passkey) of a base model with an optional adapter",
+    ),
     "pretrain-base": (
         "loravariants.base_model",
         "pretrain_base_main",
@@ -33,17 +48,153 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _print_summary(out) -> None:
+    import json
+    from pathlib import Path
+
+    report = Path(out) / "report.md"
+    data = json.loads((Path(out) / "results.json").read_text())
+    failed = [r for r in data["runs"] if r.get("status") != "ok"]
+    table = [ln for ln in report.read_text().splitlines() if ln.startswith("|")]
+    print("\n".join(table))
+    print(f"\nreport: {report}")
+    if failed:
+        print(f"{len(failed)} run(s) failed; see the table and runs/*/error.txt")
+
+
+def compare_main(argv: Sequence[str]) -> int:
+    """``loravariants compare --config FILE [key.sub=value ...]``."""
+    from .compare import compare
+    from .config import load_experiment
+
+    parser = argparse.ArgumentParser(prog="loravariants compare")
+    parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
+    args = parser.parse_args(argv)
+    config = load_experiment(args.config, args.overrides)
+    out = compare(config, progress=not args.quiet)
+    _print_summary(out)
+    return 0
+
+
+QUICK_OVERRIDES = [
+    # a tiny built-in base (cached separately, ~20 s to build) so the end-to-end check fits
+    # in about two minutes on a 2-core CPU
+    "base_model_config={num_layers: 2, hidden_size: 128, num_heads: 4, num_kv_heads: 2, "
+    "intermediate_size: 256, vocab_size: 1024, steps: 30, batch_size: 8, "
+    "tokenizer_chars: 400000, max_documents: 120}",
+    "data.max_documents=80",
+    "context.target_length=512",
+    "train.max_steps=3",
+    "train.batch_size=1",
+    "train.warmup_steps=1",
+    "eval.max_tokens=1024",
+    "eval.passkey_lengths=[200]",
+    "eval.passkey_trials=1",
+    "seeds=[0]",
+]
+GPU_OVERRIDES = [
+    "train.max_steps=200",
+    "train.batch_size=8",
+    "seeds=[0,1,2]",
+    "eval.max_tokens=65536",
+    "eval.passkey_trials=10",
+]
+
+
 def quickstart_main(argv: Sequence[str]) -> int:
-    """Placeholder until the comparison lands: says what the main job will do."""
+    """The main job on the built-in defaults (``configs/quickstart.yaml``)."""
+    import torch
+
+    from .compare import compare
+    from .config import CONFIG_DIR, load_experiment
+
     parser = argparse.ArgumentParser(prog="loravariants quickstart")
-    parser.add_argument("--quick", action="store_true", help="a tiny budget, for CI (~2 min)")
-    parser.parse_args(argv)
-    print(
-        "loravariants quickstart will: build (or reuse) the default base model, extend its\n"
-        "context 4x with position interpolation and S2-Attn, train LoRA, COLA, MultiLoRA and\n"
-        "MixLoRA on the same data and budget over several seeds, and write a report.\n"
-        "The comparison is not implemented yet in this version; nothing was run."
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny budget (one seed, 3 steps): an end-to-end check, ~2 min",
     )
+    parser.add_argument("--output", default=None, help="output folder (default runs/quickstart)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
+    args = parser.parse_args(argv)
+    overrides = []
+    if args.quick:
+        overrides += QUICK_OVERRIDES
+    elif torch.cuda.is_available():
+        overrides += GPU_OVERRIDES  # a GPU affords more steps, seeds and evaluation tokens
+    if args.output:
+        overrides.append(f"output_dir={args.output}")
+    config = load_experiment(CONFIG_DIR / "quickstart.yaml", overrides + list(args.overrides))
+    if args.quick and not args.output:
+        config.output_dir = "runs/quickstart-quick"
+    out = compare(config, progress=not args.quiet)
+    _print_summary(out)
+    return 0
+
+
+def train_main(argv: Sequence[str]) -> int:
+    """``loravariants train --config FILE --run NAME [--seed S] [key=value ...]``."""
+    from dataclasses import replace
+
+    from .compare import compare
+    from .config import load_experiment
+
+    parser = argparse.ArgumentParser(prog="loravariants train")
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--run", default=None, help="row name (default: the first trained row)")
+    parser.add_argument("--seed", type=int, default=None, help="seed (default: the first)")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
+    args = parser.parse_args(argv)
+    config = load_experiment(args.config, args.overrides)
+    rows = [r for r in config.runs if (r.name == args.run if args.run else r.trains)]
+    if not rows:
+        raise ValueError(
+            f"no run named {args.run!r} in {args.config}; rows: {[r.name for r in config.runs]}"
+        )
+    seed = config.seeds[0] if args.seed is None else args.seed
+    config = replace(config, runs=rows[:1], seeds=[seed])
+    out = compare(config, progress=not args.quiet)
+    print(f"adapter: {out}/runs/{rows[0].name}/seed{seed}/adapter")
+    _print_summary(out)
+    return 0
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    """``loravariants eval --model PATH [--adapter DIR] --lengths 256 512 ...``."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .base_model import resolve_base_model
+    from .config import DataConfig
+    from .data import load_validation_tokens
+    from .evaluate import passkey_accuracy, perplexity_at_lengths
+    from .io import load_adapter
+
+    parser = argparse.ArgumentParser(prog="loravariants eval")
+    parser.add_argument("--model", default="default", help="base model (default: built-in)")
+    parser.add_argument("--adapter", default=None, help="adapter directory (ours or peft)")
+    parser.add_argument("--data", default="stdlib", help="validation text source")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256])
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--passkey", type=int, nargs="*", default=[], help="passkey lengths")
+    parser.add_argument("--trials", type=int, default=10)
+    args = parser.parse_args(argv)
+    path, tokenizer = resolve_base_model(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    tokens = load_validation_tokens(DataConfig(source=args.data), tokenizer, args.max_tokens)
+    result = {"perplexity": perplexity_at_lengths(model, tokens, args.lengths, progress=True)}
+    if args.passkey:
+        pk = passkey_accuracy(model, tokenizer, args.passkey, args.trials)
+        result["passkey"] = {n: r.accuracy for n, r in pk.items()}
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,0 +1,655 @@
+"""The comparison: every row x seed through the one loop, on one base, data and budget.
+
+    for each (row, seed):            (rows = adapter specs, plus evaluation-only baselines)
+        fresh base -> extend context -> attach adapter -> train -> evaluate -> analyse
+        -> record -> rewrite results.json / results.csv / report.md / plots
+
+Fairness by construction: every row sees the same base checkpoint, the same packed training
+blocks in the same order (the seed fixes it), the same token budget and the same evaluation
+tokens; throughput and peak memory are measured the same way for all rows
+(:class:`PeakMemory`). A run that fails is recorded with its reason and the others go on;
+finished runs are never redone: a rerun of the same command resumes the missing ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import ExperimentConfig, RunSpec, load_adapter_spec
+from .inject import attach, mark_trainable, trainable_parameters
+from .train import TrainConfig, seed_everything, train
+
+__all__ = ["compare", "PeakMemory", "match_rank", "RESULTS_SCHEMA_VERSION", "summarize"]
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not Linux: fall back to the lifetime peak
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory of a block: the CUDA allocator's peak on GPU, else sampled RSS (CPU).
+
+    RSS is sampled every 20 ms by a thread (the kernel's lifetime peak cannot be reset between
+    runs in one process). ``peak_mib`` is the absolute peak during the block; ``delta_mib``
+    the rise above the level at entry.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, interval: float = 0.02) -> None:
+        self.cuda = torch.device(device or "cpu").type == "cuda"
+        self.interval = interval
+        self.peak_mib = self.delta_mib = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        self._start = self._peak = _rss_bytes()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self._peak = max(self._peak, _rss_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, _rss_bytes())
+        self.peak_mib = peak / 2**20
+        self.delta_mib = (peak - self._start) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter matching
+# ---------------------------------------------------------------------------------------------
+
+RANK_FIELDS = {"lora": "r", "cola": "r", "multilora": "r", "mixlora": "expert_r"}
+
+
+def count_adapter_params(model_factory: Callable[[], nn.Module], adapter_config) -> int:
+    """Trainable adapter parameters ``adapter_config`` adds to a fresh model."""
+    model = attach(model_factory(), adapter_config)
+    return sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and ".adapters." in n
+    )
+
+
+def match_rank(
+    model_factory: Callable[[], nn.Module],
+    spec: str,
+    overrides: dict[str, Any],
+    target: int,
+    spec_dir: str | None,
+    max_rank: int = 512,
+) -> tuple[dict[str, Any], int]:
+    """The rank override whose adapter's parameter count is closest to ``target``.
+
+    Counts grow monotonically with the rank, so a bisection finds the crossing; the nearer of
+    its two neighbours wins.
+
+    Returns:
+        ``(overrides with the rank set, achieved parameter count)``.
+    """
+    variant = load_adapter_spec(spec, overrides, spec_dir).variant
+    field = RANK_FIELDS.get(variant)
+    if field is None:
+        raise ValueError(f"match_params: no rank field known for variant {variant!r}")
+
+    def count(r: int) -> int:
+        return count_adapter_params(
+            model_factory, load_adapter_spec(spec, {**overrides, field: r}, spec_dir)
+        )
+
+    lo, hi = 1, max_rank
+    if count(hi) < target:
+        return {**overrides, field: hi}, count(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda r: abs(count(r) - target))
+    return {**overrides, field: best}, count(best)
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------
+
+
+def _eval_lengths(config: ExperimentConfig, native: int) -> list[int]:
+    if config.eval.lengths:
+        return list(config.eval.lengths)
+    target = config.context.target_length or native
+    lengths, n = [], native
+    while n <= target:
+        lengths.append(n)
+        n *= 2
+    return lengths
+
+
+def _run_one(
+    config: ExperimentConfig,
+    row: RunSpec,
+    seed: int,
+    env: dict[str, Any],
+    run_dir: Path,
+    overrides: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    from .evaluate import passkey_accuracy, perplexity_at_lengths
+    from .io import save_adapter
+    from .longlora.context import extend_context
+
+    seed_everything(seed)
+    model = env["load_model"]()
+    native = int(model.config.max_position_embeddings)
+    target = config.context.target_length
+    record: dict[str, Any] = {"native_context": native}
+    if row.extend_context and target and target > native:
+        extend_context(model, target, method=config.context.method, trainable=tuple(row.trainable))
+        record["context"] = target
+    else:
+        if row.trainable:
+            from .longlora.context import trainable_module_names
+
+            mark_trainable(model, trainable_module_names(model, row.trainable))
+        record["context"] = native
+    attention = row.attention or config.context.attention
+    model.config.s2_group_size_ratio = config.context.group_size_ratio
+    model.set_attn_implementation(attention)
+    record["attention"] = attention if row.trains else "sdpa (eval)"
+
+    if row.trains:
+        adapter = load_adapter_spec(row.adapter, overrides, config.spec_dir)
+        if hasattr(adapter, "total_steps") and adapter.total_steps is None:
+            adapter.total_steps = config.train.max_steps  # COLA: knots spread over the run
+        attach(model, adapter)
+        summary = trainable_parameters(model)
+        record.update(
+            variant=adapter.variant,
+            adapter_config=adapter.to_dict(),
+            trainable_params=summary.trainable,
+            adapter_params=sum(
+                p.numel()
+                for n, p in model.named_parameters()
+                if p.requires_grad and ".adapters." in n
+            ),
+            total_params=summary.total,
+        )
+        train_cfg = TrainConfig(**{**asdict(config.train), "seed": seed})
+        with PeakMemory(env["device"]) as mem:
+            result = train(
+                model.to(env["device"]),
+                env["train_blocks"](record["context"]),
+                train_cfg,
+                output_dir=run_dir / "train",
+                progress=progress,
+            )
+        record.update(
+            final_loss=result.final_loss,
+            loss_curve=result.losses,
+            tokens=result.tokens,
+            tokens_per_s=result.tokens_per_second,
+            wall_s=result.wall_time,
+            peak_mem_mib=mem.peak_mib,
+            peak_mem_delta_mib=mem.delta_mib,
+        )
+        save_adapter(model, run_dir / "adapter", format="native")
+        stats = _router_stats(model)
+        if stats:
+            record["router_tokens_per_expert"] = stats
+    else:
+        record.update(variant="none", trainable_params=0, adapter_params=0)
+    model.to(env["device"]).eval()
+    ppl = perplexity_at_lengths(
+        model,
+        env["val_tokens"],
+        _eval_lengths(config, native),
+        stride_ratio=config.eval.stride_ratio,
+        max_tokens=config.eval.max_tokens,
+        progress=progress,
+    )
+    record["ppl"] = {str(k): v for k, v in ppl.items()}
+    if config.eval.passkey_lengths:
+        pk = passkey_accuracy(
+            model, env["tokenizer"], config.eval.passkey_lengths, config.eval.passkey_trials, seed
+        )
+        record["passkey"] = {str(k): r.accuracy for k, r in pk.items()}
+    if row.trains:
+        record["svd"] = _svd_summary(model, env, seed)
+    return record
+
+
+def _router_stats(model: nn.Module) -> dict[str, list[int]]:
+    from .inject import iter_adapters
+
+    out = {}
+    for path, _, layer in iter_adapters(model):
+        if hasattr(layer, "router_stats"):
+            stats = layer.router_stats()  # routing of the last training step
+            if stats is not None:
+                out[path] = [int(x) for x in stats["tokens_per_expert"].flatten().tolist()]
+    return out
+
+
+def _svd_summary(model: nn.Module, env: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Effective rank, energy in the top 4 directions, and similarity to LoRA's subspace."""
+    from .analysis import analyze
+
+    report = analyze(model)
+    rows = report.rows()
+    summary: dict[str, Any] = {
+        "effective_rank": _mean([r["effective_rank"] for r in rows]),
+        "energy_top4": _mean([r.get("energy_top4", float("nan")) for r in rows]),
+        "effective_rank_by_layer": {r["module"]: r["effective_rank"] for r in rows},
+    }
+    reference = env.get("lora_reference", {}).get(seed)
+    if reference:
+        summary["similarity_to_lora"] = _similarity_to(model, reference)
+    return summary
+
+
+def _similarity_to(model: nn.Module, reference_dir: Path) -> float:
+    from .analysis import subspace_similarity
+    from .inject import iter_adapters
+    from .io import read_factors
+
+    ref = read_factors(reference_dir)
+    values = []
+    for path, _, layer in iter_adapters(model):
+        if path in ref and layer.mergeable:
+            B, A = layer.factors()
+            rb, ra = ref[path]
+            k = min(A.shape[0], ra.shape[0])
+            values.append(subspace_similarity((B, A), (rb, ra), k, k))
+    return _mean(values)
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def _plan(config: ExperimentConfig) -> list[tuple[RunSpec, int]]:
+    plan = []
+    for row in config.runs:
+        for seed in config.seeds if row.trains else config.seeds[:1]:
+            plan.append((row, seed))
+    return plan
+
+
+def run_key(row: RunSpec, seed: int) -> str:
+    return f"{row.name}/seed{seed}"
+
+
+def _load_results(out: Path) -> dict[str, dict[str, Any]]:
+    file = out / "results.json"
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: corrupt results file ({e}); move it away to start over") from e
+    return {r["key"]: r for r in data.get("runs", [])}
+
+
+def _environment(config: ExperimentConfig, progress: bool) -> dict[str, Any]:
+    """Load the base model once (path + tokenizer) and the data once, for every run."""
+    from transformers import AutoModelForCausalLM
+
+    from .base_model import resolve_base_model
+    from .data import load_validation_tokens, make_train_blocks
+
+    base_path, tokenizer = resolve_base_model(
+        config.base_model, progress=progress, config=config.builtin_base()
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    blocks_cache: dict[int, Any] = {}
+
+    def load_model() -> nn.Module:
+        return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+
+    def train_blocks(seq_len: int):
+        if seq_len not in blocks_cache:
+            blocks_cache[seq_len] = make_train_blocks(config.data, tokenizer, seq_len)
+        return blocks_cache[seq_len]
+
+    return {
+        "base_path": str(base_path),
+        "tokenizer": tokenizer,
+        "device": device,
+        "load_model": load_model,
+        "train_blocks": train_blocks,
+        "val_tokens": load_validation_tokens(config.data, tokenizer, config.eval.max_tokens),
+        "lora_reference": {},
+    }
+
+
+def compare(
+    config: ExperimentConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    env: dict[str, Any] | None = None,
+) -> Path:
+    """Run (or resume) the comparison; write results and the report after every run.
+
+    Returns:
+        The output directory.
+    """
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = _load_results(out)
+    env = env or _environment(config, progress)
+    overrides = {row.name: dict(row.overrides) for row in config.runs}
+    matched: dict[str, int] = {}
+    if config.match_params:
+        for row in config.runs:
+            if row.trains:
+                overrides[row.name], matched[row.name] = match_rank(
+                    env["load_model"],
+                    row.adapter,
+                    overrides[row.name],
+                    config.match_params,
+                    config.spec_dir,
+                )
+                log(
+                    f"match_params: {row.name} -> {overrides[row.name]} "
+                    f"({matched[row.name]:,} adapter parameters)"
+                )
+    plan = _plan(config)
+    for i, (row, seed) in enumerate(plan, 1):
+        key = run_key(row, seed)
+        run_dir = out / "runs" / row.name / f"seed{seed}"
+        if results.get(key, {}).get("status") == "ok":
+            log(f"[{i}/{len(plan)}] {key}: done earlier, kept")
+        else:
+            log(f"[{i}/{len(plan)}] {key}: running")
+            start = time.perf_counter()
+            record: dict[str, Any] = {
+                "key": key,
+                "row": row.name,
+                "seed": seed,
+                "adapter": row.adapter,
+                "trainable": row.trainable,
+            }
+            try:
+                record.update(
+                    _run_one(config, row, seed, env, run_dir, overrides[row.name], progress)
+                )
+                record["status"] = "ok"
+            except Exception as e:  # one failed run must not stop the others
+                record.update(status="failed", reason=f"{type(e).__name__}: {e}")
+                (run_dir).mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+                log(f"    failed: {record['reason']}")
+            record["elapsed_s"] = time.perf_counter() - start
+            if row.name in matched:
+                record["matched_params"] = matched[row.name]
+            results[key] = record
+            write_outputs(out, config, results, env)
+        if results[key].get("variant") == "lora" and results[key].get("status") == "ok":
+            env["lora_reference"].setdefault(seed, run_dir / "adapter")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: results.json, results.csv, report.md, plots
+# ---------------------------------------------------------------------------------------------
+
+SUMMARY_METRICS = [
+    ("trainable_params", "trainable params", "{:,.0f}"),
+    ("final_loss", "final train loss", "{:.3f}"),
+    ("tokens_per_s", "train tokens/s", "{:,.0f}"),
+    ("peak_mem_mib", "peak mem (MiB)", "{:,.0f}"),
+    ("wall_s", "train time (s)", "{:.1f}"),
+]
+
+
+def _t975(dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; 0 for one value)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _t975(n - 1) * sd / math.sqrt(n)
+
+
+def summarize(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary row per comparison row: mean and 95% CI of every metric over seeds."""
+    rows = []
+    for spec in config.runs:
+        runs = [r for r in results.values() if r["row"] == spec.name]
+        ok = [r for r in runs if r.get("status") == "ok"]
+        failed = [r for r in runs if r.get("status") == "failed"]
+        row: dict[str, Any] = {
+            "row": spec.name,
+            "adapter": spec.adapter,
+            "seeds_ok": len(ok),
+            "seeds_failed": len(failed),
+        }
+        if failed:
+            row["reason"] = failed[0]["reason"]
+        metric_keys = [k for k, _, _ in SUMMARY_METRICS]
+        ppl_keys = sorted({k for r in ok for k in r.get("ppl", {})}, key=int)
+        pk_keys = sorted({k for r in ok for k in r.get("passkey", {})}, key=int)
+        for key in metric_keys:
+            row[key] = mean_ci([r.get(key, float("nan")) for r in ok])
+        for key in ppl_keys:
+            row[f"ppl@{key}"] = mean_ci([r["ppl"].get(key, float("nan")) for r in ok])
+        for key in pk_keys:
+            row[f"passkey@{key}"] = mean_ci([r["passkey"].get(key, float("nan")) for r in ok])
+        for key in ("effective_rank", "energy_top4", "similarity_to_lora"):
+            vals = [r["svd"].get(key, float("nan")) for r in ok if "svd" in r]
+            if vals:
+                row[f"svd.{key}"] = mean_ci(vals)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, pattern="{:.3f}") -> str:
+    if isinstance(value, tuple):
+        mean, half = value
+        if not math.isfinite(mean):
+            return "—"
+        text = pattern.format(mean)
+        return text if not half else f"{text} ± {pattern.format(half)}"
+    return str(value)
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table (mean ± 95% CI over seeds)."""
+    columns = ["row", "seeds"]
+    keys = []
+    for key, title, pattern in SUMMARY_METRICS:
+        if any(key in r for r in summary):
+            columns.append(title)
+            keys.append((key, pattern))
+    extra = sorted(
+        {k for r in summary for k in r if "@" in k or k.startswith("svd.")},
+        key=lambda k: (k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0),
+    )
+    for k in extra:
+        columns.append(k.replace("svd.", ""))
+        keys.append((k, "{:.2f}" if k.startswith("ppl") or k.startswith("svd") else "{:.2f}"))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in summary:
+        seeds = f"{r['seeds_ok']}"
+        if r["seeds_failed"]:
+            seeds += f" ({r['seeds_failed']} failed: {r.get('reason', '')[:60]})"
+        cells = [r["row"], seeds]
+        for k, pattern in keys:
+            cells.append(_fmt(r.get(k, (float("nan"), float("nan"))), pattern))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(
+    out: Path, config: ExperimentConfig, results: dict[str, dict[str, Any]], env: dict[str, Any]
+) -> None:
+    """Rewrite results.json, results.csv, report.md and the plots (each file atomically)."""
+    summary = summarize(config, results)
+    payload = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "library_version": __version__,
+        "machine": _machine(),
+        "base_model": env.get("base_path"),
+        "config": _config_dict(config),
+        "runs": list(results.values()),
+        "summary": [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in summary
+        ],
+    }
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str))
+    _write_csv(out / "results.csv", results)
+    plots = {}
+    try:
+        from .plots_report import make_report_plots
+
+        plots = make_report_plots(out, config, results)
+    except Exception as e:  # a plot must never lose the numbers
+        plots = {"error": f"{type(e).__name__}: {e}"}
+    _atomic_write(out / "report.md", _report_markdown(config, summary, plots))
+
+
+def _machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def _config_dict(config: ExperimentConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+CSV_FIELDS = [
+    "key",
+    "row",
+    "seed",
+    "status",
+    "reason",
+    "variant",
+    "trainable_params",
+    "adapter_params",
+    "matched_params",
+    "tokens",
+    "tokens_per_s",
+    "peak_mem_mib",
+    "wall_s",
+    "final_loss",
+    "context",
+    "attention",
+]
+
+
+def _write_csv(file: Path, results: dict[str, dict[str, Any]]) -> None:
+    ppl_keys = sorted({k for r in results.values() for k in r.get("ppl", {})}, key=int)
+    pk_keys = sorted({k for r in results.values() for k in r.get("passkey", {})}, key=int)
+    fields = (
+        CSV_FIELDS
+        + [f"ppl@{k}" for k in ppl_keys]
+        + [f"passkey@{k}" for k in pk_keys]
+        + ["effective_rank", "energy_top4", "similarity_to_lora"]
+    )
+    tmp = file.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in results.values():
+            flat = dict(r)
+            flat.update({f"ppl@{k}": v for k, v in r.get("ppl", {}).items()})
+            flat.update({f"passkey@{k}": v for k, v in r.get("passkey", {}).items()})
+            flat.update({k: v for k, v in r.get("svd", {}).items() if not isinstance(v, dict)})
+            writer.writerow(flat)
+    os.replace(tmp, file)
+
+
+def _atomic_write(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def _report_markdown(
+    config: ExperimentConfig, summary: list[dict[str, Any]], plots: dict[str, str]
+) -> str:
+    t = config.train
+    lines = [
+        "# loravariants comparison",
+        "",
+        f"*{time.strftime('%Y-%m-%d %H:%M')} · loravariants {__version__} · {_machine()}*",
+        "",
+        f"Base model: `{config.base_model}`; data: `{config.data.source}`; context: "
+        f"{config.context.target_length or 'native'} tokens ({config.context.method} position "
+        f"interpolation), training attention `{config.context.attention}`.",
+        f"Budget per run: {t.max_steps} steps x {t.batch_size * t.grad_accum} sequences, lr "
+        f"{t.lr:g} ({t.schedule}, {t.warmup_steps} warm-up); seeds {config.seeds}.",
+        "",
+        "Mean ± 95% confidence interval over seeds (Student t); one seed shows no interval. "
+        "Perplexity uses a strided sliding window with full attention; throughput and memory "
+        "are measured the same way for every row.",
+        "",
+        summary_table(summary),
+        "",
+    ]
+    if "error" in plots:
+        lines += [f"Plots could not be drawn: {plots['error']}", ""]
+    for title, file in plots.items():
+        if title != "error":
+            lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    return "\n".join(lines)

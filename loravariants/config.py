@@ -1,0 +1,358 @@
+"""Experiment configuration: YAML files in ``configs/``, ``key.sub=value`` overrides.
+
+An experiment combines a base model, data, a context extension, a training budget, evaluation
+settings and a list of runs, each run naming an adapter spec from ``adapters/`` (or ``none``
+for the evaluation-only baseline rows). Every field is validated on load; an invalid value
+raises ``ValueError`` naming the key path, which the CLI prints as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .adapters.base import AdapterConfig, check_range
+from .train import TrainConfig
+
+__all__ = [
+    "ExperimentConfig",
+    "DataConfig",
+    "ContextConfig",
+    "EvalConfig",
+    "RunSpec",
+    "load_experiment",
+    "apply_overrides",
+    "load_adapter_spec",
+    "ADAPTER_SPEC_DIR",
+]
+
+
+def _data_dir(installed: str, checkout: str) -> Path:
+    """A data folder: inside the installed package, else the checkout's top-level folder."""
+    here = Path(__file__).resolve().parent
+    return here / installed if (here / installed).is_dir() else here.parent / checkout
+
+
+#: the built-in adapter specs (the repository's top-level ``adapters/``, shipped in the package)
+ADAPTER_SPEC_DIR = _data_dir("specs", "adapters")
+#: the built-in experiment configs (the repository's ``configs/``)
+CONFIG_DIR = _data_dir("configs", "configs")
+TRAINABLE_CHOICES = ("embed", "norm")
+ATTENTION_CHOICES = ("s2_attn", "sdpa", "eager")
+
+
+@dataclass
+class DataConfig:
+    """Training and validation text.
+
+    Attributes:
+        source: ``stdlib`` (the Python standard library's source, default), a local file or
+            folder (text or JSONL), or ``hf:<dataset name>`` (Hugging Face hub, downloads).
+        text_field: JSONL/dataset field holding the text.
+        max_documents: cap on documents read (None: all).
+        validation_fraction: share of documents held out for evaluation, in (0, 1).
+    """
+
+    source: str = "stdlib"
+    text_field: str = "text"
+    max_documents: int | None = None
+    validation_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(f"data.source must be a non-empty string, got {self.source!r}")
+        if self.max_documents is not None:
+            check_range("data.max_documents", self.max_documents, low=1, integer=True)
+        check_range(
+            "data.validation_fraction",
+            self.validation_fraction,
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+        )
+
+
+@dataclass
+class ContextConfig:
+    """Context extension and training attention (LongLoRA).
+
+    Attributes:
+        target_length: training context in tokens; ``None`` keeps the native context.
+        method: position interpolation: ``linear`` (LongLoRA), ``dynamic`` or ``yarn``.
+        attention: training attention: ``s2_attn`` (LongLoRA), ``sdpa`` or ``eager`` (full).
+        group_size_ratio: S2-Attn group size as a share of the sequence, in (0, 1].
+    """
+
+    target_length: int | None = None
+    method: str = "linear"
+    attention: str = "s2_attn"
+    group_size_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.target_length is not None:
+            check_range("context.target_length", self.target_length, low=2, integer=True)
+        if self.method not in ("linear", "dynamic", "yarn"):
+            raise ValueError(
+                f"context.method must be one of ['linear', 'dynamic', 'yarn'], got {self.method!r}"
+            )
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(
+                f"context.attention must be one of {list(ATTENTION_CHOICES)}, "
+                f"got {self.attention!r}"
+            )
+        check_range("context.group_size_ratio", self.group_size_ratio, low=0, high=1, low_open=True)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (always full attention).
+
+    Attributes:
+        lengths: context lengths for perplexity; ``None``: native, 2x and 4x... up to the
+            training context.
+        max_tokens: validation tokens scored at every length (same tokens for all lengths).
+        stride_ratio: sliding-window stride as a share of the length, in (0, 1).
+        passkey_lengths: prompt lengths for passkey retrieval (empty: skipped).
+        passkey_trials: prompts per length.
+    """
+
+    lengths: list[int] | None = None
+    max_tokens: int = 16384
+    stride_ratio: float = 0.5
+    passkey_lengths: list[int] = field(default_factory=list)
+    passkey_trials: int = 10
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None:
+            self.lengths = [int(n) for n in self.lengths]
+            for n in self.lengths:
+                check_range("eval.lengths[]", n, low=2, integer=True)
+        check_range("eval.max_tokens", self.max_tokens, low=2, integer=True)
+        check_range(
+            "eval.stride_ratio", self.stride_ratio, low=0, high=1, low_open=True, high_open=True
+        )
+        for n in self.passkey_lengths:
+            check_range("eval.passkey_lengths[]", n, low=16, integer=True)
+        check_range("eval.passkey_trials", self.passkey_trials, low=1, integer=True)
+
+
+@dataclass
+class RunSpec:
+    """One row of the comparison.
+
+    Attributes:
+        name: row label (unique).
+        adapter: path of an adapter spec YAML (relative paths: the experiment file's folder,
+            then the built-in ``adapters/``), a built-in spec name (``lora``, ``cola``,
+            ``multilora``, ``mixlora``), or ``none`` for an evaluation-only baseline.
+        overrides: adapter fields changed from the spec.
+        trainable: whole modules trained with the adapter: any of ``embed``, ``norm``.
+        extend_context: apply the experiment's context extension (False: native positions).
+        attention: training attention for this row (default: the experiment's).
+    """
+
+    name: str
+    adapter: str = "none"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    trainable: list[str] = field(default_factory=list)
+    extend_context: bool = True
+    attention: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"runs[].name must be a non-empty string, got {self.name!r}")
+        bad = sorted(set(self.trainable) - set(TRAINABLE_CHOICES))
+        if bad:
+            raise ValueError(
+                f"runs[{self.name}].trainable must be a subset of {list(TRAINABLE_CHOICES)}, "
+                f"got {bad}"
+            )
+        if self.attention is not None and self.attention not in ATTENTION_CHOICES:
+            raise ValueError(
+                f"runs[{self.name}].attention must be one of {list(ATTENTION_CHOICES)}, "
+                f"got {self.attention!r}"
+            )
+
+    @property
+    def trains(self) -> bool:
+        return self.adapter != "none"
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole comparison (``configs/*.yaml``).
+
+    Attributes:
+        base_model: ``default`` (the built-in small Llama, built and cached on first use), a
+            local checkpoint directory, or a hub name.
+        base_model_config: fields of the built-in base changed from their defaults
+            (``BaseModelConfig``; only with ``base_model: default``).
+        data, context, train, eval: see their classes.
+        runs: the rows to compare.
+        seeds: one run per row and seed (evaluation-only rows run once).
+        match_params: set each adapter's rank so its trainable parameters are as close as
+            possible to this count (None: ranks as specified).
+        concurrent: train all adapters of a seed together on one frozen base.
+        output_dir: where results, report and plots go.
+        spec_dir: folder the adapter specs are read from (default: the built-in ones).
+    """
+
+    base_model: str = "default"
+    base_model_config: dict[str, Any] | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runs: list[RunSpec] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    match_params: int | None = None
+    concurrent: bool = False
+    output_dir: str = "runs/experiment"
+    spec_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError("runs must list at least one row")
+        names = [r.name for r in self.runs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"runs[].name must be unique, repeated: {dupes}")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        for s in self.seeds:
+            check_range("seeds[]", s, low=0, integer=True)
+        if self.match_params is not None:
+            check_range("match_params", self.match_params, low=1, integer=True)
+        if self.base_model_config is not None:
+            if self.base_model != "default":
+                raise ValueError("base_model_config only applies to base_model: default")
+            self.builtin_base()  # validates the fields
+
+    def builtin_base(self):
+        """The built-in base model's config (``base_model_config`` applied), or None."""
+        if self.base_model != "default":
+            return None
+        from .base_model import BaseModelConfig
+
+        fields = dict(self.base_model_config or {})
+        try:
+            return BaseModelConfig(**fields)
+        except TypeError as e:
+            raise ValueError(f"base_model_config: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"base_model_config.{e}") from e
+
+
+_SECTIONS = {"data": DataConfig, "context": ContextConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _build(cls, data: Mapping[str, Any], where: str):
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from e
+    except ValueError as e:
+        message = str(e)
+        prefix = f"{where}." if where != "config" and not message.startswith(where) else ""
+        raise ValueError(prefix + message) from e
+
+
+def experiment_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a parsed YAML mapping into an :class:`ExperimentConfig`."""
+    data = copy.deepcopy(dict(data))
+    for key, cls in _SECTIONS.items():
+        if key in data:
+            data[key] = _build(cls, data[key] or {}, key)
+    if "runs" in data:
+        runs = data["runs"]
+        if not isinstance(runs, list):
+            raise ValueError("runs must be a list of mappings")
+        data["runs"] = [_build(RunSpec, r, f"runs[{i}]") for i, r in enumerate(runs)]
+    return _build(ExperimentConfig, data, "config")
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested mapping."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from e
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a mapping")
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML mapping from ``path``; errors name the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such config file")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{file}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a mapping at the top level")
+    return data
+
+
+def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML."""
+    data = apply_overrides(read_yaml(path), overrides)
+    config = experiment_from_dict(data)
+    if config.spec_dir is None:
+        config.spec_dir = str(Path(path).resolve().parent)
+    return config
+
+
+def resolve_spec_path(adapter: str, spec_dir: str | None) -> Path:
+    """Find an adapter spec: a path, a path relative to ``spec_dir``, or a built-in name."""
+    candidates = [Path(adapter)]
+    if spec_dir:
+        candidates.append(Path(spec_dir) / adapter)
+    candidates.append(ADAPTER_SPEC_DIR / adapter)
+    candidates.append(ADAPTER_SPEC_DIR / f"{adapter}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    builtin = sorted(p.stem for p in ADAPTER_SPEC_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"adapter spec {adapter!r} not found (built-in specs: {builtin})")
+
+
+def load_adapter_spec(
+    adapter: str, overrides: Mapping[str, Any] | None = None, spec_dir: str | None = None
+) -> AdapterConfig:
+    """Build the adapter config a run names: spec file + overrides, validated."""
+    path = resolve_spec_path(adapter, spec_dir)
+    data = read_yaml(path)
+    data.update(overrides or {})
+    if "variant" not in data:
+        raise ValueError(f"{path}: the spec must name its variant")
+    try:
+        return AdapterConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -1,0 +1,181 @@
+"""The comparison: end-to-end quickstart, resume, failures, parameter matching, statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from _train_script import random_blocks
+from conftest import make_tiny_llama
+
+from loravariants.cli import main
+from loravariants.compare import PeakMemory, compare, match_rank, mean_ci
+from loravariants.config import experiment_from_dict
+from loravariants.train import TrainConfig  # noqa: F401  (fields used in the YAML below)
+
+
+def test_quickstart_quick_end_to_end(tmp_path, monkeypatch, capsys):
+    """The real command on the real built-in pipeline (tiny base preset), in a temp dir."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["quickstart", "--quick", "--quiet"]) == 0
+    out = tmp_path / "runs" / "quickstart-quick"
+    for name in (
+        "results.json",
+        "results.csv",
+        "report.md",
+        "plots/loss_curves.png",
+        "plots/perplexity_vs_context.png",
+        "plots/spectra.png",
+        "plots/effective_rank.png",
+    ):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema_version"] == 1
+    rows = {r["row"]: r for r in data["runs"]}
+    assert set(rows) == {
+        "base-noPI",
+        "base-PI",
+        "lora",
+        "lora+norm",
+        "longlora",
+        "longlora-fullattn",
+        "cola",
+        "multilora",
+        "mixlora",
+    }
+    assert all(r["status"] == "ok" for r in rows.values()), [
+        (k, r.get("reason")) for k, r in rows.items() if r["status"] != "ok"
+    ]
+    for name in ("lora", "cola", "multilora", "mixlora"):
+        run = rows[name]
+        assert run["trainable_params"] > 0 and run["tokens_per_s"] > 0
+        assert len(run["loss_curve"]) == 3 and run["ppl"] and "effective_rank" in run["svd"]
+    assert rows["mixlora"]["router_tokens_per_expert"]
+    assert rows["longlora-fullattn"]["attention"] == "sdpa"
+    assert rows["base-noPI"]["context"] < rows["base-PI"]["context"]
+    table = capsys.readouterr().out
+    assert "| mixlora |" in table and "report.md" in table
+
+
+def _tiny_env():
+    """A synthetic environment: tiny random model and data, no base-model build."""
+    tokens = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(0))
+    return {
+        "base_path": "tiny",
+        "tokenizer": None,
+        "device": torch.device("cpu"),
+        "load_model": lambda: make_tiny_llama(max_position_embeddings=32),
+        "train_blocks": lambda n: random_blocks(n=16, length=n),
+        "val_tokens": tokens,
+        "lora_reference": {},
+    }
+
+
+def _experiment(tmp_path, runs, **extra):
+    data = {
+        "output_dir": str(tmp_path / "out"),
+        "context": {"target_length": 64},
+        "train": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "lr": 0.01},
+        "eval": {"max_tokens": 256, "lengths": [32, 64]},
+        "seeds": [0, 1],
+        "runs": runs,
+    }
+    data.update(extra)
+    return experiment_from_dict(data)
+
+
+def test_resume_skips_finished_runs_and_failures_are_reported(tmp_path):
+    config = _experiment(
+        tmp_path,
+        [
+            {"name": "lora", "adapter": "lora", "overrides": {"r": 2}},
+            {"name": "broken", "adapter": "lora", "overrides": {"target_modules": ["nothing"]}},
+            {"name": "base", "adapter": "none"},
+        ],
+    )
+    logs: list[str] = []
+    compare(config, progress=False, log=logs.append, env=_tiny_env())
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    status = {r["key"]: r["status"] for r in data["runs"]}
+    assert status == {
+        "lora/seed0": "ok",
+        "lora/seed1": "ok",
+        "broken/seed0": "failed",
+        "broken/seed1": "failed",
+        "base/seed0": "ok",
+    }
+    broken = next(r for r in data["runs"] if r["key"] == "broken/seed0")
+    assert "matches no module" in broken["reason"]
+    assert "failed" in (tmp_path / "out" / "report.md").read_text()
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    # a rerun keeps what finished and retries only the failed runs
+    logs.clear()
+    compare(config, progress=False, log=logs.append, env=_tiny_env())
+    kept = [line for line in logs if "done earlier, kept" in line]
+    assert len(kept) == 3 and sum("running" in line for line in logs) == 2
+
+
+def test_forced_nan_run_is_reported_and_the_others_finish(tmp_path):
+    config = _experiment(
+        tmp_path,
+        [
+            {"name": "nan", "adapter": "lora", "overrides": {"r": 2}},
+            {"name": "fine", "adapter": "lora", "overrides": {"r": 2}},
+        ],
+        seeds=[0],
+    )
+    env = _tiny_env()
+    good_loader = env["load_model"]
+    calls = {"n": 0}
+
+    def loader():
+        calls["n"] += 1
+        model = good_loader()
+        if calls["n"] == 1:  # the first run's model produces NaN logits
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float("nan"))
+        return model
+
+    env["load_model"] = loader
+    compare(config, progress=False, log=lambda s: None, env=env)
+    runs = {
+        r["row"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    }
+    assert runs["nan"]["status"] == "failed" and "TrainingDiverged" in runs["nan"]["reason"]
+    assert runs["fine"]["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "spec, extra",
+    [
+        ("lora", {}),
+        ("multilora", {"num_branches": 2}),
+        ("cola", {}),
+        ("mixlora", {"num_experts": 4}),
+    ],
+)
+def test_match_params_within_five_percent(spec, extra):
+    target = 6000
+    overrides, achieved = match_rank(lambda: make_tiny_llama(), spec, extra, target, None)
+    assert abs(achieved - target) / target < 0.05, (overrides, achieved)
+
+
+def test_mean_ci_student_t():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3**0.5, rel=1e-3)
+    assert mean_ci([5.0]) == (5.0, 0.0)
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory(interval=0.005) as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+        import time
+
+        time.sleep(0.05)
+        del block
+    assert mem.delta_mib > 40
