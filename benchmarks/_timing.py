@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmark scripts: interleaved pairs, medians, peak memory."""
+"""Helpers shared by the benchmark scripts: interleaved timing, peak memory, a small Llama."""
 
 from __future__ import annotations
 
@@ -31,3 +31,22 @@ def interleaved_medians(
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def small_llama(seed: int = 0, **overrides):
+    """A randomly initialised Llama (4 layers, hidden 256 unless overridden), fixed seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**fields))

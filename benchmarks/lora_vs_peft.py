@@ -13,25 +13,15 @@ import platform
 
 import peft
 import torch
-from _timing import interleaved_medians
-from transformers import LlamaConfig, LlamaForCausalLM
+from _timing import interleaved_medians, small_llama
+from transformers import LlamaForCausalLM
 
 import loravariants as lv
 from loravariants.adapters import LoRAConfig
 
 
 def build(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config)
+    return small_llama(seed)
 
 
 def main() -> None:

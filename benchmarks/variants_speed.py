@@ -19,9 +19,9 @@ import platform
 from typing import Any
 
 import torch
-from _timing import interleaved_medians
+from _timing import interleaved_medians, small_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import loravariants as lv
 from loravariants.adapters.lora import LoRAConfig
@@ -32,17 +32,7 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def build(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config)
+    return small_llama(seed, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
 
 class DenseMixLoRAFFN(MixLoRAFFN):

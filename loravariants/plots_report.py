@@ -34,66 +34,95 @@ def _rows(config, results) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
+def _line_plot(
+    path: Path,
+    series: dict[str, tuple[list[float], list[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    marker: str | None = None,
+    logx: bool = False,
+    logy: bool = False,
+) -> None:
+    """One line per row, legend, labels; written to ``path`` as PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker=marker, label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def make_report_plots(out: Path, config, results: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Draw the report's figures into ``out/plots``; return ``{title: relative path}``."""
-    plt = _pyplot()
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     grouped = _rows(config, results)
     made: dict[str, str] = {}
 
-    trained = {name: rs for name, rs in grouped.items() if rs and "loss_curve" in rs[0]}
-    if trained:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, rs in trained.items():
+    losses = {}
+    for name, rs in grouped.items():
+        if rs and "loss_curve" in rs[0]:
             curve = _mean_curve([r["loss_curve"] for r in rs])
-            ax.plot(range(1, len(curve) + 1), curve, label=name)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("train loss (mean over seeds)")
-        ax.set_title("Training loss")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(plot_dir / "loss_curves.png", dpi=120)
-        plt.close(fig)
+            losses[name] = (list(range(1, len(curve) + 1)), curve)
+    if losses:
+        _line_plot(
+            plot_dir / "loss_curves.png",
+            losses,
+            "optimizer step",
+            "train loss (mean over seeds)",
+            "Training loss",
+        )
         made["Training loss"] = "plots/loss_curves.png"
 
-    with_ppl = {name: rs for name, rs in grouped.items() if rs and rs[0].get("ppl")}
-    if with_ppl:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, rs in with_ppl.items():
+    ppl = {}
+    for name, rs in grouped.items():
+        if rs and rs[0].get("ppl"):
             lengths = sorted({int(k) for r in rs for k in r["ppl"]})
-            means = [
-                sum(r["ppl"][str(n)] for r in rs if str(n) in r["ppl"]) / len(rs) for n in lengths
-            ]
-            ax.plot(lengths, means, marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("evaluation context (tokens)")
-        ax.set_ylabel("perplexity (mean over seeds)")
-        ax.set_title("Perplexity vs context length (full attention)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(plot_dir / "perplexity_vs_context.png", dpi=120)
-        plt.close(fig)
+            ppl[name] = (
+                lengths,
+                [
+                    sum(r["ppl"][str(n)] for r in rs if str(n) in r["ppl"]) / len(rs)
+                    for n in lengths
+                ],
+            )
+    if ppl:
+        _line_plot(
+            plot_dir / "perplexity_vs_context.png",
+            ppl,
+            "evaluation context (tokens)",
+            "perplexity (mean over seeds)",
+            "Perplexity vs context length (full attention)",
+            marker="o",
+            logx=True,
+            logy=True,
+        )
         made["Perplexity vs context length"] = "plots/perplexity_vs_context.png"
 
-    with_rank = {
-        name: rs[0]["svd"]["effective_rank_by_layer"]
-        for name, rs in grouped.items()
-        if rs and rs[0].get("svd", {}).get("effective_rank_by_layer")
-    }
-    if with_rank:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, by_layer in with_rank.items():
+    ranks = {}
+    for name, rs in grouped.items():
+        by_layer = rs[0].get("svd", {}).get("effective_rank_by_layer") if rs else None
+        if by_layer:
             values = [v for v in by_layer.values() if v is not None and math.isfinite(v)]
-            ax.plot(range(len(values)), values, marker=".", label=name)
-        ax.set_xlabel("adapted module (model order)")
-        ax.set_ylabel("effective rank of dW (first seed)")
-        ax.set_title("Effective rank by layer")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(plot_dir / "effective_rank.png", dpi=120)
-        plt.close(fig)
+            ranks[name] = (list(range(len(values))), values)
+    if ranks:
+        _line_plot(
+            plot_dir / "effective_rank.png",
+            ranks,
+            "adapted module (model order)",
+            "effective rank of dW (first seed)",
+            "Effective rank by layer",
+            marker=".",
+        )
         made["Effective rank by layer"] = "plots/effective_rank.png"
 
     spectra = _spectra_plot(out, grouped, plot_dir)
@@ -109,7 +138,6 @@ def _spectra_plot(out: Path, grouped, plot_dir: Path) -> str | None:
     from .analysis import spectrum
     from .io import read_factors
 
-    plt = _pyplot()
     curves = {}
     for name, rs in grouped.items():
         if not rs or "loss_curve" not in rs[0]:
@@ -125,15 +153,13 @@ def _spectra_plot(out: Path, grouped, plot_dir: Path) -> str | None:
         curves[name] = torch.stack([torch.as_tensor(s[:k]) for s in spectra]).mean(0).tolist()
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=name)
-    ax.set_xlabel("singular value index")
-    ax.set_ylabel("s_i / s_1 (mean over modules)")
-    ax.set_yscale("log")
-    ax.set_title("Normalised spectra of the learned updates")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "spectra.png", dpi=120)
-    plt.close(fig)
+    _line_plot(
+        plot_dir / "spectra.png",
+        {name: (list(range(1, len(c) + 1)), c) for name, c in curves.items()},
+        "singular value index",
+        "s_i / s_1 (mean over modules)",
+        "Normalised spectra of the learned updates",
+        marker=".",
+        logy=True,
+    )
     return "plots/spectra.png"

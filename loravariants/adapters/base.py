@@ -289,22 +289,26 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"cannot merge into a {type(base).__name__}; only nn.Linear")
         return base
 
+    def merge_delta(self) -> torch.Tensor:
+        """What :meth:`merge` adds to the frozen weight: :meth:`delta_weight` by default."""
+        return self.delta_weight()
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the frozen weight (``W += dW``). Idempotent."""
+        """Fold the update into the frozen weight (``W += merge_delta()``). Idempotent."""
         base = self._check_mergeable()
         if self.merged:
             return
-        base.weight += self.delta_weight().to(base.weight.dtype)
+        base.weight += self.merge_delta().to(base.weight.dtype)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (``W -= dW``). Idempotent."""
+        """Undo :meth:`merge` (``W -= merge_delta()``). Idempotent."""
         base = self._check_mergeable()
         if not self.merged:
             return
-        base.weight -= self.delta_weight().to(base.weight.dtype)
+        base.weight -= self.merge_delta().to(base.weight.dtype)
         self.merged = False
 
     # -- training hooks -----------------------------------------------------------------------

@@ -311,25 +311,11 @@ class COLALinear(AdapterLayer):
         )
 
     # -- merging: only the current link moves ------------------------------------------------
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the current link into the weight (the earlier links are there already)."""
-        base = self._check_mergeable()
-        if self.merged:
-            return
+    def merge_delta(self) -> torch.Tensor:
+        """:meth:`merge` folds the current link only: the finished links are either in the
+        weight already or this layer's own term (see the module docstring)."""
         B, A = self.link_factors()
-        base.weight += (B @ A).to(base.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`: take the current link out of the weight again."""
-        base = self._check_mergeable()
-        if not self.merged:
-            return
-        B, A = self.link_factors()
-        base.weight -= (B @ A).to(base.weight.dtype)
-        self.merged = False
+        return B @ A
 
     # -- the chain event ----------------------------------------------------------------------
     @torch.no_grad()
