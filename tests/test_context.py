@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from torch.testing import assert_close
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import loravariants as lv
 from loravariants.longlora import extend_context
-from tests.conftest import make_tiny_llama
 
 
 def rotary(model):

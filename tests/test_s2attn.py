@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama_config
 from torch.testing import assert_close
 from transformers import (
     AutoModelForCausalLM,
@@ -17,7 +18,6 @@ from transformers import (
 
 import loravariants.longlora as ll
 from loravariants.longlora import s2_block_mask, shifted_sparse_attention
-from tests.conftest import tiny_llama_config
 
 # (b, h, h_kv, n, G): even/odd heads, GQA/MQA, G dividing n or not, G odd, G > n, G = 1
 SHAPES = [
