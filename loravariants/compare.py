@@ -31,7 +31,7 @@ from torch import nn
 
 from . import __version__
 from .config import ExperimentConfig, RunSpec, load_adapter_spec
-from .inject import attach, mark_trainable, trainable_parameters
+from .inject import attach, iter_adapters, mark_trainable, trainable_parameters
 from .train import TrainConfig, seed_everything, train
 
 __all__ = ["compare", "PeakMemory", "match_rank", "RESULTS_SCHEMA_VERSION", "summarize"]
@@ -166,18 +166,9 @@ def _eval_lengths(config: ExperimentConfig, native: int) -> list[int]:
     return lengths
 
 
-def _run_one(
-    config: ExperimentConfig,
-    row: RunSpec,
-    seed: int,
-    env: dict[str, Any],
-    run_dir: Path,
-    overrides: dict[str, Any],
-    progress: bool,
-) -> dict[str, Any]:
-    from .evaluate import passkey_accuracy, perplexity_at_lengths
-    from .io import save_adapter
-    from .longlora.context import extend_context
+def _prepare_model(config: ExperimentConfig, row: RunSpec, seed: int, env: dict[str, Any]):
+    """Fresh base -> context extension (+ trainable embed/norm) -> training attention."""
+    from .longlora.context import extend_context, trainable_module_names
 
     seed_everything(seed)
     model = env["load_model"]()
@@ -189,56 +180,62 @@ def _run_one(
         record["context"] = target
     else:
         if row.trainable:
-            from .longlora.context import trainable_module_names
-
             mark_trainable(model, trainable_module_names(model, row.trainable))
         record["context"] = native
     attention = row.attention or config.context.attention
     model.config.s2_group_size_ratio = config.context.group_size_ratio
     model.set_attn_implementation(attention)
     record["attention"] = attention if row.trains else "sdpa (eval)"
+    return model, record
 
-    if row.trains:
-        adapter = load_adapter_spec(row.adapter, overrides, config.spec_dir)
-        if hasattr(adapter, "total_steps") and adapter.total_steps is None:
-            adapter.total_steps = config.train.max_steps  # COLA: knots spread over the run
-        attach(model, adapter)
-        summary = trainable_parameters(model)
-        record.update(
-            variant=adapter.variant,
-            adapter_config=adapter.to_dict(),
-            trainable_params=summary.trainable,
-            adapter_params=sum(
-                p.numel()
-                for n, p in model.named_parameters()
-                if p.requires_grad and ".adapters." in n
-            ),
-            total_params=summary.total,
-        )
-        train_cfg = TrainConfig(**{**asdict(config.train), "seed": seed})
-        with PeakMemory(env["device"]) as mem:
-            result = train(
-                model.to(env["device"]),
-                env["train_blocks"](record["context"]),
-                train_cfg,
-                output_dir=run_dir / "train",
-                progress=progress,
-            )
-        record.update(
-            final_loss=result.final_loss,
-            loss_curve=result.losses,
-            tokens=result.tokens,
-            tokens_per_s=result.tokens_per_second,
-            wall_s=result.wall_time,
-            peak_mem_mib=mem.peak_mib,
-            peak_mem_delta_mib=mem.delta_mib,
-        )
-        save_adapter(model, run_dir / "adapter", format="native")
-        stats = _router_stats(model)
-        if stats:
-            record["router_tokens_per_expert"] = stats
-    else:
-        record.update(variant="none", trainable_params=0, adapter_params=0)
+
+def _attach_row(
+    model: nn.Module, config: ExperimentConfig, row: RunSpec, overrides: dict[str, Any], name: str
+) -> dict[str, Any]:
+    """Attach the row's adapter under ``name``; its parameter counts for the record."""
+    adapter = load_adapter_spec(row.adapter, overrides, config.spec_dir)
+    if hasattr(adapter, "total_steps") and adapter.total_steps is None:
+        adapter.total_steps = config.train.max_steps  # COLA: knots spread over the run
+    attach(model, adapter, name=name)
+    adapter_params = sum(
+        p.numel() for _, _, layer in iter_adapters(model, name) for p in layer.parameters()
+    )
+    extra = trainable_parameters(model).trainable - sum(
+        p.numel() for _, _, layer in iter_adapters(model) for p in layer.parameters()
+    )
+    return dict(
+        variant=adapter.variant,
+        adapter_config=adapter.to_dict(),
+        adapter_params=adapter_params,
+        trainable_params=adapter_params + extra,
+        total_params=trainable_parameters(model).total,
+    )
+
+
+def _training_record(result, mem: PeakMemory) -> dict[str, Any]:
+    return dict(
+        final_loss=result.final_loss,
+        loss_curve=result.losses,
+        tokens=result.tokens,
+        tokens_per_s=result.tokens_per_second,
+        wall_s=result.wall_time,
+        peak_mem_mib=mem.peak_mib,
+        peak_mem_delta_mib=mem.delta_mib,
+    )
+
+
+def _evaluate(
+    model: nn.Module,
+    config: ExperimentConfig,
+    env: dict[str, Any],
+    seed: int,
+    native: int,
+    name: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Perplexity per length, passkey, and (adapter ``name``) the SVD summary."""
+    from .evaluate import passkey_accuracy, perplexity_at_lengths
+
     model.to(env["device"]).eval()
     ppl = perplexity_at_lengths(
         model,
@@ -248,22 +245,113 @@ def _run_one(
         max_tokens=config.eval.max_tokens,
         progress=progress,
     )
-    record["ppl"] = {str(k): v for k, v in ppl.items()}
+    record: dict[str, Any] = {"ppl": {str(k): v for k, v in ppl.items()}}
     if config.eval.passkey_lengths:
         pk = passkey_accuracy(
             model, env["tokenizer"], config.eval.passkey_lengths, config.eval.passkey_trials, seed
         )
         record["passkey"] = {str(k): r.accuracy for k, r in pk.items()}
-    if row.trains:
-        record["svd"] = _svd_summary(model, env, seed)
+    if name is not None:
+        record["svd"] = _svd_summary(model, env, seed, name)
+        stats = _router_stats(model, name)
+        if stats:
+            record["router_tokens_per_expert"] = stats
     return record
 
 
-def _router_stats(model: nn.Module) -> dict[str, list[int]]:
-    from .inject import iter_adapters
+def _run_one(
+    config: ExperimentConfig,
+    row: RunSpec,
+    seed: int,
+    env: dict[str, Any],
+    run_dir: Path,
+    overrides: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    from .io import save_adapter
 
+    model, record = _prepare_model(config, row, seed, env)
+    name = None
+    if row.trains:
+        name = "default"
+        record.update(_attach_row(model, config, row, overrides, name))
+        train_cfg = TrainConfig(**{**asdict(config.train), "seed": seed})
+        with PeakMemory(env["device"]) as mem:
+            result = train(
+                model.to(env["device"]),
+                env["train_blocks"](record["context"]),
+                train_cfg,
+                output_dir=run_dir / "train",
+                progress=progress,
+            )
+        record.update(_training_record(result, mem))
+        save_adapter(model, run_dir / "adapter", format="native")
+    else:
+        record.update(variant="none", trainable_params=0, adapter_params=0)
+    record.update(_evaluate(model, config, env, seed, record["native_context"], name, progress))
+    return record
+
+
+def _run_concurrent(
+    config: ExperimentConfig,
+    rows: list[RunSpec],
+    seed: int,
+    env: dict[str, Any],
+    out: Path,
+    overrides: dict[str, dict[str, Any]],
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """All trained rows of one seed on one frozen base, trained together (ASPEN / m-LoRA).
+
+    Each row keeps its own data order, optimizer, schedule and hooks; each is evaluated with
+    only its adapter active. Rows must agree on context extension and attention and may not
+    train whole base modules (embeddings/norms would be shared).
+    """
+    from .inject import set_active_adapters
+    from .io import save_adapter
+    from .multi import Job, train_concurrent
+
+    shared = {(r.extend_context, r.attention or config.context.attention) for r in rows}
+    if len(shared) > 1:
+        raise ValueError("concurrent: all trained rows must share extend_context and attention")
+    bad = [r.name for r in rows if r.trainable]
+    if bad:
+        raise ValueError(
+            f"concurrent: rows {bad} train embeddings/norms, which one frozen base "
+            "cannot share; drop `trainable` or set concurrent: false"
+        )
+    model, common = _prepare_model(config, rows[0], seed, env)
+    names = {row.name: f"row{i}" for i, row in enumerate(rows)}
+    records = {
+        row.name: {
+            **common,
+            **_attach_row(model, config, row, overrides[row.name], names[row.name]),
+        }
+        for row in rows
+    }
+    blocks = env["train_blocks"](common["context"])
+    jobs = [
+        Job(names[row.name], blocks, TrainConfig(**{**asdict(config.train), "seed": seed}))
+        for row in rows
+    ]
+    with PeakMemory(env["device"]) as mem:
+        results = train_concurrent(model.to(env["device"]), jobs, progress=progress)
+    for row in rows:
+        name = names[row.name]
+        run_dir = out / "runs" / row.name / f"seed{seed}"
+        save_adapter(model, run_dir / "adapter", format="native", name=name)
+        records[row.name].update(_training_record(results[name], mem), concurrent=True)
+        set_active_adapters(model, [name])
+        records[row.name].update(
+            _evaluate(model, config, env, seed, common["native_context"], name, progress)
+        )
+    set_active_adapters(model, None)
+    return records
+
+
+def _router_stats(model: nn.Module, name: str | None = None) -> dict[str, list[int]]:
     out = {}
-    for path, _, layer in iter_adapters(model):
+    for path, _, layer in iter_adapters(model, name):
         if hasattr(layer, "router_stats"):
             stats = layer.router_stats()  # routing of the last training step
             if stats is not None:
@@ -271,12 +359,11 @@ def _router_stats(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
-def _svd_summary(model: nn.Module, env: dict[str, Any], seed: int) -> dict[str, Any]:
+def _svd_summary(model: nn.Module, env: dict[str, Any], seed: int, name: str) -> dict[str, Any]:
     """Effective rank, energy in the top 4 directions, and similarity to LoRA's subspace."""
     from .analysis import analyze
 
-    report = analyze(model)
-    rows = report.rows()
+    rows = [r for r in analyze(model).rows() if r.get("adapter") in (name, None)]
     summary: dict[str, Any] = {
         "effective_rank": _mean([r["effective_rank"] for r in rows]),
         "energy_top4": _mean([r.get("energy_top4", float("nan")) for r in rows]),
@@ -284,18 +371,17 @@ def _svd_summary(model: nn.Module, env: dict[str, Any], seed: int) -> dict[str, 
     }
     reference = env.get("lora_reference", {}).get(seed)
     if reference:
-        summary["similarity_to_lora"] = _similarity_to(model, reference)
+        summary["similarity_to_lora"] = _similarity_to(model, reference, name)
     return summary
 
 
-def _similarity_to(model: nn.Module, reference_dir: Path) -> float:
+def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> float:
     from .analysis import subspace_similarity
-    from .inject import iter_adapters
     from .io import read_factors
 
     ref = read_factors(reference_dir)
     values = []
-    for path, _, layer in iter_adapters(model):
+    for path, _, layer in iter_adapters(model, name):
         if path in ref and layer.mergeable:
             B, A = layer.factors()
             rb, ra = ref[path]
@@ -401,10 +487,14 @@ def compare(
                     f"({matched[row.name]:,} adapter parameters)"
                 )
     plan = _plan(config)
+    if config.concurrent:
+        _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log)
     for i, (row, seed) in enumerate(plan, 1):
         key = run_key(row, seed)
         run_dir = out / "runs" / row.name / f"seed{seed}"
-        if results.get(key, {}).get("status") == "ok":
+        if config.concurrent and row.trains:
+            pass  # trained (or failed) with its seed's concurrent group above
+        elif results.get(key, {}).get("status") == "ok":
             log(f"[{i}/{len(plan)}] {key}: done earlier, kept")
         else:
             log(f"[{i}/{len(plan)}] {key}: running")
@@ -434,6 +524,46 @@ def compare(
         if results[key].get("variant") == "lora" and results[key].get("status") == "ok":
             env["lora_reference"].setdefault(seed, run_dir / "adapter")
     return out
+
+
+def _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log) -> None:
+    """``concurrent: true``: per seed, the trained rows not yet done run together."""
+    for seed in config.seeds:
+        rows = [
+            row
+            for row, s in plan
+            if s == seed
+            and row.trains
+            and results.get(run_key(row, seed), {}).get("status") != "ok"
+        ]
+        if not rows:
+            continue
+        log(f"seed {seed}: training {[r.name for r in rows]} concurrently on one base")
+        start = time.perf_counter()
+        try:
+            records = _run_concurrent(config, rows, seed, env, out, overrides, progress)
+            failure = None
+        except Exception as e:  # the group failed: record it for each of its rows
+            records, failure = {}, f"{type(e).__name__}: {e}"
+            log(f"    failed: {failure}")
+        for row in rows:
+            key = run_key(row, seed)
+            record = {
+                "key": key,
+                "row": row.name,
+                "seed": seed,
+                "adapter": row.adapter,
+                "trainable": row.trainable,
+                "elapsed_s": time.perf_counter() - start,
+            }
+            if failure is None:
+                record.update(records[row.name], status="ok")
+            else:
+                record.update(status="failed", reason=failure)
+            if row.name in matched:
+                record["matched_params"] = matched[row.name]
+            results[key] = record
+        write_outputs(out, config, results, env)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,3 +179,36 @@ def test_peak_memory_sees_an_allocation():
         time.sleep(0.05)
         del block
     assert mem.delta_mib > 40
+
+
+def test_concurrent_comparison_trains_rows_together(tmp_path):
+    runs = [
+        {"name": "lora", "adapter": "lora", "overrides": {"r": 2}},
+        {"name": "cola", "adapter": "cola", "overrides": {"r": 2, "chain_length": 2}},
+        {"name": "multilora", "adapter": "multilora", "overrides": {"r": 2}},
+        {"name": "mixlora", "adapter": "mixlora", "overrides": {"num_experts": 4, "r": 2}},
+        {"name": "base", "adapter": "none"},
+    ]
+    config = _experiment(tmp_path, runs, seeds=[0], concurrent=True)
+    logs: list[str] = []
+    compare(config, progress=False, log=logs.append, env=_tiny_env())
+    assert any("concurrently" in line for line in logs)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs_by_row = {r["row"]: r for r in data["runs"]}
+    assert all(r["status"] == "ok" for r in runs_by_row.values()), runs_by_row
+    for name in ("lora", "cola", "multilora", "mixlora"):
+        record = runs_by_row[name]
+        assert record["concurrent"] and len(record["loss_curve"]) == 2 and record["ppl"]
+        assert (tmp_path / "out" / "runs" / name / "seed0" / "adapter").is_dir()
+    # each row evaluated with only its own adapter: different perplexities
+    assert len({runs_by_row[n]["ppl"]["64"] for n in ("lora", "cola", "multilora")}) == 3
+
+
+def test_concurrent_rejects_rows_that_train_base_modules(tmp_path):
+    runs = [{"name": "a", "adapter": "lora"}, {"name": "b", "adapter": "lora",
+                                               "trainable": ["norm"]}]
+    config = _experiment(tmp_path, runs, seeds=[0], concurrent=True)
+    compare(config, progress=False, log=lambda s: None, env=_tiny_env())
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["status"] for r in data["runs"]} == {"failed"}
+    assert "embeddings/norms" in data["runs"][0]["reason"]
