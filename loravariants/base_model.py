@@ -413,7 +413,9 @@ def load_base_model(
 
 
 def pretrain_base_main(argv: Sequence[str]) -> int:
-    """``loravariants pretrain-base [--cache-dir DIR] [--force] [--quiet]``: print the path."""
+    """``loravariants pretrain-base [--config FILE] [--cache-dir DIR] [--force] [--quiet]
+    [key.sub=value ...]``: print the path. ``--config`` takes an experiment YAML and builds the
+    base its ``base_model_config`` describes."""
     parser = argparse.ArgumentParser(
         prog="loravariants pretrain-base",
         description="Build (or reuse) the built-in base model and print its folder.",
@@ -423,8 +425,18 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--config", default=None, help="experiment YAML (its base_model_config)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value for the experiment YAML")
     args = parser.parse_args(argv)
     config = BaseModelConfig()
+    if args.config:
+        from .config import load_experiment
+
+        config = load_experiment(args.config, args.overrides).builtin_base()
+        if config is None:
+            raise ValueError(f"{args.config}: base_model is not the built-in one")
+    elif args.overrides:
+        raise ValueError("key=value overrides need --config")
     cached = (base_model_path(config, args.cache_dir) / "build_info.json").is_file()
     if not cached or args.force:
         print("pretraining the base model (a few minutes on a CPU) ...", file=sys.stderr)

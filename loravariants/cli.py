@@ -164,35 +164,64 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 def eval_main(argv: Sequence[str]) -> int:
-    """``loravariants eval --model PATH [--adapter DIR] --lengths 256 512 ...``."""
+    """``loravariants eval [--config FILE] [--adapter DIR] [key.sub=value ...]``.
+
+    Without ``--config``: the built-in base, native context, stdlib validation text, and the
+    lengths given. With it: the experiment's base model, data, context extension (applied
+    before the adapter is loaded: position interpolation is part of the model, not of the
+    adapter) and evaluation settings.
+    """
     import json
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from .base_model import resolve_base_model
-    from .config import DataConfig
+    from .config import DataConfig, EvalConfig, ExperimentConfig, RunSpec, load_experiment
     from .data import load_validation_tokens
     from .evaluate import passkey_accuracy, perplexity_at_lengths
     from .io import load_adapter
+    from .longlora.context import extend_context
 
     parser = argparse.ArgumentParser(prog="loravariants eval")
-    parser.add_argument("--model", default="default", help="base model (default: built-in)")
+    parser.add_argument(
+        "--config", default=None, help="experiment YAML (base, data, context, eval)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="base model (default: the config's, or built-in)"
+    )
     parser.add_argument("--adapter", default=None, help="adapter directory (ours or peft)")
-    parser.add_argument("--data", default="stdlib", help="validation text source")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256])
-    parser.add_argument("--max-tokens", type=int, default=16384)
-    parser.add_argument("--passkey", type=int, nargs="*", default=[], help="passkey lengths")
-    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths")
+    parser.add_argument("--passkey", type=int, nargs="*", default=None, help="passkey lengths")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value for the experiment YAML")
     args = parser.parse_args(argv)
-    path, tokenizer = resolve_base_model(args.model)
+    if args.config:
+        config = load_experiment(args.config, args.overrides)
+    else:
+        if args.overrides:
+            raise ValueError("key=value overrides need --config")
+        config = ExperimentConfig(runs=[RunSpec(name="eval")], data=DataConfig(), eval=EvalConfig())
+    if args.model:
+        config.base_model, config.base_model_config = args.model, None
+    path, tokenizer = resolve_base_model(config.base_model, config=config.builtin_base())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    native = int(model.config.max_position_embeddings)
+    target = config.context.target_length
+    if target and target > native:
+        extend_context(model, target, method=config.context.method, trainable=())
     if args.adapter:
         load_adapter(model, args.adapter)
-    tokens = load_validation_tokens(DataConfig(source=args.data), tokenizer, args.max_tokens)
-    result = {"perplexity": perplexity_at_lengths(model, tokens, args.lengths, progress=True)}
-    if args.passkey:
-        pk = passkey_accuracy(model, tokenizer, args.passkey, args.trials)
+    from .compare import _eval_lengths
+
+    lengths = args.lengths or _eval_lengths(config, native)
+    tokens = load_validation_tokens(config.data, tokenizer, config.eval.max_tokens)
+    ppl = perplexity_at_lengths(
+        model, tokens, lengths, stride_ratio=config.eval.stride_ratio, progress=True
+    )
+    result: dict = {"perplexity": ppl}
+    passkey = config.eval.passkey_lengths if args.passkey is None else args.passkey
+    if passkey:
+        pk = passkey_accuracy(model, tokenizer, passkey, config.eval.passkey_trials)
         result["passkey"] = {n: r.accuracy for n, r in pk.items()}
     print(json.dumps(result, indent=2))
     return 0

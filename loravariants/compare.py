@@ -31,7 +31,13 @@ from torch import nn
 
 from . import __version__
 from .config import ExperimentConfig, RunSpec, load_adapter_spec
-from .inject import attach, iter_adapters, mark_trainable, trainable_parameters
+from .inject import (
+    adapter_names,
+    attach,
+    iter_adapters,
+    mark_trainable,
+    trainable_parameters,
+)
 from .train import TrainConfig, seed_everything, train
 
 __all__ = ["compare", "PeakMemory", "match_rank", "RESULTS_SCHEMA_VERSION", "summarize"]
@@ -363,7 +369,9 @@ def _svd_summary(model: nn.Module, env: dict[str, Any], seed: int, name: str) ->
     """Effective rank, energy in the top 4 directions, and similarity to LoRA's subspace."""
     from .analysis import analyze
 
-    rows = [r for r in analyze(model).rows() if r.get("adapter") in (name, None)]
+    rows = analyze(model).rows()
+    if len(adapter_names(model)) > 1:  # the report names adapters only when there are several
+        rows = [r for r in rows if r.get("adapter") == name]
     summary: dict[str, Any] = {
         "effective_rank": _mean([r["effective_rank"] for r in rows]),
         "energy_top4": _mean([r.get("energy_top4", float("nan")) for r in rows]),

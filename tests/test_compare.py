@@ -58,6 +58,18 @@ def test_quickstart_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert rows["base-noPI"]["context"] < rows["base-PI"]["context"]
     table = capsys.readouterr().out
     assert "| mixlora |" in table and "report.md" in table
+    # the same experiment through `eval --config` (context extended before the adapter loads)
+    # and `pretrain-base --config` (reuses the cached tiny base)
+    from loravariants.cli import QUICK_OVERRIDES
+    from loravariants.config import CONFIG_DIR
+
+    adapter = out / "runs" / "longlora" / "seed0" / "adapter"
+    config = str(CONFIG_DIR / "quickstart.yaml")
+    assert main(["eval", "--config", config, "--adapter", str(adapter), *QUICK_OVERRIDES]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"]["512"] == pytest.approx(rows["longlora"]["ppl"]["512"], rel=1e-4)
+    assert main(["pretrain-base", "--config", config, "--quiet", *QUICK_OVERRIDES]) == 0
+    assert "cache" in capsys.readouterr().out
 
 
 def _tiny_env():
@@ -199,6 +211,7 @@ def test_concurrent_comparison_trains_rows_together(tmp_path):
     for name in ("lora", "cola", "multilora", "mixlora"):
         record = runs_by_row[name]
         assert record["concurrent"] and len(record["loss_curve"]) == 2 and record["ppl"]
+        assert record["svd"]["effective_rank_by_layer"], name
         assert (tmp_path / "out" / "runs" / name / "seed0" / "adapter").is_dir()
     # each row evaluated with only its own adapter: different perplexities
     assert len({runs_by_row[n]["ppl"]["64"] for n in ("lora", "cola", "multilora")}) == 3
