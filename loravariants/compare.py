@@ -342,7 +342,10 @@ def _run_concurrent(
     ]
     with PeakMemory(env["device"]) as mem:
         results = train_concurrent(model.to(env["device"]), jobs, progress=progress)
-    for row in rows:
+    # the first LoRA row goes first: as in sequential runs, it is the reference subspace for
+    # the rows evaluated after it
+    lora_rows = [r for r in rows if records[r.name].get("variant") == "lora"]
+    for row in lora_rows[:1] + [r for r in rows if r not in lora_rows[:1]]:
         name = names[row.name]
         run_dir = out / "runs" / row.name / f"seed{seed}"
         save_adapter(model, run_dir / "adapter", format="native", name=name)
@@ -351,6 +354,8 @@ def _run_concurrent(
         records[row.name].update(
             _evaluate(model, config, env, seed, common["native_context"], name, progress)
         )
+        if records[row.name].get("variant") == "lora":
+            env["lora_reference"].setdefault(seed, run_dir / "adapter")
     set_active_adapters(model, None)
     return records
 

@@ -6,19 +6,24 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+TINY_FIELDS = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def tiny_config(config_cls=LlamaConfig, **overrides):
+    """A tiny config of any Llama-like family (Llama, Mistral, Qwen2, ...)."""
+    return config_cls(**{**TINY_FIELDS, **overrides})
+
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    fields = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    fields.update(overrides)
-    return LlamaConfig(**fields)
+    return tiny_config(LlamaConfig, **overrides)
 
 
 def make_tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:

@@ -195,9 +195,9 @@ def test_peak_memory_sees_an_allocation():
 
 def test_concurrent_comparison_trains_rows_together(tmp_path):
     runs = [
-        {"name": "lora", "adapter": "lora", "overrides": {"r": 2}},
         {"name": "cola", "adapter": "cola", "overrides": {"r": 2, "chain_length": 2}},
         {"name": "multilora", "adapter": "multilora", "overrides": {"r": 2}},
+        {"name": "lora", "adapter": "lora", "overrides": {"r": 2}},  # not first: still the ref
         {"name": "mixlora", "adapter": "mixlora", "overrides": {"num_experts": 4, "r": 2}},
         {"name": "base", "adapter": "none"},
     ]
@@ -213,13 +213,19 @@ def test_concurrent_comparison_trains_rows_together(tmp_path):
         assert record["concurrent"] and len(record["loss_curve"]) == 2 and record["ppl"]
         assert record["svd"]["effective_rank_by_layer"], name
         assert (tmp_path / "out" / "runs" / name / "seed0" / "adapter").is_dir()
+    # LoRA trained in the same group is the reference subspace for the others
+    assert "similarity_to_lora" not in runs_by_row["lora"]["svd"]  # it is the reference
+    for name in ("cola", "multilora", "mixlora"):
+        assert 0.0 <= runs_by_row[name]["svd"]["similarity_to_lora"] < 1.0, name
     # each row evaluated with only its own adapter: different perplexities
     assert len({runs_by_row[n]["ppl"]["64"] for n in ("lora", "cola", "multilora")}) == 3
 
 
 def test_concurrent_rejects_rows_that_train_base_modules(tmp_path):
-    runs = [{"name": "a", "adapter": "lora"}, {"name": "b", "adapter": "lora",
-                                               "trainable": ["norm"]}]
+    runs = [
+        {"name": "a", "adapter": "lora"},
+        {"name": "b", "adapter": "lora", "trainable": ["norm"]},
+    ]
     config = _experiment(tmp_path, runs, seeds=[0], concurrent=True)
     compare(config, progress=False, log=lambda s: None, env=_tiny_env())
     data = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, tiny_config
 from torch.testing import assert_close
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -114,17 +114,7 @@ def test_extending_twice_rescales_from_the_original_length():
 def test_other_families(family):
     config_cls, model_cls = family
     torch.manual_seed(0)
-    model = model_cls(
-        config_cls(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    model = model_cls(tiny_config(config_cls, max_position_embeddings=64))
     old = rotary(model).inv_freq.clone()
     extend_context(model, 256)
     assert model.config.rope_parameters["factor"] == 4.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama_config
+from conftest import tiny_config, tiny_llama_config
 from torch.testing import assert_close
 from transformers import (
     AutoModelForCausalLM,
@@ -178,21 +178,10 @@ def test_dropout_only_when_asked():
 def tiny(cls_config=None, attn="s2_attn", seed=0, **overrides):
     torch.manual_seed(seed)
     if cls_config is None:
-        config = tiny_llama_config(**overrides)
-        model_cls = LlamaForCausalLM
+        config, model_cls = tiny_llama_config(**overrides), LlamaForCausalLM
     else:
         config_cls, model_cls = cls_config
-        fields = dict(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-        fields.update(overrides)
-        config = config_cls(**fields)
+        config = tiny_config(config_cls, **overrides)
     config._attn_implementation = attn
     return model_cls(config)
 
