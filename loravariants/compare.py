@@ -13,6 +13,7 @@ finished runs are never redone: a rerun of the same command resumes the missing 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -479,6 +480,31 @@ def compare(
     Returns:
         The output directory.
     """
+    with _transformers_progress_bars(progress):
+        return _compare(config, progress, log, env)
+
+
+@contextlib.contextmanager
+def _transformers_progress_bars(enabled: bool):
+    """``progress=False`` also silences transformers' own bars (weight loading), then restores."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _compare(
+    config: ExperimentConfig,
+    progress: bool,
+    log: Callable[[str], None],
+    env: dict[str, Any] | None,
+) -> Path:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = _load_results(out)

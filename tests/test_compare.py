@@ -231,3 +231,20 @@ def test_concurrent_rejects_rows_that_train_base_modules(tmp_path):
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["status"] for r in data["runs"]} == {"failed"}
     assert "embeddings/norms" in data["runs"][0]["reason"]
+
+
+def test_quiet_compare_silences_transformers_bars_only_while_it_runs(tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    import loravariants.compare as compare_module
+
+    seen = []
+    monkeypatch.setattr(
+        compare_module, "_compare", lambda *a: seen.append(hf_logging.is_progress_bar_enabled())
+    )
+    config = _experiment(tmp_path, [{"name": "base", "adapter": "none"}])
+    hf_logging.enable_progress_bar()
+    compare(config, progress=False, env=_tiny_env())
+    assert seen == [False] and hf_logging.is_progress_bar_enabled()
+    compare(config, progress=True, env=_tiny_env())
+    assert seen == [False, True]
