@@ -1,7 +1,7 @@
 """Concurrent (ASPEN/m-LoRA-style) vs sequential training of 4 adapters, measured side by side.
 
     python benchmarks/concurrent_training.py [--steps 8] [--rounds 3] [--seq 128] [--batch 2]
-        [--size wide|small]
+        [--size wide|small] [--ceiling]
 
 Four adapters — LoRA, COLA, MultiLoRA, MixLoRA — each train ``steps`` steps of ``batch`` x
 ``seq`` tokens. "concurrent": one frozen base, one fused forward/backward per step
@@ -9,6 +9,11 @@ Four adapters — LoRA, COLA, MultiLoRA, MixLoRA — each train ``steps`` steps 
 jobs hold), trained one after another with the same loop. Every mode runs in a fresh process
 (clean peak RSS), modes interleaved over ``rounds``; the script prints median total tokens/s,
 peak RSS and the ratios.
+
+``--ceiling`` adds what batching alone buys on this machine: one LoRA job trained on the same
+number of tokens as one fused step of four jobs ("lora-fused": ``steps`` steps of 4 x ``batch``
+rows) vs in four times as many small steps ("lora-split"), training time only. Concurrent
+training cannot beat this ratio by much: it is the same fusion without the routing.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ def worker(mode: str, steps: int, seq: int, batch: int) -> dict:
 
     cfg = TrainConfig(max_steps=steps, batch_size=batch, lr=1e-3, warmup_steps=0)
     sets = {name: data(steps * batch, seq, i) for i, name in enumerate(adapters())}
+    if mode.startswith("lora-"):
+        return _lora_batching(mode, steps, seq, batch)
     with PeakMemory() as mem:
         start = time.perf_counter()
         if mode == "concurrent":
@@ -108,6 +115,27 @@ def worker(mode: str, steps: int, seq: int, batch: int) -> dict:
     }
 
 
+def _lora_batching(mode: str, steps: int, seq: int, batch: int) -> dict:
+    """One LoRA job, 4 x steps x batch rows, as big steps ("lora-fused") or small ones."""
+    import loravariants as lv
+    from loravariants.multi import Job, train_concurrent
+    from loravariants.train import TrainConfig
+
+    fused = mode == "lora-fused"
+    cfg = TrainConfig(
+        max_steps=steps if fused else 4 * steps,
+        batch_size=4 * batch if fused else batch,
+        lr=1e-3,
+        warmup_steps=0,
+    )
+    model = lv.attach(build_model(), adapters()["lora"], name="lora")
+    job = Job("lora", data(4 * steps * batch, seq, 0), cfg)
+    start = time.perf_counter()
+    result = train_concurrent(model, [job], progress=False)["lora"]
+    wall = time.perf_counter() - start
+    return {"mode": mode, "tokens_per_s": result.tokens / wall, "peak_rss_mib": float("nan")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -115,13 +143,19 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--size", choices=sorted(SIZES), default="wide")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--worker", choices=["concurrent", "sequential"], help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling", action="store_true", help="also measure batching alone")
+    parser.add_argument(
+        "--worker",
+        choices=["concurrent", "sequential", "lora-fused", "lora-split"],
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args()
     SIZE["name"] = args.size
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.seq, args.batch)))
         return
-    runs: dict[str, list[dict]] = {"concurrent": [], "sequential": []}
+    modes = ["concurrent", "sequential"] + (["lora-fused", "lora-split"] if args.ceiling else [])
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
         for mode in runs:
             out = (
@@ -162,6 +196,9 @@ def main() -> None:
         print(
             f"{mode:>11}: {m['tokens_per_s']:8.0f} tokens/s   peak RSS {m['peak_rss_mib']:7.0f} MiB"
         )
+    if args.ceiling:
+        ceiling = med["lora-fused"]["tokens_per_s"] / med["lora-split"]["tokens_per_s"]
+        print(f"ceiling, batching alone (one LoRA job, 4x rows per step): {ceiling:.2f}x")
     c, s = med["concurrent"], med["sequential"]
     print(f"throughput concurrent / sequential: {c['tokens_per_s'] / s['tokens_per_s']:.2f}x")
     print(
