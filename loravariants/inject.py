@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters.base import AdapterConfig, AdapterHost, AdapterLayer, iter_frozen_modules
+from .adapters.base import (
+    AdapterConfig,
+    AdapterHost,
+    AdapterLayer,
+    iter_frozen_modules,
+    match_target,
+    modules_inside_hosts,
+)
 
 __all__ = [
     "attach",
@@ -94,8 +101,30 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         raise ValueError(f"adapter name must match {_NAME_RE.pattern} (no dots), got {name!r}")
     if name in _configs(model):
         raise ValueError(f"an adapter named {name!r} is already attached")
+    hidden = [
+        p
+        for p in modules_inside_hosts(model)
+        if isinstance(config.target_modules, (str, list)) and match_target(p, config.target_modules)
+    ]
+    if hidden:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches {hidden[0]!r}, which is inside a "
+            "module another adapter already wraps as a whole (MixLoRA's FFN); a module and its "
+            "submodules cannot both carry adapters"
+        )
     targets = config.select(model)
     if not targets:
+        other = [
+            f"{p} ({type(m).__name__})"
+            for p, m in iter_frozen_modules(model)
+            if p and match_target(p, config.target_modules) and not isinstance(m, nn.Linear)
+        ]
+        if other:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matches only modules that are not "
+                f"nn.Linear, e.g. {other[:3]}; adapters wrap nn.Linear layers only "
+                "(GPT-2's Conv1D is not supported)"
+            )
         linear_names = sorted(
             {
                 p.rsplit(".", 1)[-1]
@@ -158,7 +187,13 @@ def iter_adapters(
     model: nn.Module, name: str | None = None
 ) -> Iterator[tuple[str, str, AdapterLayer]]:
     """Yield ``(module name, adapter name, layer)`` for every adapter layer (of ``name`` only,
-    when given)."""
+    when given).
+
+    Raises:
+        ValueError: ``name`` is not attached (so ``merge``/``aux_loss`` of a typo fail loudly).
+    """
+    if name is not None:
+        _resolve_name(model, name)
     for path, host in _hosts(model):
         for adapter_name, layer in host.adapters.items():
             if name is None or adapter_name == name:
@@ -284,6 +319,12 @@ def mark_trainable(model: nn.Module, module_names: Iterable[str]) -> list[str]:
     object.__setattr__(model, _EXTRA_ATTR, extra)
     _refresh_requires_grad(model)
     return extra
+
+
+def _restore_trainable_modules(model: nn.Module, module_names: list[str]) -> None:
+    """Set the marked modules back to exactly ``module_names`` (a failed load's rollback)."""
+    object.__setattr__(model, _EXTRA_ATTR, list(module_names))
+    _refresh_requires_grad(model)
 
 
 def extra_trainable_modules(model: nn.Module) -> list[str]:

@@ -22,6 +22,7 @@ JSON, and ``torch.load(weights_only=True)`` for MixLoRA's ``.bin``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -37,14 +38,16 @@ from . import __version__
 from .adapters.base import AdapterConfig
 from .adapters.lora import LoRAConfig, LoRALinear
 from .inject import (
+    _restore_trainable_modules,
     adapter_config,
     adapter_names,
     attach,
+    detach,
     extra_trainable_modules,
     iter_adapters,
     mark_trainable,
 )
-from .utils import atomic_directory
+from .utils import ADAPTER_FILES, atomic_directory, check_replaceable
 
 __all__ = ["save_adapter", "load_adapter", "read_factors", "FORMATS"]
 
@@ -70,7 +73,8 @@ def save_adapter(
 
     Args:
         model: a model with adapters attached.
-        path: target directory; replaced atomically if it exists.
+        path: target directory; replaced atomically if it exists (only when it holds
+            nothing but adapter files).
         format: ``"native"``, ``"peft"`` (LoRA family) or ``"mixlora"`` (MixLoRA).
         name: adapter name.
 
@@ -78,7 +82,8 @@ def save_adapter(
         The directory written.
 
     Raises:
-        ValueError: unknown format, or a variant the format cannot hold.
+        ValueError: unknown format, a variant the format cannot hold, or ``path`` is a
+            folder with other files in it.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
@@ -86,6 +91,7 @@ def save_adapter(
         raise ValueError("the model has no adapters to save; call loravariants.attach first")
     config = adapter_config(model, name)
     name = name or adapter_names(model)[0]
+    check_replaceable(path, ADAPTER_FILES, "an adapter's")
     if format == "mixlora":
         from .io_mixlora import save_mixlora
 
@@ -315,14 +321,85 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     tensors = _read_safetensors(weights_file)
     if fmt == "peft":
         tensors, config = _peft_tensors(tensors, config, weights_file)
-    if name not in adapter_names(model):
-        try:
-            attach(model, config, name=name)
-        except ValueError as e:
-            raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
-    _load_extra(model, tensors, extra, extra_prefix, weights_file, fmt)
-    _load_layers(model, name, tensors, prefix, weights_file)
+    extra_modules = _extra_candidates(model, extra, fmt, weights_file)
+    with _rollback_on_error(model, name, extra_modules):
+        if name not in adapter_names(model):
+            try:
+                attach(model, config, name=name)
+            except ValueError as e:
+                raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
+        else:
+            check_same_output_fields(model, name, config, directory / _config_name(fmt))
+        _load_extra(model, tensors, extra_modules, extra_prefix, weights_file)
+        _load_layers(model, name, tensors, prefix, weights_file)
     return model
+
+
+@contextlib.contextmanager
+def _rollback_on_error(model: nn.Module, name: str, extra_modules: list[str]):
+    """A load that fails leaves the model as it was: no half-loaded adapter, no changed weights.
+
+    Saves (cloned) the state and merge status of adapter ``name`` if already attached, and the
+    state of the modules the file may overwrite; on any exception restores them (or detaches
+    an adapter attached inside the block).
+    """
+    attached_before = name in adapter_names(model)
+    layers_before = {}
+    if attached_before:
+        for path, _, layer in iter_adapters(model, name):
+            state = {k: t.clone() for k, t in layer.adapter_state().items()}
+            layers_before[path] = (state, layer.merged)
+    extra_before = {
+        m: {k: t.clone() for k, t in model.get_submodule(m).state_dict().items()}
+        for m in extra_modules
+    }
+    marked_before = extra_trainable_modules(model)
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for m, state in extra_before.items():
+                model.get_submodule(m).load_state_dict(state)
+            if not attached_before and name in adapter_names(model):
+                detach(model, name)
+            for path, _, layer in iter_adapters(model, name) if attached_before else ():
+                state, was_merged = layers_before[path]
+                if layer.merged:
+                    layer.unmerge()  # takes out the delta merged now, whatever it is
+                layer.load_adapter_state(state)
+                if was_merged:
+                    layer.merge()
+        _restore_trainable_modules(model, marked_before)
+        raise
+
+
+def check_same_output_fields(
+    model: nn.Module, name: str, config: AdapterConfig, file: Path
+) -> None:
+    """Loading into an attached adapter: the settings no tensor shape shows must agree.
+
+    ``alpha`` (or MixLoRA's ``top_k``) is not in the weights: a file trained with another
+    value would load without a shape error and compute something else.
+
+    Raises:
+        ValueError: another variant, or a differing field (named, both values).
+    """
+    current = adapter_config(model, name)
+    if type(current) is not type(config):
+        raise ValueError(
+            f"{file}: a {config.variant} adapter cannot load into {name!r}, a {current.variant}"
+        )
+    for field in type(current).output_fields:
+        mine, saved = getattr(current, field), getattr(config, field)
+        if mine != saved:
+            raise ValueError(
+                f"{file}: saved with {field}={saved!r}, but adapter {name!r} has {field}={mine!r}; "
+                "load into a model without it (the saved config is used) or match the field"
+            )
+
+
+def _config_name(fmt: str) -> str:
+    return NATIVE_CONFIG if fmt == "native" else PEFT_CONFIG
 
 
 def _lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
@@ -382,32 +459,43 @@ def _peft_tensors(tensors: dict[str, torch.Tensor], config: LoRAConfig, file: Pa
     return out, LoRAConfig(**fields)
 
 
-def _load_extra(model, tensors, extra, prefix, file, fmt) -> None:
-    if not extra:
-        return
-    state_by_module: dict[str, dict[str, torch.Tensor]] = {}
+def _extra_candidates(model: nn.Module, extra: list[str], fmt: str, file: Path) -> list[str]:
+    """The model's modules a file's saved whole modules (embed/norm) may go into."""
+    names = {n for n, _ in model.named_modules() if n}
+    out: list[str] = []
     for module_name in extra:
-        candidates = [module_name]
         if fmt == "peft":
             # peft's rule for modules_to_save: a plain suffix ("norm" also names
-            # "input_layernorm"); only modules the file has weights for are taken below
-            candidates = [n for n, _ in model.named_modules() if n and n.endswith(module_name)]
-        for full in candidates:
-            module = model.get_submodule(full)
-            state = {
-                k: tensors[f"{prefix}{full}.{k}"]
-                for k in module.state_dict()
-                if f"{prefix}{full}.{k}" in tensors
-            }
-            if state:
-                state_by_module[full] = state
+            # "input_layernorm"); only modules the file has weights for are taken
+            out += [n for n in sorted(names) if n.endswith(module_name) and n not in out]
+        elif module_name not in names:
+            raise ValueError(
+                f"{file}: saved module {module_name!r} does not exist in {type(model).__name__}"
+            )
+        elif module_name not in out:
+            out.append(module_name)
+    return out
+
+
+def _load_extra(model, tensors, candidates: list[str], prefix, file) -> None:
+    state_by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for full in candidates:
+        module = model.get_submodule(full)
+        state = {
+            k: tensors[f"{prefix}{full}.{k}"]
+            for k in module.state_dict()
+            if f"{prefix}{full}.{k}" in tensors
+        }
+        if state:
+            state_by_module[full] = state
     for full, state in state_by_module.items():
         module = model.get_submodule(full)
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"{file}: weights for {full} do not fit the model ({e})") from e
-    mark_trainable(model, list(state_by_module))
+    if state_by_module:
+        mark_trainable(model, list(state_by_module))
 
 
 def _load_layers(model, name, tensors, prefix, file) -> None:
@@ -435,8 +523,9 @@ def _load_layers(model, name, tensors, prefix, file) -> None:
 
 
 def _is_extra_key(model, key: str, prefix: str) -> bool:
-    module_name = key[len(prefix) :].rsplit(".", 1)[0]
-    return any(module_name == m for m in extra_trainable_modules(model))
+    """A tensor of a whole saved module (also a nested one: ``mlp.down_proj.weight``)."""
+    rest = key[len(prefix) :]
+    return any(rest.startswith(m + ".") for m in extra_trainable_modules(model))
 
 
 # ---------------------------------------------------------------------------------------------

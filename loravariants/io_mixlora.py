@@ -44,11 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import __version__
 from .adapters.base import AdapterLayer
 from .adapters.lora import LoRALinear
 from .adapters.mixlora import FFN_PROJECTIONS, MixLoRAConfig, MixLoRAFFN, ffn_activation_name
 from .inject import adapter_config, adapter_names, attach, iter_adapters
-from .utils import atomic_directory
+from .io import _rollback_on_error, check_same_output_fields
+from .utils import ADAPTER_FILES, atomic_directory, check_replaceable
 
 __all__ = ["save_mixlora", "load_mixlora", "read_mixlora_factors"]
 
@@ -112,6 +114,8 @@ def _config_json(config: MixLoRAConfig, model: nn.Module, dropout: float, expert
         "router_init_range": config.router_init_range,
         "jitter_noise": config.jitter_noise,
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        # provenance; the ecosystem's loaders read their keys by name and ignore this one
+        "loravariants_version": __version__,
     }
 
 
@@ -126,7 +130,7 @@ def save_mixlora(
 
     Args:
         model: a model with a :class:`MixLoRAConfig` adapter attached.
-        path: target directory (replaced if it exists).
+        path: target directory (replaced if it exists and holds only adapter files).
         name: adapter name (the only one when ``None``).
         loader_dropout: when given, written instead of a dropout of 0 (attention and experts)
             so the `mixlora` package's loader, which asserts ``lora_dropout > 0``, accepts the
@@ -145,6 +149,7 @@ def save_mixlora(
             f"format 'mixlora' holds MixLoRA adapters only, got variant {config.variant!r}"
         )
     name = name or adapter_names(model)[0]
+    check_replaceable(path, ADAPTER_FILES, "an adapter's")
     dropout, expert_dropout = config.dropout, config.expert_lora_dropout
     if loader_dropout is not None:
         if not loader_dropout > 0:
@@ -257,21 +262,34 @@ def load_mixlora(model: nn.Module, path: str | os.PathLike, name: str = "default
         if own is not None and own != act:
             raise ValueError(f"{config_file}: act_fn {act!r} but the model's FFN uses {own!r}")
     tensors = _read_weights(directory)
-    if name not in adapter_names(model):
-        try:
-            attach(model, config, name=name)
-        except ValueError as e:
-            raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
+    with _rollback_on_error(model, name, []):
+        if name not in adapter_names(model):
+            try:
+                attach(model, config, name=name)
+            except ValueError as e:
+                raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
+        else:
+            check_same_output_fields(model, name, config, config_file)
+        _copy_tensors(model, name, tensors, weights_file)
+    return model
+
+
+def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: Path):
+    """Copy the file's tensors into adapter ``name`` (unmerged meanwhile: a merged delta is
+    the old one), checking names and shapes."""
+    merged = [layer for _, _, layer in iter_adapters(model, name) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
     used: set[str] = set()
     with torch.no_grad():
         for module_path, _, layer in iter_adapters(model, name):
             for key, param in _layer_tensors(module_path, layer).items():
                 if key not in tensors:
-                    raise ValueError(f"{weights_file}: missing tensor {key!r}")
+                    raise ValueError(f"{file}: missing tensor {key!r}")
                 t = tensors[key]
                 if tuple(t.shape) != tuple(param.shape):
                     raise ValueError(
-                        f"{weights_file}: {key} has shape {tuple(t.shape)}, the model needs "
+                        f"{file}: {key} has shape {tuple(t.shape)}, the model needs "
                         f"{tuple(param.shape)}"
                     )
                 param.copy_(t)
@@ -279,10 +297,11 @@ def load_mixlora(model: nn.Module, path: str | os.PathLike, name: str = "default
     leftover = sorted(set(tensors) - used)
     if leftover:
         raise ValueError(
-            f"{weights_file}: {len(leftover)} tensor(s) match no adapter module of this model, "
+            f"{file}: {len(leftover)} tensor(s) match no adapter module of this model, "
             f"e.g. {leftover[0]!r}"
         )
-    return model
+    for layer in merged:
+        layer.merge()
 
 
 _EXPERT_RE = re.compile(r"^mixlora\.(.+)\.experts\.(\d+)\.lora_([AB])\.weight$")

@@ -9,7 +9,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory"]
+__all__ = ["atomic_directory", "check_replaceable", "ADAPTER_FILES"]
+
+# what an adapter folder of any of our formats may hold and still be replaced by a save
+# (native, peft and MixLoRA file names; peft also writes a README)
+ADAPTER_FILES = {
+    "loravariants_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "README.md",
+}
 
 
 @contextlib.contextmanager
@@ -47,3 +57,26 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(path: str | os.PathLike, own_files: set[str], what: str) -> None:
+    """Refuse to replace a directory that holds anything but ``own_files``.
+
+    :func:`atomic_directory` replaces a directory as a whole; a user who points a save at a
+    folder of their own (or at ``.``) must get an error, not lose their files.
+
+    Raises:
+        ValueError: ``path`` is the working directory or one of its parents, or holds other
+            entries (named).
+    """
+    target = Path(path)
+    if not target.is_dir():
+        return
+    if Path.cwd().resolve().is_relative_to(target.resolve()):
+        raise ValueError(f"{target}: cannot replace the working directory; name a new folder")
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in own_files)
+    if foreign:
+        raise ValueError(
+            f"{target} holds files that are not {what} ({foreign[:5]}); it would be replaced "
+            "as a whole: save into a new or empty folder"
+        )

@@ -127,3 +127,37 @@ def test_route_rows_refuses_merged_adapters(tiny_llama, tokens):
     lv.merge(tiny_llama)
     with pytest.raises(ValueError, match="merged"), lv.route_rows({"a": slice(0, 1)}):
         tiny_llama(tokens)
+
+
+def test_unknown_adapter_name_is_an_error_everywhere(tiny_llama):
+    lv.attach(tiny_llama, LoRAConfig(), name="a")
+    for call in (
+        lv.merge,
+        lv.unmerge,
+        lv.aux_loss,
+        lambda m, name: lv.on_step_end(m, 1, name=name),
+    ):
+        with pytest.raises(ValueError, match="no adapter named 'typo'"):
+            call(tiny_llama, name="typo")
+
+
+def test_non_linear_targets_get_a_clear_error():
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.add_module("c_attn", Conv1D(12, 4))
+    with pytest.raises(ValueError, match=r"not nn\.Linear.*Conv1D"):
+        lv.attach(model, LoRAConfig(target_modules=["c_attn"]))
+
+
+@pytest.mark.parametrize(
+    "field, value", [("alpha", float("nan")), ("dropout", float("nan")), ("alpha", float("inf"))]
+)
+def test_non_finite_config_values_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        LoRAConfig(**{field: value})
+
+
+def test_null_patterns_mean_no_overrides():
+    config = LoRAConfig.from_dict({"variant": "lora", "rank_pattern": None, "alpha_pattern": None})
+    assert config.rank_pattern == {} and config.alpha_pattern == {}

@@ -149,3 +149,86 @@ def test_native_read_factors_match_layers(tmp_path, trained):
     for path, layer in lv.adapter_layers(model).items():
         B, A = factors[path]
         assert_close(B @ A, layer.delta_weight())
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_load_into_a_merged_adapter_swaps_the_merged_delta(tmp_path, tokens, trained):
+    model, ref = trained
+    lv.save_adapter(model, tmp_path / "a")
+    target = make_tiny_llama()
+    base = _snapshot(target)
+    lv.attach(target, LoRAConfig(r=4, alpha=8, init="random", target_modules=["q_proj", "v_proj"]))
+    lv.merge(target)
+    lv.load_adapter(target, tmp_path / "a")  # merged stays merged, now with the loaded delta
+    assert_close(target(tokens).logits, ref, rtol=1e-5, atol=1e-5)
+    lv.unmerge(target)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert_close(
+        target.model.layers[0].self_attn.q_proj.base_layer.weight, base[q], atol=1e-6, rtol=0
+    )
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path, tokens, trained):
+    model, _ = trained  # LoRA on 2 layers + a modified, trainable final norm
+    lv.save_adapter(model, tmp_path / "a")
+    # a 3-layer model: layers 0-1 and the norm fit, layer 2 has no tensors in the file
+    deeper = make_tiny_llama(num_hidden_layers=3)
+    before = _snapshot(deeper)
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        lv.load_adapter(deeper, tmp_path / "a")
+    assert lv.adapter_names(deeper) == [] and lv.extra_trainable_modules(deeper) == []
+    after = deeper.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # an adapter that was attached keeps its own weights
+    other = lv.attach(
+        make_tiny_llama(num_hidden_layers=3),
+        LoRAConfig(r=4, alpha=8, init="random", target_modules=["q_proj", "v_proj"]),
+    )
+    before = _snapshot(other)
+    with pytest.raises(ValueError):
+        lv.load_adapter(other, tmp_path / "a", name="default")
+    assert all(torch.equal(other.state_dict()[k], before[k]) for k in before)
+
+
+def test_nested_modules_to_save_round_trip(tmp_path, tokens):
+    model = make_tiny_llama()
+    lv.attach(model, LoRAConfig(r=2, init="random", target_modules=["q_proj"]))
+    lv.mark_trainable(model, ["model.layers.1.mlp"])
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(2.0)
+    ref = model(tokens).logits
+    for fmt in ("peft", "native"):
+        lv.save_adapter(model, tmp_path / fmt, format=fmt)
+        fresh = lv.load_adapter(make_tiny_llama(), tmp_path / fmt)
+        assert_close(fresh(tokens).logits, ref, rtol=0, atol=0)
+
+
+def test_save_never_replaces_a_folder_of_other_files(tmp_path, trained, monkeypatch):
+    model, _ = trained
+    mine = tmp_path / "outputs"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        lv.save_adapter(model, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    monkeypatch.chdir(mine)
+    with pytest.raises(ValueError, match="working directory"):
+        lv.save_adapter(model, ".")
+    lv.save_adapter(model, tmp_path / "a")
+    lv.save_adapter(model, tmp_path / "a", format="peft")  # an adapter folder is replaced
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_loading_a_file_with_another_alpha_into_an_attached_adapter_is_refused(tmp_path, trained):
+    model, _ = trained
+    lv.save_adapter(model, tmp_path / "a")  # alpha 8
+    other = lv.attach(make_tiny_llama(), LoRAConfig(r=4, alpha=16, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"alpha=8.*alpha=16"):
+        lv.load_adapter(other, tmp_path / "a", name="default")

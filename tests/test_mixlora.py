@@ -404,3 +404,70 @@ def test_route_rows_with_another_adapter(tokens):
     assert_close(fused[:1], model(tokens[:1]).logits, atol=1e-5, rtol=1e-5)
     lv.set_active_adapters(model, ["multi"])
     assert_close(fused[1:], model(tokens[1:]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_inside_a_mixlora_ffn_is_refused():
+    """The FFN's projections are inside MixLoRA's host: in either attach order, a clear error."""
+    from loravariants.adapters.lora import LoRAConfig
+
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=2, top_k=1), name="mix")
+    with pytest.raises(ValueError, match="inside a module another adapter already wraps"):
+        lv.attach(model, LoRAConfig(target_modules=["q_proj", "down_proj"]), name="lora")
+    assert lv.adapter_names(model) == ["mix"]
+    lv.attach(model, LoRAConfig(target_modules=["q_proj"]), name="lora")  # attention is fine
+
+
+def test_no_stale_balance_loss_when_mixlora_did_not_run(tokens):
+    from loravariants.adapters.lora import LoRAConfig
+
+    model = make_tiny_llama().train()
+    lv.attach(model, MixLoRAConfig(num_experts=4, top_k=2), name="mix")
+    lv.attach(model, LoRAConfig(target_modules=["q_proj"]), name="lora")
+    model(tokens)
+    assert lv.aux_loss(model).grad_fn is not None
+    lv.set_active_adapters(model, ["lora"])
+    loss = model(tokens, labels=tokens).loss + lv.aux_loss(model)
+    assert float(lv.aux_loss(model)) == 0.0
+    loss.backward()  # no "backward through the graph a second time"
+    lv.set_active_adapters(model, None)
+    with lv.route_rows({"lora": slice(0, 2)}):
+        model(tokens)
+    assert float(lv.aux_loss(model)) == 0.0
+
+
+def test_ffn_only_mixlora_without_attention_lora(tokens, tmp_path):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=2, top_k=1, target_modules=[]))
+    assert all(isinstance(layer, MixLoRAFFN) for layer in lv.adapter_layers(model).values())
+    _randomise(model)
+    ref = model(tokens).logits
+    save_mixlora(model, tmp_path / "m")
+    fresh = load_mixlora(make_tiny_llama(), tmp_path / "m")
+    assert lv.adapter_config(fresh).target_modules == []
+    assert_close(fresh(tokens).logits, ref, rtol=0, atol=0)
+    meta = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert meta["loravariants_version"] == lv.__version__
+
+
+def test_mixlora_load_into_merged_adapter_and_failed_load(tokens, tmp_path):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=2, top_k=1))
+    _randomise(model)
+    ref = model(tokens).logits
+    save_mixlora(model, tmp_path / "m")
+    target = make_tiny_llama()
+    lv.attach(target, MixLoRAConfig(num_experts=2, top_k=1))
+    _randomise(target, seed=5)
+    lv.merge(target, skip_unmergeable=True)  # the attention LoRA is merged
+    load_mixlora(target, tmp_path / "m")
+    assert_close(target(tokens).logits, ref, rtol=1e-5, atol=1e-5)
+    lv.unmerge(target)
+    assert_close(target(tokens).logits, ref, rtol=1e-5, atol=1e-5)
+    # a 3-layer model: layer 2 has no tensors in the file; nothing may stay changed
+    deeper = make_tiny_llama(num_hidden_layers=3)
+    before = {k: v.clone() for k, v in deeper.state_dict().items()}
+    with pytest.raises(ValueError, match="missing tensor"):
+        load_mixlora(deeper, tmp_path / "m")
+    assert lv.adapter_names(deeper) == []
+    assert all(torch.equal(deeper.state_dict()[k], v) for k, v in before.items())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ def check_range(
     allowed = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
         raise ValueError(f"{name} must be {kind} in {allowed}, got {value!r}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
@@ -114,11 +115,18 @@ class AdapterConfig:
     """
 
     variant: ClassVar[str] = ""
+    # a variant that wraps more than target_modules (MixLoRA: the FFN) may take an empty list
+    empty_targets_ok: ClassVar[bool] = False
+    # fields that change the adapter's output but show in no tensor shape: loading a file
+    # into an attached adapter requires them to agree (io.check_same_output_fields)
+    output_fields: ClassVar[tuple[str, ...]] = ()
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:
         tm = self.target_modules
-        if isinstance(tm, str):
+        if isinstance(tm, (list, tuple)) and not tm and self.empty_targets_ok:
+            self.target_modules = []
+        elif isinstance(tm, str):
             try:
                 re.compile(tm)
             except re.error as e:
@@ -191,17 +199,29 @@ def iter_frozen_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` for every module of the *original* model.
 
     A module replaced by an :class:`AdapterHost` is reported under the host's name (the name it
-    had before wrapping), and the adapters' own submodules are skipped.
+    had before wrapping); the adapters' own submodules and the submodules of a hosted module
+    (the projections inside a MixLoRA-wrapped FFN) are skipped: they cannot carry adapters of
+    their own (see :func:`modules_inside_hosts`).
     """
     hosts: list[str] = []
     for path, module in model.named_modules():
-        if any(path.startswith(h + ".adapters") or path == h + ".base_layer" for h in hosts):
+        if any(path.startswith(h + ".") for h in hosts):
             continue
         if isinstance(module, AdapterHost):
             hosts.append(path)
             yield path, module.base_layer
         else:
             yield path, module
+
+
+def modules_inside_hosts(model: nn.Module) -> list[str]:
+    """Original names of the submodules of wrapped modules (``"model.layers.0.mlp.down_proj"``
+    inside a MixLoRA-wrapped ``mlp``): :func:`iter_frozen_modules` hides them."""
+    out = []
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterHost):
+            out += [f"{path}.{sub}" for sub, _ in module.base_layer.named_modules() if sub]
+    return out
 
 
 class AdapterLayer(nn.Module):
@@ -336,6 +356,11 @@ class AdapterLayer(nn.Module):
         """
         self.shares_base = shared
 
+    def on_skipped_forward(self) -> None:
+        """Called when a forward of its module ran without this layer (inactive, merged, or no
+        rows routed to it). A no-op by default; MixLoRA drops its balance loss, so
+        ``aux_loss`` never hands back a loss from an older forward's graph."""
+
     def on_detach(self) -> None:
         """Called by ``lv.detach`` after unmerging, before the layer is dropped.
 
@@ -363,7 +388,12 @@ class AdapterLayer(nn.Module):
                 raise ValueError(
                     f"{key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}"
                 )
+        merged = self.merged  # the merged delta is the old one: take it out, put the new one in
+        if merged:
+            self.unmerge()
         self.load_state_dict(dict(state))
+        if merged:
+            self.merge()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +452,11 @@ class AdapterHost(nn.Module):
                 f"adapters {merged} are merged into the weights; unmerge to route rows"
             )
         running = self._running()
+        if rows_of is not None:
+            running = [n for n in running if n in rows_of]
+        for name, layer in self.adapters.items():
+            if name not in running:
+                layer.on_skipped_forward()
         if not running or args or kwargs:
             if running and (args or kwargs):
                 raise TypeError("adapter hosts take one input tensor")

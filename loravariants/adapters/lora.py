@@ -55,6 +55,7 @@ class LoRAConfig(AdapterConfig):
     """
 
     variant: ClassVar[str] = "lora"
+    output_fields: ClassVar[tuple[str, ...]] = ("alpha", "use_rslora", "alpha_pattern")
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -72,6 +73,12 @@ class LoRAConfig(AdapterConfig):
             raise ValueError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in LORA_INITS:
             raise ValueError(f"init must be one of {list(LORA_INITS)}, got {self.init!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if pattern is None:  # `rank_pattern: null` in YAML: no overrides
+                setattr(self, name, {})
+            elif not isinstance(pattern, dict):
+                raise ValueError(f"{name} must be a mapping module name -> value, got {pattern!r}")
         for key, value in self.rank_pattern.items():
             check_range(f"rank_pattern[{key!r}]", value, low=1, integer=True)
         for key, value in self.alpha_pattern.items():

@@ -77,12 +77,15 @@ class MixLoRAConfig(AdapterConfig):
         router_init_range: std of the router's normal init, > 0. Default 0.02.
         jitter_noise: eps of the multiplicative U(1-eps, 1+eps) noise on the router input,
             training only, in [0, 1). Default 0.
-        target_modules: attention projections given one plain LoRA. Default q, k, v, o.
+        target_modules: attention projections given one plain LoRA. Default q, k, v, o;
+            ``[]`` = no attention LoRA, FFN experts only.
         ffn_projections: FFN projections given per-expert LoRA, a non-empty subset of
             ``gate_proj, up_proj, down_proj``. Default all three.
     """
 
     variant: ClassVar[str] = "mixlora"
+    empty_targets_ok: ClassVar[bool] = True
+    output_fields: ClassVar[tuple[str, ...]] = ("alpha", "expert_lora_alpha", "top_k")
     target_modules: list[str] | str = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -414,6 +417,9 @@ class MixLoRAFFN(AdapterLayer):
     def aux_loss(self) -> torch.Tensor | None:
         """``coef · E · sum_i f_i P_i / (number of MixLoRA layers)`` from the last forward."""
         return self._aux
+
+    def on_skipped_forward(self) -> None:
+        self._aux = None  # the last forward did not route through this adapter
 
     def router_stats(self) -> dict[str, Any] | None:
         """Routing of the last forward: ``{"tokens_per_expert": (E,) long, "num_tokens": T}``.

@@ -57,6 +57,7 @@ class MultiLoRAConfig(AdapterConfig):
     """
 
     variant: ClassVar[str] = "multilora"
+    output_fields: ClassVar[tuple[str, ...]] = ("alpha",)
     num_branches: int = 4
     r: int = 8
     alpha: float = 16.0
