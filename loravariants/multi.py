@@ -34,7 +34,15 @@ from tqdm.auto import tqdm
 from .adapters.base import route_rows
 from .inject import adapter_config, adapter_names, aux_loss, extra_trainable_modules, iter_adapters
 from .inject import on_step_end as run_step_end_hooks
-from .train import TrainConfig, TrainingDiverged, TrainResult, _collate, global_rows, lr_factor
+from .train import (
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    _collate,
+    global_rows,
+    label_tokens,
+    lr_factor,
+)
 
 __all__ = ["Job", "train_concurrent", "causal_lm_loss"]
 
@@ -58,6 +66,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def _micro_rows(job: Job, step: int, micro: int, grad_accum: int) -> list[int]:
+    """The dataset rows of one job's micro-batch (the order `train` would use)."""
+    bs = job.config.batch_size
+    start = (step * grad_accum + micro) * bs
+    return global_rows(len(job.dataset), job.config.seed, start, bs)
 
 
 def _job_params(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -139,14 +154,22 @@ def train_concurrent(
         running = [job for job in jobs if step < job.config.max_steps]
         losses = {job.adapter: 0.0 for job in running}
         auxes = {job.adapter: 0.0 for job in running}
+        # each job's loss is the mean over all label tokens of its step (as in `train`)
+        step_tokens = {
+            job.adapter: max(
+                sum(
+                    label_tokens(job.dataset, _micro_rows(job, step, m, grad_accum))
+                    for m in range(grad_accum)
+                ),
+                1,
+            )
+            for job in running
+        }
         for micro in range(grad_accum):
             batches, rows_of, offset = [], {}, 0
             for job in running:
                 bs = job.config.batch_size
-                start = (step * grad_accum + micro) * bs
-                batch = _collate(
-                    job.dataset, global_rows(len(job.dataset), job.config.seed, start, bs)
-                )
+                batch = _collate(job.dataset, _micro_rows(job, step, micro, grad_accum))
                 batches.append(batch)
                 rows_of[job.adapter] = slice(offset, offset + bs)
                 offset += bs
@@ -157,12 +180,18 @@ def train_concurrent(
             total = torch.zeros((), device=device)
             for job in running:
                 rows = rows_of[job.adapter]
-                lm = causal_lm_loss(logits[rows], labels[rows])
+                n_micro = int((labels[rows][:, 1:] != -100).sum())
+                lm = (
+                    causal_lm_loss(logits[rows], labels[rows])
+                    if n_micro
+                    else logits[rows].float().sum() * 0.0  # no label token: 0, not 0/0
+                )
+                lm_part = lm * (n_micro / step_tokens[job.adapter])
                 aux = aux_loss(model, job.adapter).to(device)
-                total = total + (lm + aux) / grad_accum
-                losses[job.adapter] += lm.item() / grad_accum
+                total = total + lm_part + aux / grad_accum
+                losses[job.adapter] += lm_part.item()
                 auxes[job.adapter] += aux.item() / grad_accum
-                state[job.adapter]["result"].tokens += int((labels[rows][:, 1:] != -100).sum())
+                state[job.adapter]["result"].tokens += n_micro
             total.backward()
         for job in running:
             s, cfg = state[job.adapter], job.config
@@ -173,11 +202,11 @@ def train_concurrent(
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(s["params"], cfg.max_grad_norm)
             s["opt"].step()
-            s["sched"].step()
             s["opt"].zero_grad(set_to_none=True)
             reset = run_step_end_hooks(model, step + 1, s["opt"], name=job.adapter)
             if reset and s["restart_lr"]:
                 s["cycle"]["start"] = step + 1
+            s["sched"].step()  # after the hooks, as in `train`
             s["result"].losses.append(losses[job.adapter])
             s["result"].aux_losses.append(auxes[job.adapter])
             s["result"].steps = step + 1

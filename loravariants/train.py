@@ -166,6 +166,11 @@ def global_rows(n: int, seed: int, start: int, count: int) -> list[int]:
     return rows
 
 
+def label_tokens(dataset, rows: Sequence[int]) -> int:
+    """Tokens scored by the causal-LM loss in ``rows``: labels after the first, not -100."""
+    return sum(int((torch.as_tensor(dataset[i]["labels"])[1:] != -100).sum()) for i in rows)
+
+
 def _collate(dataset, rows: Sequence[int]) -> dict[str, torch.Tensor]:
     items = [dataset[i] for i in rows]
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
@@ -209,7 +214,9 @@ def train(
             ``attention_mask`` ``(n,)``.
         config: budget and optimisation settings.
         output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: nothing written).
-        resume: continue from the newest checkpoint in ``output_dir`` when there is one.
+        resume: continue from the newest checkpoint in ``output_dir`` when there is one (it
+            must have been written with the same settings, ``max_steps`` and bookkeeping
+            aside); ``False`` starts over and deletes that directory's old checkpoints.
         progress: show a tqdm bar (main process only).
 
     Returns:
@@ -256,8 +263,14 @@ def train(
     result = TrainResult()
     start_step = 0
     if out is not None and resume:
-        start_step = _resume(out, inner, optimizer, scheduler, cycle, result, rank)
+        start_step = _resume(out, inner, optimizer, scheduler, cycle, result, rank, config, world)
         result.resumed_from = start_step or None
+        result.steps = start_step
+    elif out is not None and accelerator.is_main_process:
+        # a fresh run: an older run's checkpoints would otherwise outlive ours in the rotation
+        # and be what the next resume picks up
+        shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)
+    accelerator.wait_for_everyone()
 
     micro_rows = config.batch_size * world  # rows per micro-batch over all processes
     per_step = micro_rows * config.grad_accum
@@ -279,6 +292,10 @@ def train(
     run_tokens = 0
     for step in range(start_step, config.max_steps):
         rows = global_rows(len(dataset), config.seed, step * per_step, per_step)
+        # The step's loss is the mean over all its label tokens (every micro-batch, every
+        # process), as one big batch would give, also when rows hold different numbers of
+        # label tokens (SFT with masked prompts): micro-batch i weighs n_i / N.
+        step_label_tokens = max(label_tokens(dataset, rows), 1)
         lm_total = torch.zeros((), device=accelerator.device)
         aux_total = torch.zeros((), device=accelerator.device)
         step_tokens = 0
@@ -288,17 +305,23 @@ def train(
                 dataset, chunk[rank * config.batch_size : (rank + 1) * config.batch_size]
             )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            step_tokens += int((batch["labels"][:, 1:] != -100).sum())
+            n_micro = int((batch["labels"][:, 1:] != -100).sum())
+            step_tokens += n_micro
             last = micro == config.grad_accum - 1
             # Gradient all-reduce only on the last micro-batch: the others accumulate locally.
             sync = accelerator.no_sync(model) if (world > 1 and not last) else _null()
             with sync, accelerator.autocast():
-                lm = model(**batch).loss
+                output = model(**batch)
+                # no label token here: the mean loss is 0/0; a zero that still reaches every
+                # parameter (DDP expects each process's backward)
+                lm = output.loss if n_micro else output.logits.float().sum() * 0.0
                 aux = adapters_aux_loss(inner).to(lm.device)
-                accelerator.backward((lm + aux) / config.grad_accum)
-            lm_total += lm.detach() / config.grad_accum
+                # DDP averages gradients over processes: hence the factor `world`
+                lm_part = lm * (n_micro / step_label_tokens)
+                accelerator.backward(lm_part * world + aux / config.grad_accum)
+            lm_total += lm_part.detach()
             aux_total += aux.detach() / config.grad_accum
-        lm_mean = accelerator.reduce(lm_total, reduction="mean").item()
+        lm_mean = accelerator.reduce(lm_total, reduction="sum").item()
         aux_mean = accelerator.reduce(aux_total, reduction="mean").item()
         if not math.isfinite(lm_mean) or not math.isfinite(aux_mean):
             bar.close()
@@ -310,11 +333,12 @@ def train(
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         reset = on_step_end(inner, step + 1, optimizer)
         if reset and restart_lr:
             cycle["start"] = step + 1
+        # after the hooks: a COLA restart at this step must set the next step's LR already
+        scheduler.step()
 
         tokens = int(
             accelerator.reduce(
@@ -434,6 +458,7 @@ def _save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, conf
                     "aux_losses": result.aux_losses,
                     "tokens": result.tokens,
                     "config": asdict(config),
+                    "world": accelerator.num_processes,
                 },
                 tmp / "trainer_state.pt",
             )
@@ -446,13 +471,30 @@ def _save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, conf
     accelerator.wait_for_everyone()
 
 
-def _resume(out, model, optimizer, scheduler, cycle, result, rank) -> int:
+# may change between a run and its resumption (a longer budget, other bookkeeping)
+_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every"}
+
+
+def _resume(out, model, optimizer, scheduler, cycle, result, rank, config, world) -> int:
     from .io import load_adapter
 
     ckpt = _latest_checkpoint(out)
     if ckpt is None:
         return 0
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    saved = {**state.get("config", {}), "processes": state.get("world", world)}
+    now = {**asdict(config), "processes": world}
+    differ = [
+        f"{k}: {_plain(saved.get(k))} -> {_plain(v)}"
+        for k, v in now.items()
+        if k not in _RESUMABLE_CHANGES and _plain(saved.get(k)) != _plain(v)
+    ]
+    if differ:
+        raise ValueError(
+            f"{ckpt}: cannot resume, the run was started with other settings "
+            f"({'; '.join(differ)}); use another output directory, or resume=False to start "
+            "over (deletes its checkpoints)"
+        )
     for name in adapter_names(model):
         load_adapter(model, ckpt / "adapters" / name, name=name)
     optimizer.load_state_dict(state["optimizer"])
@@ -465,6 +507,10 @@ def _resume(out, model, optimizer, scheduler, cycle, result, rank) -> int:
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return int(state["step"])
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _truncate_metrics(file: Path, keep_until_step: int) -> None:

@@ -19,10 +19,20 @@ from loravariants.adapters import LoRAConfig  # noqa: E402
 from loravariants.train import TrainConfig, train  # noqa: E402
 
 
-def random_blocks(n: int = 32, length: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def random_blocks(
+    n: int = 32, length: int = 16, seed: int = 0, masked: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Random token rows; ``masked``: each row's labels start after a random prompt (SFT-like),
+    so rows hold different numbers of label tokens."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 128, (n, length), generator=g)
-    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+    prompts = torch.randint(0, length - 2, (n,), generator=g) if masked else torch.zeros(n)
+    blocks = []
+    for row, prompt in zip(ids, prompts.tolist(), strict=True):
+        labels = row.clone()
+        labels[: int(prompt)] = -100
+        blocks.append({"input_ids": row, "labels": labels})
+    return blocks
 
 
 def main() -> None:
@@ -32,7 +42,9 @@ def main() -> None:
     # the single-process run bit for bit (up to the all-reduce's summation order)
     model = lv.attach(make_tiny_llama(), LoRAConfig(r=4, dropout=0.0))
     config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-2, warmup_steps=0, seed=3)
-    result = train(model, random_blocks(), config, progress=False)
+    # masked prompts: rows hold different numbers of label tokens, so equality with one
+    # process needs the loss averaged over the global step's tokens
+    result = train(model, random_blocks(masked=True), config, progress=False)
     rank = int(os.environ.get("RANK", 0))
     os.makedirs(out, exist_ok=True)
     if rank == 0:

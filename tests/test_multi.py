@@ -68,16 +68,23 @@ def test_concurrent_losses_equal_sequential_runs():
     configs = {
         "a": (
             LoRAConfig(r=4, init="kaiming"),
-            TrainConfig(max_steps=4, batch_size=2, lr=1e-2, warmup_steps=1, seed=1),
+            TrainConfig(max_steps=4, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=1, seed=1),
         ),
         "b": (
             LoRAConfig(r=2, target_modules=["k_proj"]),
             TrainConfig(
-                max_steps=3, batch_size=3, lr=5e-3, warmup_steps=0, seed=2, schedule="cosine"
+                max_steps=3,
+                batch_size=3,
+                grad_accum=2,
+                lr=5e-3,
+                warmup_steps=0,
+                seed=2,
+                schedule="cosine",
             ),
         ),
     }
-    data = {"a": random_blocks(seed=5), "b": random_blocks(seed=6)}
+    # masked prompts and 2 micro-batches: both loops weigh micro-batches by label tokens
+    data = {"a": random_blocks(seed=5, masked=True), "b": random_blocks(seed=6, masked=True)}
     together = make_tiny_llama()
     for name, (adapter, _) in configs.items():
         lv.attach(together, adapter, name=name)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from _train_script import random_blocks
 from conftest import make_tiny_llama
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.testing import assert_close
 
 import loravariants as lv
@@ -113,6 +114,62 @@ def test_grad_accumulation_equals_larger_batch():
     l1 = train(m1, random_blocks(), big, progress=False).losses
     l2 = train(m2, random_blocks(), small, progress=False).losses
     assert_close(torch.tensor(l1), torch.tensor(l2), atol=1e-5, rtol=1e-5)
+
+
+def test_grad_accumulation_weighs_label_tokens_not_micro_batches():
+    """Rows with different numbers of label tokens (masked prompts): 4x1, 2x2 and 1x4 rows per
+    step give the same losses and weights, as one batch of 4 would."""
+    data = random_blocks(masked=True)
+    counts = {int((b["labels"][1:] != -100).sum()) for b in data[:8]}
+    assert len(counts) > 2  # the test needs uneven rows
+    runs = []
+    for batch_size, accum in ((4, 1), (2, 2), (1, 4)):
+        model = lv.attach(make_tiny_llama(), LoRAConfig(r=4, init="random"))
+        config = TrainConfig(
+            max_steps=3, batch_size=batch_size, grad_accum=accum, lr=1e-2, warmup_steps=0
+        )
+        result = train(model, data, config, progress=False)
+        runs.append((result.losses, lv.adapter_layers(model)))
+    for losses, layers in runs[1:]:
+        assert_close(torch.tensor(losses), torch.tensor(runs[0][0]), atol=1e-5, rtol=1e-5)
+        for path, layer in layers.items():
+            assert_close(layer.lora_B, runs[0][1][path].lora_B, atol=1e-5, rtol=1e-4)
+
+
+def test_cola_lr_schedule_restarts_on_the_new_links_first_step():
+    from loravariants.adapters import COLAConfig
+
+    used = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"])
+    )
+    try:
+        model = lv.attach(make_tiny_llama(), COLAConfig(r=2, knots=[4], restart_lr_schedule=True))
+        config = TrainConfig(max_steps=8, batch_size=2, lr=0.3, warmup_steps=3)
+        train(model, random_blocks(), config, progress=False)
+    finally:
+        hook.remove()
+    expected = [0.1, 0.2, 0.3, 0.3, 0.1, 0.2, 0.3, 0.3]  # warm-up again from step 5
+    assert_close(torch.tensor(used), torch.tensor(expected))
+
+
+def test_fresh_run_drops_old_checkpoints_and_resume_checks_settings(tmp_path):
+    def run(seed, steps=4, resume=True):
+        config = TrainConfig(max_steps=steps, batch_size=2, warmup_steps=0, save_every=1, seed=seed)
+        return train(
+            _model(), random_blocks(), config, output_dir=tmp_path, resume=resume, progress=False
+        )
+
+    run(seed=0)
+    with pytest.raises(ValueError, match=r"cannot resume.*seed: 0 -> 1"):
+        run(seed=1)
+    run(seed=1, steps=2, resume=False)  # starts over: the seed-0 checkpoints are gone
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-0000001", "step-0000002"]
+    finished = run(seed=1, steps=2)  # nothing left to do
+    assert finished.resumed_from == 2 and finished.steps == 2 and len(finished.losses) == 2
+    longer = run(seed=1, steps=3)  # a larger budget may resume
+    assert longer.resumed_from == 2 and longer.steps == 3
 
 
 def test_lr_schedule_shapes():

@@ -178,7 +178,9 @@ def _segment_mask(
         )
         # (b, L, L, m): the diagonal blocks, one per group
         diag = torch.diagonal(block, dim1=1, dim2=3).permute(0, 3, 1, 2)
-        return diag.reshape(batch * num_groups, 1, length, length)
+        # a user mask is intersected with causality (and the groups), as the eager path does
+        causal = torch.ones(length, length, dtype=torch.bool, device=full_mask.device).tril()
+        return diag.reshape(batch * num_groups, 1, length, length) & causal
     return None
 
 
@@ -481,9 +483,11 @@ def s2_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function ``"s2_attn"`` (see ``AttentionInterface``).
 
-    S2-Attn while ``module.training`` on a full causal prefill whose length is at least one
-    group; otherwise (eval, KV cache with shorter queries, short inputs, non-causal modules)
-    it is exactly transformers' SDPA attention, so evaluation and generation are unchanged.
+    S2-Attn while training (``module.training`` and gradients enabled) on a full causal
+    prefill whose length is at least one group; otherwise (eval, ``torch.no_grad()`` such as
+    ``generate()`` on a model left in train mode, KV cache with shorter queries, short inputs,
+    non-causal modules) it is exactly transformers' SDPA attention, so evaluation and
+    generation are unchanged.
     The mask it receives is transformers' SDPA mask (registered for ``"s2_attn"`` too): None
     without padding, else a boolean (b, 1, n, n) mask whose group-diagonal blocks are used.
 
@@ -507,7 +511,8 @@ def s2_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     config = getattr(module, "config", None)
     group_size = group_size_for(config, q_len)
-    if not module.training or not causal or q_len != kv_len or q_len < group_size:
+    training = module.training and torch.is_grad_enabled()
+    if not training or not causal or q_len != kv_len or q_len < group_size:
         return sdpa_attention_forward(
             module,
             query,
