@@ -347,6 +347,11 @@ def build_base_model(
     path = base_model_path(config, cache_dir)
     if (path / "build_info.json").is_file() and not force:
         return path
+    # fail before minutes of pretraining, not when saving its result
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the base-model cache folder {path.parent} ({e})") from e
     model, tokenizer, info = pretrain(config, progress)
     import transformers
 

@@ -48,7 +48,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _print_summary(out) -> None:
+def _print_summary(out) -> int:
     import json
     from pathlib import Path
 
@@ -60,6 +60,7 @@ def _print_summary(out) -> None:
     print(f"\nreport: {report}")
     if failed:
         print(f"{len(failed)} run(s) failed; see the table and runs/*/error.txt")
+    return 1 if failed else 0  # the exit status: a failed run must not look like success
 
 
 def compare_main(argv: Sequence[str]) -> int:
@@ -74,8 +75,7 @@ def compare_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     config = load_experiment(args.config, args.overrides)
     out = compare(config, progress=not args.quiet)
-    _print_summary(out)
-    return 0
+    return _print_summary(out)
 
 
 QUICK_OVERRIDES = [
@@ -114,7 +114,7 @@ def quickstart_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a tiny budget (one seed, 3 steps): an end-to-end check, ~2 min",
+        help="a tiny budget (one seed, 3 steps, a tiny base): an end-to-end check, ~30 s",
     )
     parser.add_argument("--output", default=None, help="output folder (default runs/quickstart)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -131,8 +131,7 @@ def quickstart_main(argv: Sequence[str]) -> int:
     if args.quick and not args.output:
         config.output_dir = "runs/quickstart-quick"
     out = compare(config, progress=not args.quiet)
-    _print_summary(out)
-    return 0
+    return _print_summary(out)
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -146,7 +145,7 @@ def train_main(argv: Sequence[str]) -> int:
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("--run", default=None, help="row name (default: the first trained row)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: the first)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
     args = parser.parse_args(argv)
     config = load_experiment(args.config, args.overrides)
@@ -155,11 +154,19 @@ def train_main(argv: Sequence[str]) -> int:
         raise ValueError(
             f"no run named {args.run!r} in {args.config}; rows: {[r.name for r in config.runs]}"
         )
+    if not rows[0].trains:
+        raise ValueError(f"row {rows[0].name!r} trains nothing (adapter: none); use eval")
     seed = config.seeds[0] if args.seed is None else args.seed
-    config = replace(config, runs=rows[:1], seeds=[seed])
-    out = compare(config, progress=not args.quiet)
-    print(f"adapter: {out}/runs/{rows[0].name}/seed{seed}/adapter")
+    if seed not in config.seeds:
+        config = replace(config, seeds=[*config.seeds, seed])
+    # the run lands in the experiment's folder, and the report keeps covering every row
+    out = compare(config, progress=not args.quiet, only=[(rows[0].name, seed)])
     _print_summary(out)
+    run_dir = out / "runs" / rows[0].name / f"seed{seed}"
+    if not (run_dir / "adapter").is_dir():
+        print(f"the run failed; see {run_dir / 'error.txt'}", file=sys.stderr)
+        return 1
+    print(f"adapter: {run_dir / 'adapter'}")
     return 0
 
 
@@ -267,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(func(rest) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # a missing, unreadable or misplaced file or folder
         print(f"loravariants {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

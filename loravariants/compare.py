@@ -201,8 +201,6 @@ def _attach_row(
 ) -> dict[str, Any]:
     """Attach the row's adapter under ``name``; its parameter counts for the record."""
     adapter = load_adapter_spec(row.adapter, overrides, config.spec_dir)
-    if hasattr(adapter, "total_steps") and adapter.total_steps is None:
-        adapter.total_steps = config.train.max_steps  # COLA: knots spread over the run
     attach(model, adapter, name=name)
     adapter_params = sum(
         p.numel() for _, _, layer in iter_adapters(model, name) for p in layer.parameters()
@@ -318,15 +316,7 @@ def _run_concurrent(
     from .io import save_adapter
     from .multi import Job, train_concurrent
 
-    shared = {(r.extend_context, r.attention or config.context.attention) for r in rows}
-    if len(shared) > 1:
-        raise ValueError("concurrent: all trained rows must share extend_context and attention")
-    bad = [r.name for r in rows if r.trainable]
-    if bad:
-        raise ValueError(
-            f"concurrent: rows {bad} train embeddings/norms, which one frozen base "
-            "cannot share; drop `trainable` or set concurrent: false"
-        )
+    # (rows that cannot share one base are refused when the config is built)
     model, common = _prepare_model(config, rows[0], seed, env)
     names = {row.name: f"row{i}" for i, row in enumerate(rows)}
     records = {
@@ -426,6 +416,39 @@ def run_key(row: RunSpec, seed: int) -> str:
     return f"{row.name}/seed{seed}"
 
 
+# may differ between a comparison and its resumption: more seeds or rows, another folder
+_RESUMABLE_KEYS = {"seeds", "runs", "output_dir", "spec_dir"}
+
+
+def _check_same_experiment(out: Path, config: ExperimentConfig) -> None:
+    """Finished runs are reused only by the experiment that made them.
+
+    A rerun may add seeds or rows; any other change (budget, data, base model, a row's
+    adapter or overrides) would silently mix runs of two experiments in one table.
+
+    Raises:
+        ValueError: naming the first differences.
+    """
+    saved = json.loads((out / "results.json").read_text()).get("config") or {}
+    now = _config_dict(config)
+    differ = [
+        f"{k}: {json.dumps(saved.get(k))} -> {json.dumps(v)}"
+        for k, v in now.items()
+        if k not in _RESUMABLE_KEYS and saved.get(k) != v
+    ]
+    saved_rows = {r.get("name"): r for r in saved.get("runs") or []}
+    differ += [
+        f"runs[{r['name']}] changed"
+        for r in now["runs"]
+        if r["name"] in saved_rows and saved_rows[r["name"]] != r
+    ]
+    if differ:
+        raise ValueError(
+            f"{out} holds results of a different experiment ({'; '.join(differ[:3])}); "
+            "choose another output_dir, or move that folder away to start over"
+        )
+
+
 def _load_results(out: Path) -> dict[str, dict[str, Any]]:
     file = out / "results.json"
     if not file.is_file():
@@ -474,14 +497,26 @@ def compare(
     progress: bool = True,
     log: Callable[[str], None] = print,
     env: dict[str, Any] | None = None,
+    only: list[tuple[str, int]] | None = None,
 ) -> Path:
     """Run (or resume) the comparison; write results and the report after every run.
+
+    Args:
+        config: the experiment.
+        progress: tqdm bars (also transformers' own).
+        log: where one-line progress messages go.
+        env: a prepared environment (tests); default: load the base model and data.
+        only: run just these ``(row name, seed)`` pairs (``loravariants train``); the report
+            still covers the whole experiment.
+
+    Raises:
+        ValueError: ``output_dir`` holds results of a different experiment, or is a file.
 
     Returns:
         The output directory.
     """
     with _transformers_progress_bars(progress):
-        return _compare(config, progress, log, env)
+        return _compare(config, progress, log, env, only)
 
 
 @contextlib.contextmanager
@@ -504,12 +539,19 @@ def _compare(
     progress: bool,
     log: Callable[[str], None],
     env: dict[str, Any] | None,
+    only: list[tuple[str, int]] | None,
 ) -> Path:
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise ValueError(f"output_dir {out}: a parent of it is a file")
     results = _load_results(out)
+    if results:
+        _check_same_experiment(out, config)
     env = env or _environment(config, progress)
-    overrides = {row.name: dict(row.overrides) for row in config.runs}
+    out.mkdir(parents=True, exist_ok=True)  # after the base model and data loaded fine
+    overrides = {row.name: config.adapter_overrides(row) for row in config.runs if row.trains}
     matched: dict[str, int] = {}
     if config.match_params:
         for row in config.runs:
@@ -526,6 +568,8 @@ def _compare(
                     f"({matched[row.name]:,} adapter parameters)"
                 )
     plan = _plan(config)
+    if only is not None:
+        plan = [(row, seed) for row, seed in plan if (row.name, seed) in set(only)]
     if config.concurrent:
         _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log)
     for i, (row, seed) in enumerate(plan, 1):
@@ -547,7 +591,7 @@ def _compare(
             }
             try:
                 record.update(
-                    _run_one(config, row, seed, env, run_dir, overrides[row.name], progress)
+                    _run_one(config, row, seed, env, run_dir, overrides.get(row.name, {}), progress)
                 )
                 record["status"] = "ok"
             except Exception as e:  # one failed run must not stop the others

@@ -169,6 +169,29 @@ class RunSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"runs[].name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.adapter, str) or not self.adapter:
+            raise ValueError(
+                f"runs[{self.name}].adapter must be a spec name or path, got {self.adapter!r}"
+            )
+        if self.overrides is None:
+            self.overrides = {}
+        if not isinstance(self.overrides, Mapping):
+            raise ValueError(
+                f"runs[{self.name}].overrides must be a mapping of adapter fields, "
+                f"got {self.overrides!r}"
+            )
+        if isinstance(self.trainable, str):  # `trainable: embed` means [embed]
+            self.trainable = [self.trainable]
+        if not isinstance(self.trainable, (list, tuple)):
+            raise ValueError(
+                f"runs[{self.name}].trainable must be a list of {list(TRAINABLE_CHOICES)}, "
+                f"got {self.trainable!r}"
+            )
+        if not isinstance(self.extend_context, bool):
+            raise ValueError(
+                f"runs[{self.name}].extend_context must be true or false, "
+                f"got {self.extend_context!r}"
+            )
         bad = sorted(set(self.trainable) - set(TRAINABLE_CHOICES))
         if bad:
             raise ValueError(
@@ -225,16 +248,66 @@ class ExperimentConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"runs[].name must be unique, repeated: {dupes}")
-        if not self.seeds:
-            raise ValueError("seeds must list at least one seed")
+        if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
+            self.seeds = [self.seeds]  # `seeds=3` means one seed, 3
+        if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
+            raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        self.seeds = list(self.seeds)
         for s in self.seeds:
             check_range("seeds[]", s, low=0, integer=True)
         if self.match_params is not None:
             check_range("match_params", self.match_params, low=1, integer=True)
+        if not isinstance(self.concurrent, bool):
+            raise ValueError(f"concurrent must be true or false, got {self.concurrent!r}")
+        for key in ("output_dir", "base_model"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
+        if self.concurrent:
+            self._check_concurrent()
         if self.base_model_config is not None:
             if self.base_model != "default":
                 raise ValueError("base_model_config only applies to base_model: default")
             self.builtin_base()  # validates the fields
+
+    def _check_concurrent(self) -> None:
+        """Rows trained on one shared frozen base must agree on what that base is."""
+        trained = [r for r in self.runs if r.trains]
+        shared = {(r.extend_context, r.attention or self.context.attention) for r in trained}
+        if len(shared) > 1:
+            raise ValueError(
+                "concurrent: true needs every trained row to share extend_context and attention"
+            )
+        bad = [r.name for r in trained if r.trainable]
+        if bad:
+            raise ValueError(
+                f"concurrent: true, but rows {bad} train embeddings/norms, which one frozen base "
+                "cannot share; drop their `trainable` or set concurrent: false"
+            )
+
+    def check_adapter_specs(self) -> None:
+        """Build every trained row's adapter config now: a typo in a spec name or an override
+        is a config error before any work, not a failed run."""
+        for row in self.runs:
+            if row.trains:
+                try:
+                    load_adapter_spec(row.adapter, self.adapter_overrides(row), self.spec_dir)
+                except (FileNotFoundError, ValueError) as e:
+                    raise ValueError(f"runs[{row.name}]: {e}") from e
+
+    def adapter_overrides(self, row: RunSpec) -> dict[str, Any]:
+        """The row's adapter overrides, plus what the run itself decides: a COLA chain given
+        by ``chain_length`` is spread over this experiment's ``train.max_steps`` (unless the
+        row sets ``total_steps`` or ``knots``)."""
+        overrides = dict(row.overrides)
+        spec = read_yaml(resolve_spec_path(row.adapter, self.spec_dir))
+        chain = overrides.get("chain_length", spec.get("chain_length"))
+        if (
+            spec.get("variant") == "cola"
+            and chain is not None
+            and not ({"total_steps", "knots"} & set(overrides))
+        ):
+            overrides["total_steps"] = self.train.max_steps
+        return overrides
 
     def builtin_base(self):
         """The built-in base model's config (``base_model_config`` applied), or None."""
@@ -326,6 +399,7 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
     config = experiment_from_dict(data)
     if config.spec_dir is None:
         config.spec_dir = str(Path(path).resolve().parent)
+    config.check_adapter_specs()
     return config
 
 

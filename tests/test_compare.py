@@ -222,15 +222,99 @@ def test_concurrent_comparison_trains_rows_together(tmp_path):
 
 
 def test_concurrent_rejects_rows_that_train_base_modules(tmp_path):
+    """A config error before any work, not a table of failed runs."""
     runs = [
         {"name": "a", "adapter": "lora"},
         {"name": "b", "adapter": "lora", "trainable": ["norm"]},
     ]
-    config = _experiment(tmp_path, runs, seeds=[0], concurrent=True)
-    compare(config, progress=False, log=lambda s: None, env=_tiny_env())
+    with pytest.raises(ValueError, match=r"rows \['b'\] train embeddings/norms"):
+        _experiment(tmp_path, runs, seeds=[0], concurrent=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cola_chain_is_spread_over_the_runs_budget(tmp_path):
+    config = _experiment(tmp_path, [{"name": "cola", "adapter": "cola"}], seeds=[0])
+    row = config.runs[0]
+    assert config.adapter_overrides(row)["total_steps"] == 2  # train.max_steps, not the spec's
+    pinned = {"name": "c", "adapter": "cola", "overrides": {"total_steps": 9}}
+    config = _experiment(tmp_path, [pinned], seeds=[0])
+    assert config.adapter_overrides(config.runs[0])["total_steps"] == 9
+
+
+def test_a_changed_experiment_does_not_reuse_finished_runs(tmp_path):
+    runs = [{"name": "a", "adapter": "lora", "overrides": {"r": 2}}]
+    compare(
+        _experiment(tmp_path, runs, seeds=[0]), progress=False, log=lambda s: None, env=_tiny_env()
+    )
+    more_seeds = _experiment(tmp_path, runs, seeds=[0, 1])  # adding seeds resumes
+    compare(more_seeds, progress=False, log=lambda s: None, env=_tiny_env())
+    longer = _experiment(tmp_path, runs, seeds=[0, 1])
+    longer.train.max_steps = 3
+    with pytest.raises(ValueError, match=r"different experiment.*train"):
+        compare(longer, progress=False, log=lambda s: None, env=_tiny_env())
+    changed_row = [{"name": "a", "adapter": "lora", "overrides": {"r": 4}}]
+    with pytest.raises(ValueError, match=r"runs\[a\] changed"):
+        compare(
+            _experiment(tmp_path, changed_row), progress=False, log=lambda s: None, env=_tiny_env()
+        )
+
+
+def test_only_runs_the_named_pair_and_the_report_keeps_every_row(tmp_path):
+    runs = [
+        {"name": "a", "adapter": "lora", "overrides": {"r": 2}},
+        {"name": "b", "adapter": "lora", "overrides": {"r": 2}},
+    ]
+    config = _experiment(tmp_path, runs, seeds=[0])
+    compare(config, progress=False, log=lambda s: None, env=_tiny_env(), only=[("b", 0)])
     data = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert {r["status"] for r in data["runs"]} == {"failed"}
-    assert "embeddings/norms" in data["runs"][0]["reason"]
+    assert [r["key"] for r in data["runs"]] == ["b/seed0"]
+    assert [r["name"] for r in data["config"]["runs"]] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"runs": [{"name": "a", "adapter": "lroa"}]}, r"runs\[a\].*adapter spec 'lroa' not found"),
+        ({"runs": [{"name": "a", "adapter": "lora", "overrides": {"rr": 4}}]}, r"runs\[a\].*rr"),
+        ({"runs": [{"name": "a", "adapter": "lora", "overrides": {"r": 0}}]}, r"runs\[a\].*r must"),
+        (
+            {"runs": [{"name": "a", "adapter": "lora", "overrides": 5}]},
+            "overrides must be a mapping",
+        ),
+        ({"runs": [{"name": "a", "adapter": "lora", "extend_context": "maybe"}]}, "extend_context"),
+        ({"concurrent": "maybe"}, "concurrent must be true or false"),
+        ({"output_dir": 5}, "output_dir must be a non-empty string"),
+        ({"seeds": "x"}, "seeds must be a non-empty list"),
+    ],
+)
+def test_config_mistakes_are_caught_before_any_work(tmp_path, change, message):
+    import yaml
+
+    from loravariants.config import load_experiment
+
+    base = {"runs": [{"name": "a", "adapter": "lora"}], "output_dir": str(tmp_path / "out")}
+    file = tmp_path / "x.yaml"
+    file.write_text(yaml.safe_dump({**base, **change}))
+    with pytest.raises(ValueError, match=message):
+        load_experiment(file)
+
+
+def test_config_conveniences(tmp_path):
+    config = _experiment(
+        tmp_path, [{"name": "a", "adapter": "lora", "trainable": "embed"}], seeds=3
+    )
+    assert config.runs[0].trainable == ["embed"] and config.seeds == [3]
+
+
+def test_output_dir_under_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    config = _experiment(tmp_path, [{"name": "a", "adapter": "lora"}])
+    config.output_dir = str(tmp_path / "afile" / "sub")
+    with pytest.raises(ValueError, match="a parent of it is a file"):
+        compare(config, progress=False, log=lambda s: None, env=_tiny_env())
+    config.output_dir = str(tmp_path / "afile")
+    with pytest.raises(ValueError, match="is a file"):
+        compare(config, progress=False, log=lambda s: None, env=_tiny_env())
 
 
 def test_quiet_compare_silences_transformers_bars_only_while_it_runs(tmp_path, monkeypatch):

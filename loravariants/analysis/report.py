@@ -593,6 +593,16 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="directory for analysis.csv/.json and plots")
     parser.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.max_rows is not None and args.max_rows < 1:
+        print(
+            f"loravariants analyze: error: --max-rows must be >= 1, got {args.max_rows}",
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_file() or any(p.is_file() for p in out.parents)):
+        print(f"loravariants analyze: error: --out {out}: a file is in the way", file=sys.stderr)
+        return 2
     try:
         report = analyze(args.path, base=args.base)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -601,10 +611,9 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     print(report.table(args.max_rows))
     print()
     print(_by_type_table(report))
-    if args.out:
+    if out is not None:
         from .plots import plot_effective_rank, plot_spectra
 
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         report.to_csv(out / "analysis.csv")
         report.to_json(out / "analysis.json")
