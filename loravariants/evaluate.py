@@ -5,18 +5,23 @@ falls back to full causal attention (S2-Attn is a training-time approximation on
 
 Perplexity uses the standard strided sliding window: windows of ``context_length`` tokens start
 every ``stride`` tokens; in each window only the tokens not scored by an earlier window count,
-so every token (but the first) is scored exactly once, with between ``context_length - stride``
-and ``context_length - 1`` tokens of context::
+so every token (but the first) is scored exactly once. In the first window token ``t`` has the
+``t`` tokens before it as context (``1 .. context_length - 1``); in every later window a scored
+token has between ``context_length - stride`` and ``context_length - 1`` tokens of context::
 
     tokens   : t0 t1 t2 t3 t4 t5 t6 t7 t8 t9
-    window 1 : [t0 t1 t2 t3]            scores t1..t3
-    window 2 :       [t2 t3 t4 t5]      scores t4..t5   (stride 2)
+    window 1 : [t0 t1 t2 t3]            scores t1..t3   (1..3 tokens of context)
+    window 2 :       [t2 t3 t4 t5]      scores t4..t5   (stride 2: 2..3 tokens of context)
     window 3 :             [t4 t5 t6 t7]  scores t6..t7  ...
+
+The stream must hold at least ``context_length`` tokens: a shorter one would be scored with
+shorter windows and reported under a length it was never evaluated at.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,20 +69,30 @@ def perplexity(
 
     Args:
         model: a causal LM returning ``.logits`` of shape ``(b, n, vocab)``.
-        tokens: 1-D token ids ``(N,)`` (documents joined with EOS).
-        context_length: window length.
-        stride: distance between window starts, in ``[1, context_length - 1]`` (default
-            ``context_length // 2``).
+        tokens: 1-D token ids ``(N,)`` (documents joined with EOS), with
+            ``N >= context_length``.
+        context_length: window length, at least 2.
+        stride: distance between window starts, in ``[1, context_length - 1]``; ``None``
+            (the default) means ``context_length // 2``.
         batch_size: windows per forward (full-length windows only).
         progress: show a tqdm bar.
 
     Returns:
         ``exp(mean NLL)`` over the ``N - 1`` scored tokens.
+
+    Raises:
+        ValueError: ``context_length`` or ``stride`` out of range, or fewer than
+            ``context_length`` tokens.
     """
+    check_range("context_length", context_length, low=2, integer=True)
+    if stride is None:
+        stride = max(1, context_length // 2)
+    check_range("stride", stride, low=1, high=context_length - 1, integer=True)
     tokens = torch.as_tensor(tokens).flatten()
-    if tokens.numel() < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
-    stride = stride or max(1, context_length // 2)
+    if tokens.numel() < context_length:
+        raise ValueError(
+            f"context_length {context_length} exceeds the {tokens.numel()} tokens to score"
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -120,18 +135,53 @@ def perplexity_at_lengths(
 ) -> dict[int, float]:
     """:func:`perplexity` at each context length (stride = ``stride_ratio * length``).
 
-    ``max_tokens`` truncates the stream so that every length is scored on the same tokens.
+    A length longer than the token stream cannot be evaluated at: it is left out of the
+    result with a ``UserWarning`` (so a comparison over several lengths still reports the
+    ones that fit, and the missing one shows as absent rather than as a wrong number).
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        tokens: 1-D token ids ``(N,)``.
+        lengths: context lengths to evaluate, each at least 2.
+        stride_ratio: stride as a share of the length, in ``(0, 1)``.
+        max_tokens: truncate the stream to this many tokens first, so that every length is
+            scored on the same tokens (``None``: all of them).
+        batch_size: windows per forward.
+        progress: show a tqdm bar per length.
+
+    Returns:
+        ``{length: perplexity}`` for every length that fits in the (truncated) stream.
+
+    Raises:
+        ValueError: ``stride_ratio``, ``max_tokens`` or a length out of range, or no length
+            fits in the stream.
     """
-    check_range("stride_ratio", stride_ratio, low=0, high=1, low_open=True)
+    check_range("stride_ratio", stride_ratio, low=0, high=1, low_open=True, high_open=True)
+    if max_tokens is not None:
+        check_range("max_tokens", max_tokens, low=2, integer=True)
     tokens = torch.as_tensor(tokens).flatten()
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
-    return {
-        int(n): perplexity(
-            model, tokens, int(n), max(1, int(n * stride_ratio)), batch_size, progress
+    n_tokens = tokens.numel()
+    out = {}
+    for n in lengths:
+        n = int(n)
+        check_range("context_length", n, low=2, integer=True)
+        if n > n_tokens:
+            warnings.warn(
+                f"perplexity: skipping context length {n}, longer than the {n_tokens} tokens "
+                f"to score (raise max_tokens or provide more validation tokens)",
+                stacklevel=2,
+            )
+            continue
+        stride = max(1, int(n * stride_ratio))
+        out[n] = perplexity(model, tokens, n, stride, batch_size, progress)
+    if lengths and not out:
+        raise ValueError(
+            f"every context length in lengths={list(lengths)} exceeds the {n_tokens} tokens "
+            f"to score"
         )
-        for n in lengths
-    }
+    return out
 
 
 @dataclass

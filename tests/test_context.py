@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny_llama, tiny_config
+from torch import nn
 from torch.testing import assert_close
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -137,3 +140,89 @@ def test_bad_arguments():
     # nothing changed by the failed calls
     assert model.config.max_position_embeddings == 128
     assert model.config.rope_parameters["rope_type"] == "default"
+
+
+def tiny_gemma3(**overrides):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    fields = dict(
+        head_dim=8,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return Gemma3ForCausalLM(tiny_config(Gemma3TextConfig, **{**fields, **overrides})).eval()
+
+
+def test_gemma3_per_layer_type_rotary():
+    model = tiny_gemma3()
+    old = {t: getattr(rotary(model), f"{t}_inv_freq").clone() for t in model.config.layer_types}
+    thetas = {t: p["rope_theta"] for t, p in model.config.rope_parameters.items()}
+    extend_context(model, 512)
+    assert model.config.max_position_embeddings == 512
+    for layer_type, params in model.config.rope_parameters.items():
+        assert params == {"rope_type": "linear", "factor": 4.0, "rope_theta": thetas[layer_type]}
+        assert_close(getattr(rotary(model), f"{layer_type}_inv_freq"), old[layer_type] / 4)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_layer_types_scaled_differently_need_original_length():
+    # Gemma3 checkpoints: only full attention is linearly scaled (here x4 over 32 tokens)
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    }
+    model = tiny_gemma3(rope_parameters=rope)
+    before = copy.deepcopy(model.config.rope_parameters)
+    with pytest.raises(ValueError, match="original_length"):
+        extend_context(model, 512)
+    assert model.config.rope_parameters == before
+    assert model.config.max_position_embeddings == 128
+    extend_context(model, 512, original_length=32)
+    assert {p["factor"] for p in model.config.rope_parameters.values()} == {16.0}
+
+
+def test_no_rotary_module_changes_nothing():
+    model = make_tiny_llama()
+    model.model.rotary_emb = nn.Identity()
+    with pytest.raises(ValueError, match="rotary"):
+        extend_context(model, 512)
+    assert model.config.max_position_embeddings == 128
+    assert model.config.rope_parameters["rope_type"] == "default"
+    assert lv.extra_trainable_modules(model) == []
+
+
+def test_failure_while_rebuilding_restores_config_and_modules(monkeypatch):
+    model = make_tiny_llama()
+    module = rotary(model)
+    before = copy.deepcopy(model.config.rope_parameters)
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(type(module), "__init__", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        extend_context(model, 512)
+    assert model.config.rope_parameters == before
+    assert model.config.max_position_embeddings == 128
+    assert rotary(model) is module
+
+
+def test_original_length_for_longlora_style_checkpoints():
+    # LongLoRA's fine-tune.py sets the linear factor but leaves max_position_embeddings at L
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    model = make_tiny_llama(max_position_embeddings=64, rope_parameters=dict(rope))
+    extend_context(model, 512, original_length=64)
+    assert model.config.rope_parameters["factor"] == 8.0
+    assert model.config.max_position_embeddings == 512
+    assert_close(rotary(model).inv_freq, make_tiny_llama().model.rotary_emb.inv_freq / 8)
+    # without it, max_position_embeddings is read as the extended length: L = 64 / 4
+    other = make_tiny_llama(max_position_embeddings=64, rope_parameters=dict(rope))
+    extend_context(other, 512)
+    assert other.config.rope_parameters["factor"] == 32.0
+    with pytest.raises(ValueError, match="target_length"):
+        extend_context(make_tiny_llama(rope_parameters=dict(rope)), 512, original_length=128)
+    with pytest.raises(ValueError, match="original_length"):
+        extend_context(make_tiny_llama(), 512, original_length=0)

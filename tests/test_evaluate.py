@@ -57,3 +57,35 @@ def test_lengths_and_errors():
         perplexity(model, tokens, 8, stride=8)
     with pytest.raises(ValueError, match="context_length"):
         perplexity(model, tokens, 1)
+
+
+def test_stride_ratio_of_one_is_named():
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="stride_ratio"):
+        perplexity_at_lengths(model, tokens, [8], stride_ratio=1.0)
+
+
+def test_stride_zero_is_rejected_not_defaulted():
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, tokens, 8, stride=0)
+
+
+def test_context_longer_than_the_tokens():
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="context_length"):
+        perplexity(model, tokens, 64)
+    assert perplexity(model, tokens, 40) > 1  # exactly one full window is fine
+    # several lengths (the comparison's path): too-long lengths are left out, with a warning
+    with pytest.warns(UserWarning) as caught:
+        out = perplexity_at_lengths(model, tokens, [8, 64, 128])
+    assert set(out) == {8}
+    assert ["length 64," in str(w.message) for w in caught] == [True, False]
+    assert "length 128," in str(caught[1].message)
+    with pytest.warns(UserWarning, match="max_tokens"):
+        assert set(perplexity_at_lengths(model, tokens, [8, 16, 32], max_tokens=20)) == {8, 16}
+    with pytest.raises(ValueError, match="lengths"), pytest.warns(UserWarning, match="skipping"):
+        perplexity_at_lengths(model, tokens, [64])

@@ -14,11 +14,13 @@ input embeddings and every norm layer ("LoRA+"); :func:`extend_context` marks th
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
+from ..adapters.base import check_range
 from ..inject import mark_trainable
 
 METHODS = ("linear", "dynamic", "yarn")
@@ -43,7 +45,11 @@ def _rope_dicts(config: Any) -> list[dict]:
 
 
 def _original_length(config: Any, params: dict) -> tuple[int, float]:
-    """(pre-training context length, current scaling factor) read from a RoPE dict."""
+    """(pre-training context length, current scaling factor) read from a RoPE dict.
+
+    Assumes transformers' convention: with a ``"linear"`` factor set,
+    ``max_position_embeddings`` is the already-extended length, so ``L = max_pos / factor``.
+    """
     rope_type = params.get("rope_type", "default")
     length = config.max_position_embeddings
     if rope_type == "default":
@@ -61,19 +67,37 @@ def _original_length(config: Any, params: dict) -> tuple[int, float]:
     )
 
 
-def _rebuild_rotary(model: nn.Module) -> int:
-    """Re-create every rotary-embedding module from its (updated) config; returns the count."""
-    rebuilt = 0
-    for name, module in list(model.named_modules()):
-        if not (hasattr(module, "inv_freq") and hasattr(module, "rope_type")):
-            continue
-        device = module.inv_freq.device
-        fresh = type(module)(config=module.config).to(device)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, fresh)
-        rebuilt += 1
-    return rebuilt
+def _rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every rotary-embedding module.
+
+    A rotary module has a ``rope_type`` and an ``inv_freq`` buffer, or one ``<layer
+    type>_inv_freq`` buffer per layer type (Gemma3-style per-layer-type RoPE).
+    """
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if hasattr(module, "rope_type")
+        and any(
+            b == "inv_freq" or b.endswith("_inv_freq")
+            for b, _ in module.named_buffers(recurse=False)
+        )
+    ]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def _rebuild_rotary(model: nn.Module, rotaries: list[tuple[str, nn.Module]]) -> None:
+    """Re-create each rotary module from its (updated) config, on its device."""
+    fresh = []
+    for name, module in rotaries:
+        device = next(module.buffers(recurse=False)).device
+        fresh.append((name, type(module)(config=module.config).to(device)))
+    for name, module in fresh:
+        _set_submodule(model, name, module)
 
 
 def trainable_module_names(model: nn.Module, trainable: Iterable[str]) -> list[str]:
@@ -102,31 +126,45 @@ def extend_context(
     target_length: int,
     method: str = "linear",
     trainable: Iterable[str] = TRAINABLE,
+    original_length: int | None = None,
 ) -> nn.Module:
     """Extend a RoPE model's context to ``target_length`` tokens, in place.
 
     Sets ``config.rope_parameters`` to ``method`` with ``factor = target_length / L``
-    (``L``: the pre-training context, ``max_position_embeddings`` of an unscaled model), sets
-    ``max_position_embeddings = target_length`` (``"dynamic"`` keeps ``L`` there: transformers'
-    dynamic NTK reads it as the pre-training length and scales beyond it), rebuilds the rotary
-    embedding modules so the change takes effect, and marks the input embeddings and/or all
-    norm modules trainable (LongLoRA's "LoRA+"; lm_head stays frozen).
+    (``L``: the pre-training context), sets ``max_position_embeddings = target_length``
+    (``"dynamic"`` keeps ``L`` there: transformers' dynamic NTK reads it as the pre-training
+    length and scales beyond it), rebuilds the rotary embedding modules so the change takes
+    effect, and marks the input embeddings and/or all norm modules trainable (LongLoRA's
+    "LoRA+"; lm_head stays frozen). Per-layer-type RoPE (Gemma3: one dict per layer type in
+    ``rope_parameters``) is supported; every layer type gets the same factor.
 
-    Calling it again on an extended model re-scales from the original ``L``.
+    ``L`` is read from the config unless ``original_length`` is given. The convention assumed
+    is transformers': for an unscaled model ``L = max_position_embeddings``; with a
+    ``"linear"`` factor set, ``max_position_embeddings`` is the already-extended length, so
+    ``L = max_position_embeddings / factor`` (``"dynamic"``: ``L = max_position_embeddings``;
+    ``"yarn"``: ``L = original_max_position_embeddings``). Calling it again on a model it
+    extended therefore re-scales from ``L``. Checkpoints extended like LongLoRA's
+    ``fine-tune.py`` (linear factor set, ``max_position_embeddings`` left at ``L``) break this
+    convention: pass ``original_length=L`` for them.
 
     Args:
-        model: a transformers RoPE model (Llama, Mistral, Qwen2, ...).
+        model: a transformers RoPE model (Llama, Mistral, Qwen2, Gemma3, ...).
         target_length: new context length in tokens; must exceed the current context.
         method: ``"linear"`` (position interpolation, LongLoRA's choice), ``"dynamic"``
             (NTK-aware) or ``"yarn"``.
         trainable: any of ``"embed"``, ``"norm"``; ``()`` marks nothing.
+        original_length: the model's native (pre-training) context ``L``; ``None`` reads it
+            from the config as described above. Also required when the layer types'
+            RoPE parameters imply different ``L``.
 
     Returns:
         The same model.
 
     Raises:
-        ValueError: unknown ``method``/``trainable`` or ``target_length`` not above the
-            current context.
+        ValueError: unknown ``method``/``trainable``, ``target_length`` not above the
+            current context, ``original_length`` below 1, a model without RoPE parameters or
+            rotary module, or layer types with different ``L`` and no ``original_length``.
+            Nothing is changed on any error (the config is restored if rebuilding fails).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -134,32 +172,58 @@ def extend_context(
         trainable = (trainable,)
     trainable = tuple(trainable)
     names = trainable_module_names(model, trainable)  # validates before anything changes
-    config = model.config.get_text_config(decoder=True)
-    dicts = _rope_dicts(config)
-    original, current_factor = _original_length(config, dicts[0])
-    current = round(original * current_factor)
     if isinstance(target_length, bool) or not isinstance(target_length, int):
         raise ValueError(f"target_length must be an int, got {target_length!r}")
+    if original_length is not None:
+        check_range("original_length", original_length, low=1, integer=True)
+    config = model.config.get_text_config(decoder=True)
+    dicts = _rope_dicts(config)
+    readings = [_original_length(config, params) for params in dicts]
+    if original_length is not None:
+        original = original_length
+    else:
+        lengths = sorted({length for length, _ in readings})
+        if len(lengths) > 1:
+            raise ValueError(
+                f"{type(model).__name__}: the layer types' rope_parameters imply different "
+                f"pre-training lengths {lengths}; pass original_length= to rescale all from one"
+            )
+        original = lengths[0]
+    current = max(round(original * factor) for _, factor in readings)
     if target_length <= current:
         raise ValueError(
             f"target_length must exceed the current context of {current} tokens, "
             f"got {target_length}"
         )
-    factor = target_length / original
-    for params in dicts:
-        theta = params.get("rope_theta")
-        partial = params.get("partial_rotary_factor")
-        params.clear()
-        params.update(rope_type=method, factor=factor)
-        if theta is not None:
-            params["rope_theta"] = theta
-        if partial is not None:
-            params["partial_rotary_factor"] = partial
-        if method == "yarn":
-            params["original_max_position_embeddings"] = original
-    config.max_position_embeddings = original if method == "dynamic" else target_length
-    if _rebuild_rotary(model) == 0:
+    rotaries = _rotary_modules(model)
+    if not rotaries:
         raise ValueError(f"no rotary embedding module found in {type(model).__name__}")
+
+    saved = [copy.deepcopy(params) for params in dicts]
+    saved_max = config.max_position_embeddings
+    factor = target_length / original
+    try:
+        for params in dicts:
+            theta = params.get("rope_theta")
+            partial = params.get("partial_rotary_factor")
+            params.clear()
+            params.update(rope_type=method, factor=factor)
+            if theta is not None:
+                params["rope_theta"] = theta
+            if partial is not None:
+                params["partial_rotary_factor"] = partial
+            if method == "yarn":
+                params["original_max_position_embeddings"] = original
+        config.max_position_embeddings = original if method == "dynamic" else target_length
+        _rebuild_rotary(model, rotaries)
+    except BaseException:
+        for params, old in zip(dicts, saved, strict=True):
+            params.clear()
+            params.update(old)
+        config.max_position_embeddings = saved_max
+        for name, module in rotaries:
+            _set_submodule(model, name, module)
+        raise
     if names:
         mark_trainable(model, names)
     return model
