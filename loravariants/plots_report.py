@@ -49,10 +49,17 @@ def _line_plot(
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker=marker, label=name)
+    from matplotlib.ticker import ScalarFormatter
+
     if logx:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
     if logy:
         ax.set_yscale("log")
+    for axis, is_log in ((ax.xaxis, logx), (ax.yaxis, logy)):
+        if is_log:  # plain numbers (1024, 262.5), not 2^10 or 2.625 x 10^2
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
