@@ -323,13 +323,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         tensors, config = _peft_tensors(tensors, config, weights_file)
     extra_modules = _extra_candidates(model, extra, fmt, weights_file)
     with _rollback_on_error(model, name, extra_modules):
-        if name not in adapter_names(model):
-            try:
-                attach(model, config, name=name)
-            except ValueError as e:
-                raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
-        else:
-            check_same_output_fields(model, name, config, directory / _config_name(fmt))
+        attach_for_loading(model, name, config, directory, directory / _config_name(fmt))
         _load_extra(model, tensors, extra_modules, extra_prefix, weights_file)
         _load_layers(model, name, tensors, prefix, weights_file)
     return model
@@ -371,6 +365,19 @@ def _rollback_on_error(model: nn.Module, name: str, extra_modules: list[str]):
                     layer.merge()
         _restore_trainable_modules(model, marked_before)
         raise
+
+
+def attach_for_loading(
+    model: nn.Module, name: str, config: AdapterConfig, directory: Path, config_file: Path
+) -> None:
+    """Attach the saved config under ``name``, or check the attached one can take the file."""
+    if name in adapter_names(model):
+        check_same_output_fields(model, name, config, config_file)
+        return
+    try:
+        attach(model, config, name=name)
+    except ValueError as e:
+        raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
 
 
 def check_same_output_fields(

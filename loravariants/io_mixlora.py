@@ -48,8 +48,8 @@ from . import __version__
 from .adapters.base import AdapterLayer
 from .adapters.lora import LoRALinear
 from .adapters.mixlora import FFN_PROJECTIONS, MixLoRAConfig, MixLoRAFFN, ffn_activation_name
-from .inject import adapter_config, adapter_names, attach, iter_adapters
-from .io import _rollback_on_error, check_same_output_fields
+from .inject import adapter_config, adapter_names, iter_adapters
+from .io import _rollback_on_error, attach_for_loading
 from .utils import ADAPTER_FILES, atomic_directory, check_replaceable
 
 __all__ = ["save_mixlora", "load_mixlora", "read_mixlora_factors"]
@@ -263,13 +263,7 @@ def load_mixlora(model: nn.Module, path: str | os.PathLike, name: str = "default
             raise ValueError(f"{config_file}: act_fn {act!r} but the model's FFN uses {own!r}")
     tensors = _read_weights(directory)
     with _rollback_on_error(model, name, []):
-        if name not in adapter_names(model):
-            try:
-                attach(model, config, name=name)
-            except ValueError as e:
-                raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
-        else:
-            check_same_output_fields(model, name, config, config_file)
+        attach_for_loading(model, name, config, directory, config_file)
         _copy_tensors(model, name, tensors, weights_file)
     return model
 
