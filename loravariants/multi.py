@@ -40,8 +40,9 @@ from .train import (
     TrainResult,
     _collate,
     global_rows,
-    label_tokens,
+    label_count,
     lr_factor,
+    token_share,
 )
 
 __all__ = ["Job", "train_concurrent", "causal_lm_loss"]
@@ -154,23 +155,24 @@ def train_concurrent(
         running = [job for job in jobs if step < job.config.max_steps]
         losses = {job.adapter: 0.0 for job in running}
         auxes = {job.adapter: 0.0 for job in running}
+        # each job's micro-batches of this step, read once
+        micro_batches = {
+            job.adapter: [
+                _collate(job.dataset, _micro_rows(job, step, m, grad_accum))
+                for m in range(grad_accum)
+            ]
+            for job in running
+        }
         # each job's loss is the mean over all label tokens of its step (as in `train`)
         step_tokens = {
-            job.adapter: max(
-                sum(
-                    label_tokens(job.dataset, _micro_rows(job, step, m, grad_accum))
-                    for m in range(grad_accum)
-                ),
-                1,
-            )
-            for job in running
+            adapter: max(sum(label_count(b["labels"]) for b in batches), 1)
+            for adapter, batches in micro_batches.items()
         }
         for micro in range(grad_accum):
             batches, rows_of, offset = [], {}, 0
             for job in running:
                 bs = job.config.batch_size
-                batch = _collate(job.dataset, _micro_rows(job, step, micro, grad_accum))
-                batches.append(batch)
+                batches.append(micro_batches[job.adapter][micro])
                 rows_of[job.adapter] = slice(offset, offset + bs)
                 offset += bs
             merged = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
@@ -180,13 +182,9 @@ def train_concurrent(
             total = torch.zeros((), device=device)
             for job in running:
                 rows = rows_of[job.adapter]
-                n_micro = int((labels[rows][:, 1:] != -100).sum())
-                lm = (
-                    causal_lm_loss(logits[rows], labels[rows])
-                    if n_micro
-                    else logits[rows].float().sum() * 0.0  # no label token: 0, not 0/0
-                )
-                lm_part = lm * (n_micro / step_tokens[job.adapter])
+                n_micro = label_count(labels[rows])
+                lm = causal_lm_loss(logits[rows], labels[rows])
+                lm_part = token_share(lm, logits[rows], n_micro, step_tokens[job.adapter])
                 aux = aux_loss(model, job.adapter).to(device)
                 total = total + lm_part + aux / grad_accum
                 losses[job.adapter] += lm_part.item()

@@ -166,9 +166,29 @@ def global_rows(n: int, seed: int, start: int, count: int) -> list[int]:
     return rows
 
 
+def label_count(labels: torch.Tensor) -> int:
+    """Tokens the causal-LM loss scores in ``(..., n)`` labels: after the first, not -100."""
+    return int((labels[..., 1:] != -100).sum())
+
+
 def label_tokens(dataset, rows: Sequence[int]) -> int:
-    """Tokens scored by the causal-LM loss in ``rows``: labels after the first, not -100."""
-    return sum(int((torch.as_tensor(dataset[i]["labels"])[1:] != -100).sum()) for i in rows)
+    """:func:`label_count` over the dataset's ``rows``."""
+    return sum(label_count(torch.as_tensor(dataset[i]["labels"])) for i in rows)
+
+
+def token_share(
+    mean_loss: torch.Tensor, logits: torch.Tensor, n_tokens: int, step_tokens: int
+) -> torch.Tensor:
+    """A micro-batch's part of its step's token-mean loss: ``mean_loss * n / N``.
+
+    Summed over the step's micro-batches this is the mean over all ``N`` label tokens, as one
+    big batch gives, also when rows hold different numbers of label tokens (SFT with masked
+    prompts). With no label token the mean loss is 0/0: the part is then a zero that still
+    reaches every parameter (DDP expects each process's backward).
+    """
+    if not n_tokens:
+        return logits.float().sum() * 0.0
+    return mean_loss * (n_tokens / step_tokens)
 
 
 def _collate(dataset, rows: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -292,9 +312,7 @@ def train(
     run_tokens = 0
     for step in range(start_step, config.max_steps):
         rows = global_rows(len(dataset), config.seed, step * per_step, per_step)
-        # The step's loss is the mean over all its label tokens (every micro-batch, every
-        # process), as one big batch would give, also when rows hold different numbers of
-        # label tokens (SFT with masked prompts): micro-batch i weighs n_i / N.
+        # the step's loss is the mean over all its label tokens, every process's included
         step_label_tokens = max(label_tokens(dataset, rows), 1)
         lm_total = torch.zeros((), device=accelerator.device)
         aux_total = torch.zeros((), device=accelerator.device)
@@ -305,19 +323,16 @@ def train(
                 dataset, chunk[rank * config.batch_size : (rank + 1) * config.batch_size]
             )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            n_micro = int((batch["labels"][:, 1:] != -100).sum())
+            n_micro = label_count(batch["labels"])
             step_tokens += n_micro
             last = micro == config.grad_accum - 1
             # Gradient all-reduce only on the last micro-batch: the others accumulate locally.
             sync = accelerator.no_sync(model) if (world > 1 and not last) else _null()
             with sync, accelerator.autocast():
                 output = model(**batch)
-                # no label token here: the mean loss is 0/0; a zero that still reaches every
-                # parameter (DDP expects each process's backward)
-                lm = output.loss if n_micro else output.logits.float().sum() * 0.0
-                aux = adapters_aux_loss(inner).to(lm.device)
+                lm_part = token_share(output.loss, output.logits, n_micro, step_label_tokens)
+                aux = adapters_aux_loss(inner).to(lm_part.device)
                 # DDP averages gradients over processes: hence the factor `world`
-                lm_part = lm * (n_micro / step_label_tokens)
                 accelerator.backward(lm_part * world + aux / config.grad_accum)
             lm_total += lm_part.detach()
             aux_total += aux.detach() / config.grad_accum
