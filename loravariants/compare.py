@@ -420,7 +420,7 @@ def run_key(row: RunSpec, seed: int) -> str:
 _RESUMABLE_KEYS = {"seeds", "runs", "output_dir", "spec_dir"}
 
 
-def _check_same_experiment(out: Path, config: ExperimentConfig) -> None:
+def _check_same_experiment(out: Path, saved: dict[str, Any], config: ExperimentConfig) -> None:
     """Finished runs are reused only by the experiment that made them.
 
     A rerun may add seeds or rows; any other change (budget, data, base model, a row's
@@ -429,7 +429,6 @@ def _check_same_experiment(out: Path, config: ExperimentConfig) -> None:
     Raises:
         ValueError: naming the first differences.
     """
-    saved = json.loads((out / "results.json").read_text()).get("config") or {}
     now = _config_dict(config)
     differ = [
         f"{k}: {json.dumps(saved.get(k))} -> {json.dumps(v)}"
@@ -449,7 +448,8 @@ def _check_same_experiment(out: Path, config: ExperimentConfig) -> None:
         )
 
 
-def _load_results(out: Path) -> dict[str, dict[str, Any]]:
+def _load_results(out: Path, config: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """The finished runs in ``out``, checked to come from this experiment."""
     file = out / "results.json"
     if not file.is_file():
         return {}
@@ -457,7 +457,10 @@ def _load_results(out: Path) -> dict[str, dict[str, Any]]:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: corrupt results file ({e}); move it away to start over") from e
-    return {r["key"]: r for r in data.get("runs", [])}
+    results = {r["key"]: r for r in data.get("runs", [])}
+    if results:
+        _check_same_experiment(out, data.get("config") or {}, config)
+    return results
 
 
 def _environment(config: ExperimentConfig, progress: bool) -> dict[str, Any]:
@@ -546,9 +549,7 @@ def _compare(
         raise ValueError(f"output_dir {out} is a file, not a folder")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise ValueError(f"output_dir {out}: a parent of it is a file")
-    results = _load_results(out)
-    if results:
-        _check_same_experiment(out, config)
+    results = _load_results(out, config)
     env = env or _environment(config, progress)
     out.mkdir(parents=True, exist_ok=True)  # after the base model and data loaded fine
     overrides = {row.name: config.adapter_overrides(row) for row in config.runs if row.trains}

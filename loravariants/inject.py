@@ -101,11 +101,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         raise ValueError(f"adapter name must match {_NAME_RE.pattern} (no dots), got {name!r}")
     if name in _configs(model):
         raise ValueError(f"an adapter named {name!r} is already attached")
-    hidden = [
-        p
-        for p in modules_inside_hosts(model)
-        if isinstance(config.target_modules, (str, list)) and match_target(p, config.target_modules)
-    ]
+    hidden = [p for p in modules_inside_hosts(model) if match_target(p, config.target_modules)]
     if hidden:
         raise ValueError(
             f"target_modules={config.target_modules!r} matches {hidden[0]!r}, which is inside a "

@@ -91,11 +91,11 @@ def save_adapter(
         raise ValueError("the model has no adapters to save; call loravariants.attach first")
     config = adapter_config(model, name)
     name = name or adapter_names(model)[0]
-    check_replaceable(path, ADAPTER_FILES, "an adapter's")
     if format == "mixlora":
         from .io_mixlora import save_mixlora
 
         return save_mixlora(model, path, name=name)
+    check_replaceable(path, ADAPTER_FILES, "an adapter's")
     if format == "peft":
         tensors, meta = _peft_payload(model, name, config)
         config_file = PEFT_CONFIG
