@@ -22,8 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_medians
-from transformers import LlamaConfig, LlamaForCausalLM
+from _timing import interleaved_medians, small_llama
 
 import loravariants.longlora  # noqa: F401  (registers "s2_attn")
 from loravariants.longlora import shifted_sparse_attention
@@ -79,18 +78,16 @@ def op_contenders(n: int) -> dict:
 
 
 def model_contenders(n: int) -> dict:
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    model = small_llama(
+        0,
         vocab_size=512,
-        hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=8,
         max_position_embeddings=n,
         s2_group_size_ratio=0.25,
-    )
-    model = LlamaForCausalLM(config).train()
+    ).train()
     ids = torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(1))
 
     def step(attn: str):
