@@ -183,12 +183,16 @@ def test_mean_ci_student_t():
 
 
 def test_peak_memory_sees_an_allocation():
+    import time
+
     with PeakMemory(interval=0.005) as mem:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB
         torch.mm(torch.ones(64, 64), torch.ones(64, 64))
-        import time
-
-        time.sleep(0.05)
+        # keep the block alive until the sampling thread has had its turn: on a loaded machine
+        # a fixed 50 ms could pass without one sample, and the peak would be missed
+        deadline = time.monotonic() + 5.0
+        while mem._peak - mem._start < 40 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del block
     assert mem.delta_mib > 40
 
