@@ -73,6 +73,40 @@ def test_sdpa_kernel_matches_reference(shape, side):
         assert_close(a, e, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sdpa_kernel_on_module_layout_inputs(shape):
+    """Inputs viewed from (b, n, h, d) storage, as attention modules produce them: the kernel
+    works on views of that storage (no copies) and must still match the reference exactly,
+    outputs and gradients, padded or not."""
+    b, h, h_kv, n, g = shape
+    for mask in (None, padding_mask(b, n, "both")):
+        results = []
+        for kernel in ("sdpa", "eager"):
+            q, key, v = (
+                x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                for x in qkv(b, h, h_kv, n)
+            )
+            assert q.transpose(1, 2).is_contiguous()
+            out = shifted_sparse_attention(q, key, v, g, attention_mask=mask, kernel=kernel)
+            assert out.shape == (b, n, h, 8) and out.is_contiguous()
+            weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).double()
+            (out * weight).sum().backward()
+            results.append((out.detach(), q.grad, key.grad, v.grad))
+        for a, e in zip(*results, strict=True):
+            assert_close(a, e, atol=1e-10, rtol=1e-10)
+
+
+def test_unused_output_positions_still_get_gradients():
+    """A loss on part of the output (other positions' gradients are None inside autograd)."""
+    q, k, v = qkv(2, 4, 2, 16)
+    out = shifted_sparse_attention(q, k, v, 8)
+    out[:, :3].sum().backward()
+    q2, k2, v2 = qkv(2, 4, 2, 16)
+    shifted_sparse_attention(q2, k2, v2, 8, kernel="eager")[:, :3].sum().backward()
+    for a, e in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad), strict=True):
+        assert_close(a, e, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("shape", SHAPES[:4])
 def test_4d_boolean_mask_matches_2d(shape):
     b, _, _, n, g = shape

@@ -187,45 +187,112 @@ def _segment_mask(
 # ----------------------------------------------------------------------------- kernels
 
 
-def _split_halves(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]]:
-    """Per head half: ``(q, k, v, enable_gqa, shifted)``.
+def _kv_half(
+    key_t: torch.Tensor, first: int, end: int, rep: int
+) -> tuple[torch.Tensor, int, int, bool]:
+    """Key/value heads serving query heads ``[first, end)``: ``(source, k0, k1, enable_gqa)``.
 
-    Query heads are split with ``split`` (one cheap backward, no zero-filled slices). Key/value
-    heads are split the same way when the half boundary falls between key/value groups, shared
-    when every query head of a half uses one key/value head, and gathered (materialised) only
-    when a key/value group straddles the boundary.
+    ``key_t`` is (b, n, h_kv, d). The half reads heads ``[k0, k1)`` of ``source``: a slice of
+    ``key_t`` itself when the half boundary falls between key/value groups or one key/value head
+    serves the whole half, else (a group straddles the boundary) a gathered copy with one
+    key/value head per query head.
     """
-    num_heads, num_kv = query.shape[1], key.shape[1]
-    rep = num_heads // num_kv
-    halves = _head_halves(num_heads)
-    qs = query.split([end - first for first, end, _ in halves], dim=1)
-    if all(first % rep == 0 and end % rep == 0 for first, end, _ in halves):
-        sizes = [(end - first) // rep for first, end, _ in halves]
-        ks, vs = key.split(sizes, dim=1), value.split(sizes, dim=1)
-        return [
-            (q, k, v, rep > 1, bool(s))
-            for q, k, v, (_, _, s) in zip(qs, ks, vs, halves, strict=True)
-        ]
-    out = []
-    for q, (first, end, shifted) in zip(qs, halves, strict=True):
-        if first // rep == (end - 1) // rep:  # one key/value head serves the whole half
-            k = key.narrow(1, first // rep, 1)
-            v = value.narrow(1, first // rep, 1)
-            out.append((q, k, v, end - first > 1, bool(shifted)))
-        else:
-            index = torch.arange(first, end, device=key.device) // rep
-            out.append(
-                (q, key.index_select(1, index), value.index_select(1, index), False, bool(shifted))
-            )
-    return out
+    if first % rep == 0 and end % rep == 0:
+        return key_t, first // rep, end // rep, rep > 1
+    if first // rep == (end - 1) // rep:  # one key/value head serves the whole half
+        return key_t, first // rep, first // rep + 1, end - first > 1
+    index = torch.arange(first, end, device=key_t.device) // rep
+    return key_t.index_select(2, index), 0, end - first, False
 
 
-def _to_groups(x: torch.Tensor, num_groups: int, length: int) -> torch.Tensor:
-    """(b, hh, m * L, d) -> (b * m, hh, L, d)."""
-    x = x.unflatten(2, (num_groups, length))
-    return x.transpose(1, 2).reshape(-1, x.shape[1], length, x.shape[-1])
+class _Regions(torch.autograd.Function):
+    """Views ``x[:, start:stop, h0:h1]`` of a (b, n, H, d) tensor, with a one-copy backward.
+
+    Slicing with plain indexing would give each region a backward that materialises a full
+    zero tensor, and ``split`` along two dims nests two concatenations; here the gradient of
+    every region is written once into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, regions: tuple[tuple[int, int, int, int], ...]):
+        ctx.shape, ctx.regions = x.shape, regions
+        ctx.set_materialize_grads(False)
+        return tuple(x[:, a:b, h0:h1] for a, b, h0, h1 in regions)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        reference = next(g for g in grads if g is not None)
+        cells = sum((b - a) * (h1 - h0) for a, b, h0, h1 in ctx.regions)
+        # regions that tile x exactly are each written once; overlapping ones (a key/value
+        # head shared by both halves) accumulate
+        tiled = cells == ctx.shape[1] * ctx.shape[2] and all(g is not None for g in grads)
+        out = reference.new_empty(ctx.shape) if tiled else reference.new_zeros(ctx.shape)
+        for (a, b, h0, h1), g in zip(ctx.regions, grads, strict=True):
+            if g is not None:
+                region = out[:, a:b, h0:h1]
+                region.copy_(g) if tiled else region.add_(g)
+        return out, None
+
+
+class _Assemble(torch.autograd.Function):
+    """Write pieces (b, stop - start, h1 - h0, d) into their regions of one (b, n, H, d) output.
+
+    One copy forward; the backward hands each piece a view of the output's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, shape, regions, *pieces: torch.Tensor) -> torch.Tensor:
+        ctx.regions = regions
+        out = pieces[0].new_empty(shape)
+        for (a, b, h0, h1), piece in zip(regions, pieces, strict=True):
+            out[:, a:b, h0:h1].copy_(piece)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None, None, *(grad[:, a:b, h0:h1] for a, b, h0, h1 in ctx.regions))
+
+
+def _group_calls(n: int, group_size: int, shifted: bool) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The SDPA calls of one head half: ``(length, [(start, num_groups), ...])``.
+
+    Segments of equal group length share one call (the shifted half's short head ``[0, G/2)``
+    and tail ``[n - G/2, n)`` when ``G`` divides ``n``), so a half needs two calls at most
+    when ``G`` divides ``n``.
+    """
+    calls: dict[int, list[tuple[int, int]]] = {}
+    for start, m, length in _segments(n, group_size, group_size // 2 if shifted else 0):
+        calls.setdefault(length, []).append((start, m))
+    return list(calls.items())
+
+
+def _as_groups(pieces: list[torch.Tensor], runs: list[tuple[int, int]], length: int):
+    """Region views (b, m * L, hh, d) -> SDPA layout (b * sum(m), hh, L, d).
+
+    One run stays a view of the input (the (b, n, h, d) storage attention modules produce);
+    several runs are stacked along the group axis (a copy of those few groups only).
+    """
+    grouped = [p.unflatten(1, (m, length)) for p, (_, m) in zip(pieces, runs, strict=True)]
+    x = grouped[0] if len(grouped) == 1 else torch.cat(grouped, dim=1)
+    return x.flatten(0, 1).transpose(1, 2)
+
+
+def _call_mask(
+    key_valid: torch.Tensor | None,
+    full_mask: torch.Tensor | None,
+    runs: list[tuple[int, int]],
+    length: int,
+) -> torch.Tensor | None:
+    """The boolean mask (b * sum(m), 1, L, L) of one call, in the group order of
+    :func:`_as_groups`; None when nothing is masked."""
+    masks = [_segment_mask(key_valid, full_mask, start, m, length) for start, m in runs]
+    if masks[0] is None:
+        return None
+    if len(masks) == 1:
+        return masks[0]
+    batch = masks[0].shape[0] // runs[0][1]
+    stacked = [mask.unflatten(0, (batch, m)) for mask, (_, m) in zip(masks, runs, strict=True)]
+    return torch.cat(stacked, dim=1).flatten(0, 1)
 
 
 def _sdpa_kernel(
@@ -238,38 +305,74 @@ def _sdpa_kernel(
     scaling: float | None,
     dropout: float,
 ) -> torch.Tensor:
-    """Groups of equal length become SDPA batch elements. Returns (b, n, h, d)."""
-    batch, _, n, _ = query.shape
-    halves = []
-    for q, k, v, gqa, shifted in _split_halves(query, key, value):
-        segments = _segments(n, group_size, group_size // 2 if shifted else 0)
-        sizes = [m * length for _, m, length in segments]
-        parts = zip(
-            q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), strict=True
+    """Groups of equal length become SDPA batch elements. Returns (b, n, h, d).
+
+    Works on the (b, n, h, d) view of its inputs, the storage layout attention modules produce
+    (``proj(x).view(b, n, h, d).transpose(1, 2)``): a run of consecutive groups of one head half
+    is then a *view* ``(b * m, hh, L, d)``, so no input is copied (a gradient is written once,
+    see :class:`_Regions`), and every call's output is copied once into the (b, n, h, d) result
+    (:class:`_Assemble`). Per head half there is one call for the full groups and one for the
+    short groups (the shifted half's head and tail together).
+    """
+    batch, num_heads, n, head_dim = query.shape
+    rep = num_heads // key.shape[1]
+    q_t, k_t, v_t = (x.transpose(1, 2) for x in (query, key, value))
+    # per call: (query heads, key/value sources, gqa, length, runs)
+    calls = []
+    for first, end, shifted in _head_halves(num_heads):
+        k_src, k0, k1, gqa = _kv_half(k_t, first, end, rep)
+        v_src = _kv_half(v_t, first, end, rep)[0]
+        for length, runs in _group_calls(n, group_size, bool(shifted)):
+            calls.append((first, end, k_src, v_src, k0, k1, gqa, length, runs))
+
+    # one _Regions per source tensor, so each gradient is assembled in one buffer
+    wanted: dict[int, tuple[torch.Tensor, list]] = {}
+    keys = []  # per call: the keys of its q, k, v region lists
+    for first, end, k_src, v_src, k0, k1, _, length, runs in calls:
+        call_keys = []
+        for src, h0, h1 in ((q_t, first, end), (k_src, k0, k1), (v_src, k0, k1)):
+            entry = wanted.setdefault(id(src), (src, []))
+            call_keys.append((id(src), len(entry[1])))
+            entry[1].extend((s, s + m * length, h0, h1) for s, m in runs)
+        keys.append(call_keys)
+    views = {
+        key_id: _Regions.apply(src, tuple(regions)) for key_id, (src, regions) in wanted.items()
+    }
+
+    pieces, out_regions = [], []
+    for (first, end, _, _, _, _, gqa, length, runs), call_keys in zip(calls, keys, strict=True):
+        q, k, v = (
+            _as_groups(list(views[key_id][i : i + len(runs)]), runs, length)
+            for key_id, i in call_keys
         )
-        pieces = []
-        for (start, m, length), qkv in zip(segments, parts, strict=True):
-            mask = _segment_mask(key_valid, full_mask, start, m, length)
-            row_ok = None
-            if mask is not None:
-                # rows with no visible key (padded queries) would give NaN: let them see the
-                # whole group and zero their output afterwards
-                row_ok = mask.any(-1, keepdim=True)
-                mask = mask | ~row_ok
-            out = F.scaled_dot_product_attention(
-                *(_to_groups(x, m, length) for x in qkv),
-                attn_mask=mask,
-                dropout_p=dropout,
-                is_causal=mask is None,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
-            if row_ok is not None:
-                out = out * row_ok
-            # (b*m, hh, L, d) -> (b, m*L, hh, d)
-            pieces.append(out.unflatten(0, (batch, m)).permute(0, 1, 3, 2, 4).flatten(1, 2))
-        halves.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-    return torch.cat(halves, dim=2) if len(halves) > 1 else halves[0].contiguous()
+        mask = _call_mask(key_valid, full_mask, runs, length)
+        row_ok = None
+        if mask is not None:
+            # rows with no visible key (padded queries) would give NaN: let them see the
+            # whole group and zero their output afterwards
+            row_ok = mask.any(-1, keepdim=True)
+            mask = mask | ~row_ok
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        if row_ok is not None:
+            out = out * row_ok
+        # (b * sum(m), hh, L, d) -> per run (b, m * L, hh, d)
+        out = out.transpose(1, 2).unflatten(0, (batch, -1))
+        offset = 0
+        for start, m in runs:
+            pieces.append(out[:, offset : offset + m].flatten(1, 2))
+            out_regions.append((start, start + m * length, first, end))
+            offset += m
+    shape = (batch, n, num_heads, head_dim)
+    return _Assemble.apply(shape, tuple(out_regions), *pieces)
 
 
 def _eager_kernel(
