@@ -60,7 +60,13 @@ def _print_summary(out) -> int:
     print(f"\nreport: {report}")
     if failed:
         print(f"{len(failed)} run(s) failed; see the table and runs/*/error.txt")
-    return 1 if failed else 0  # the exit status: a failed run must not look like success
+    metric_errors = [r for r in data["runs"] if r.get("metric_errors")]
+    for r in metric_errors:
+        print(f"{r['key']}: run kept, but metric(s) failed: {r['metric_errors']}")
+    if metric_errors:
+        print("rerun the same command to compute the failed metrics again")
+    # the exit status: a failed run (or metric) must not look like success
+    return 1 if failed or metric_errors else 0
 
 
 def compare_main(argv: Sequence[str]) -> int:

@@ -238,29 +238,60 @@ def _evaluate(
     name: str | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Perplexity per length, passkey, and (adapter ``name``) the SVD summary."""
+    """Perplexity per length, passkey, and (adapter ``name``) the SVD summary.
+
+    Each metric is computed on its own: one that fails (say, on a device the analysis did not
+    expect) is recorded under ``metric_errors`` and the run, with its training and its other
+    metrics, is kept.
+    """
     from .evaluate import passkey_accuracy, perplexity_at_lengths
 
     model.to(env["device"]).eval()
-    ppl = perplexity_at_lengths(
-        model,
-        env["val_tokens"],
-        _eval_lengths(config, native),
-        stride_ratio=config.eval.stride_ratio,
-        max_tokens=config.eval.max_tokens,
-        progress=progress,
+    record: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+
+    def metric(key: str, compute: Callable[[], Any]) -> None:
+        try:
+            value = compute()
+        except Exception as e:  # keep the run; report the metric as failed
+            errors[key] = f"{type(e).__name__}: {e}"
+            return
+        if value is not None:
+            record[key] = value
+
+    metric(
+        "ppl",
+        lambda: {
+            str(k): v
+            for k, v in perplexity_at_lengths(
+                model,
+                env["val_tokens"],
+                _eval_lengths(config, native),
+                stride_ratio=config.eval.stride_ratio,
+                max_tokens=config.eval.max_tokens,
+                progress=progress,
+            ).items()
+        },
     )
-    record: dict[str, Any] = {"ppl": {str(k): v for k, v in ppl.items()}}
     if config.eval.passkey_lengths:
-        pk = passkey_accuracy(
-            model, env["tokenizer"], config.eval.passkey_lengths, config.eval.passkey_trials, seed
+        metric(
+            "passkey",
+            lambda: {
+                str(k): r.accuracy
+                for k, r in passkey_accuracy(
+                    model,
+                    env["tokenizer"],
+                    config.eval.passkey_lengths,
+                    config.eval.passkey_trials,
+                    seed,
+                ).items()
+            },
         )
-        record["passkey"] = {str(k): r.accuracy for k, r in pk.items()}
     if name is not None:
-        record["svd"] = _svd_summary(model, env, seed, name)
-        stats = _router_stats(model, name)
-        if stats:
-            record["router_tokens_per_expert"] = stats
+        metric("svd", lambda: _svd_summary(model, env, seed, name))
+        metric("router_tokens_per_expert", lambda: _router_stats(model, name) or None)
+    if errors:
+        record["metric_errors"] = errors
     return record
 
 
@@ -383,12 +414,13 @@ def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> float:
     from .analysis import subspace_similarity
     from .io import read_factors
 
-    ref = read_factors(reference_dir)
+    ref = read_factors(reference_dir)  # loaded on the CPU
     values = []
     for path, _, layer in iter_adapters(model, name):
         if path in ref and layer.mergeable:
             B, A = layer.factors()
-            rb, ra = ref[path]
+            # the reference follows the model's device (a CUDA model meets CPU-loaded factors)
+            rb, ra = (t.to(B.device) for t in ref[path])
             k = min(A.shape[0], ra.shape[0])
             values.append(subspace_similarity((B, A), (rb, ra), k, k))
     return _mean(values)
@@ -576,7 +608,12 @@ def _compare(
     for i, (row, seed) in enumerate(plan, 1):
         key = run_key(row, seed)
         run_dir = out / "runs" / row.name / f"seed{seed}"
-        if config.concurrent and row.trains:
+        if results.get(key, {}).get("status") == "ok" and results[key].get("metric_errors"):
+            log(f"[{i}/{len(plan)}] {key}: trained earlier; computing its failed metrics again")
+            _retry_metrics(config, row, seed, env, run_dir, results[key], progress)
+            _log_metric_errors(results[key], log)
+            write_outputs(out, config, results, env)
+        elif config.concurrent and row.trains:
             pass  # trained (or failed) with its seed's concurrent group above
         elif results.get(key, {}).get("status") == "ok":
             log(f"[{i}/{len(plan)}] {key}: done earlier, kept")
@@ -604,6 +641,7 @@ def _compare(
             if row.name in matched:
                 record["matched_params"] = matched[row.name]
             results[key] = record
+            _log_metric_errors(record, log)
             write_outputs(out, config, results, env)
         if results[key].get("variant") == "lora" and results[key].get("status") == "ok":
             env["lora_reference"].setdefault(seed, run_dir / "adapter")
@@ -647,7 +685,51 @@ def _concurrent_groups(config, plan, results, env, out, overrides, matched, prog
             if row.name in matched:
                 record["matched_params"] = matched[row.name]
             results[key] = record
+            _log_metric_errors(record, log)
         write_outputs(out, config, results, env)
+
+
+def _log_metric_errors(record: dict[str, Any], log: Callable[[str], None]) -> None:
+    for metric, error in record.get("metric_errors", {}).items():
+        log(f"    {record['key']}: metric {metric} failed (run kept): {error}")
+
+
+def _retry_metrics(
+    config: ExperimentConfig,
+    row: RunSpec,
+    seed: int,
+    env: dict[str, Any],
+    run_dir: Path,
+    record: dict[str, Any],
+    progress: bool,
+) -> None:
+    """Compute again the metrics a finished run failed; its training is kept as it is.
+
+    The model is rebuilt as the run built it and its saved adapter loaded. Metrics that
+    succeed replace their error; the others keep theirs.
+    """
+    from .io import load_adapter
+
+    failed = record["metric_errors"]
+    try:
+        model, _ = _prepare_model(config, row, seed, env)
+        name = None
+        if row.trains:  # the saved adapter carries its exact config (COLA: its whole chain)
+            name = "default"
+            load_adapter(model, run_dir / "adapter", name=name)
+        fresh = _evaluate(model, config, env, seed, record["native_context"], name, progress)
+    except Exception as e:  # the run stays kept; the old errors stay
+        failed.update({m: f"{type(e).__name__}: {e} (retry)" for m in failed})
+        return
+    new_errors = fresh.pop("metric_errors", {})
+    for metric in list(failed):
+        if metric in fresh:
+            record[metric] = fresh[metric]
+            del failed[metric]
+        elif metric in new_errors:
+            failed[metric] = new_errors[metric]
+    if not failed:
+        del record["metric_errors"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,9 +785,11 @@ def summarize(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> l
         for key in metric_keys:
             row[key] = mean_ci([r.get(key, float("nan")) for r in ok])
         for key in ppl_keys:
-            row[f"ppl@{key}"] = mean_ci([r["ppl"].get(key, float("nan")) for r in ok])
+            row[f"ppl@{key}"] = mean_ci([r.get("ppl", {}).get(key, float("nan")) for r in ok])
         for key in pk_keys:
-            row[f"passkey@{key}"] = mean_ci([r["passkey"].get(key, float("nan")) for r in ok])
+            row[f"passkey@{key}"] = mean_ci(
+                [r.get("passkey", {}).get(key, float("nan")) for r in ok]
+            )
         for key in ("effective_rank", "energy_top4", "similarity_to_lora"):
             vals = [r["svd"].get(key, float("nan")) for r in ok if "svd" in r]
             if vals:
@@ -776,7 +860,12 @@ def write_outputs(
         plots = make_report_plots(out, config, results)
     except Exception as e:  # a plot must never lose the numbers
         plots = {"error": f"{type(e).__name__}: {e}"}
-    _atomic_write(out / "report.md", _report_markdown(config, summary, plots))
+    errors = [
+        f"- `{r['key']}`: {metric}: {error}"
+        for r in results.values()
+        for metric, error in r.get("metric_errors", {}).items()
+    ]
+    _atomic_write(out / "report.md", _report_markdown(config, summary, plots, errors))
 
 
 def _machine() -> str:
@@ -840,7 +929,10 @@ def _atomic_write(file: Path, text: str) -> None:
 
 
 def _report_markdown(
-    config: ExperimentConfig, summary: list[dict[str, Any]], plots: dict[str, str]
+    config: ExperimentConfig,
+    summary: list[dict[str, Any]],
+    plots: dict[str, str],
+    metric_errors: list[str] = (),
 ) -> str:
     t = config.train
     lines = [
@@ -861,6 +953,14 @@ def _report_markdown(
         summary_table(summary),
         "",
     ]
+    if metric_errors:
+        lines += [
+            "**Metrics that failed** (their runs are kept; the table leaves them out; rerun "
+            "the same command to compute them again):",
+            "",
+            *metric_errors,
+            "",
+        ]
     if "error" in plots:
         lines += [f"Plots could not be drawn: {plots['error']}", ""]
     for title, file in plots.items():

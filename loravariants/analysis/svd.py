@@ -110,7 +110,7 @@ def _as_factors_or_dense(source: Any) -> tuple[torch.Tensor, torch.Tensor] | tor
 
 def _check_pair(B: Any, A: Any) -> tuple[torch.Tensor, torch.Tensor]:
     B = torch.as_tensor(B).detach().to(_DTYPE)
-    A = torch.as_tensor(A).detach().to(_DTYPE)
+    A = torch.as_tensor(A).detach().to(B.device, _DTYPE)  # the analysis follows B's device
     if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(
             f"factors must be B (out, k) and A (k, in), got {tuple(B.shape)} and {tuple(A.shape)}"
@@ -174,7 +174,8 @@ def top_singular(
     from sklearn.utils.extmath import randomized_svd
 
     U, S, Vh = randomized_svd(W.cpu().numpy(), n_components=k, n_iter=7, random_state=seed)
-    return LowRankSVD(torch.from_numpy(U), torch.from_numpy(S), torch.from_numpy(Vh).mT)
+    U, S, V = (torch.from_numpy(x).to(W.device) for x in (U, S, Vh.T))
+    return LowRankSVD(U, S, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +317,7 @@ def subspace_similarity(a: Any, b: Any, i: int, j: int | None = None, side: str 
     """
     j = i if j is None else j
     Ua, Ub = _basis(a, i, side), _basis(b, j, side)
+    Ub = Ub.to(Ua.device)  # computed where ``a`` lives (a CUDA model vs CPU-loaded factors)
     if Ua.shape[0] != Ub.shape[0]:
         raise ValueError(f"subspaces live in different spaces: dim {Ua.shape[0]} vs {Ub.shape[0]}")
     return float((Ua.mT @ Ub).pow(2).sum() / min(i, j))
@@ -344,15 +346,14 @@ def subspace_similarity_grid(
     """
     da, db = svd(a), svd(b)
     Va = da.V if side == "right" else da.U
-    Vb = db.V if side == "right" else db.U
+    Vb = (db.V if side == "right" else db.U).to(Va.device)
     max_i = Va.shape[1] if max_i is None else max_i
     max_j = Vb.shape[1] if max_j is None else max_j
     _basis(da, max_i, side), _basis(db, max_j, side)  # range checks
     overlap = (Va[:, :max_i].mT @ Vb[:, :max_j]).pow(2)  # (max_i, max_j)
     cum = overlap.cumsum(0).cumsum(1)  # cum[i-1, j-1] = ||U_i^T U_j||_F^2
-    mins = torch.minimum(
-        torch.arange(1, max_i + 1)[:, None], torch.arange(1, max_j + 1)[None, :]
-    ).to(_DTYPE)
+    steps = lambda n: torch.arange(1, n + 1, device=cum.device, dtype=_DTYPE)  # noqa: E731
+    mins = torch.minimum(steps(max_i)[:, None], steps(max_j)[None, :])
     return cum / mins
 
 
@@ -451,7 +452,7 @@ def amplification_factor(dW: Any, W: torch.Tensor, r: int | None = None) -> floa
         The ratio; ``nan`` when ``dW`` is zero, ``inf`` when ``W`` vanishes on its subspace.
     """
     dec = svd(dW)
-    W = torch.as_tensor(W).detach().to(_DTYPE)
+    W = torch.as_tensor(W).detach().to(dec.U.device, _DTYPE)
     if (dec.U.shape[0], dec.V.shape[0]) != tuple(W.shape):
         raise ValueError(
             f"dW is {dec.U.shape[0]}x{dec.V.shape[0]} but W is {W.shape[0]}x{W.shape[1]}"
@@ -504,7 +505,7 @@ def intruder_dimensions(
     else:
         base = top_singular(W_base, base_k)
     t_vecs = tuned.U if side == "left" else tuned.V
-    b_vecs = base.U if side == "left" else base.V
+    b_vecs = (base.U if side == "left" else base.V).to(t_vecs.device)
     if t_vecs.shape[0] != b_vecs.shape[0]:
         raise ValueError("W_tuned and W_base have different shapes")
     max_cos = (t_vecs.mT @ b_vecs).abs().amax(dim=1)  # (k,)
