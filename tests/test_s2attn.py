@@ -443,3 +443,54 @@ def test_sdpa_kernel_on_cuda_matches_reference():
     out = shifted_sparse_attention(q, k, v, 8, attention_mask=mask)
     ref = shifted_sparse_attention(q, k, v, 8, attention_mask=mask, kernel="eager")
     assert_close(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("side", ["none", "left", "both"])
+def test_sdpa_kernel_on_cuda_equals_the_cpu_reference(shape, side):
+    """float64 on CUDA, inputs in the module layout: outputs and gradients equal the eager
+    reference computed on the CPU (GQA, padding, lengths that G does not divide)."""
+    b, h, h_kv, n, g = shape
+    mask = None if side == "none" else padding_mask(b, n, side)
+    results = []
+    for device, kernel in (("cuda", "sdpa"), ("cpu", "eager")):
+        q, key, v = (
+            x.detach().transpose(1, 2).contiguous().transpose(1, 2).to(device).requires_grad_()
+            for x in qkv(b, h, h_kv, n)
+        )
+        m = None if mask is None else mask.to(device)
+        out = shifted_sparse_attention(q, key, v, g, attention_mask=m, kernel=kernel)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).double()
+        (out * weight.to(device)).sum().backward()
+        results.append([t.detach().cpu() for t in (out, q.grad, key.grad, v.grad)])
+    for a, e in zip(*results, strict=True):
+        assert_close(a, e, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("side", ["none", "right"])
+def test_bf16_cuda_kernel_is_close_to_the_float64_reference(side):
+    """What training runs (bf16 on a GPU, fused SDPA kernels, n not divisible by G) against
+    the float64 reference, within bf16 accuracy."""
+    b, h, h_kv, n, g = 2, 8, 2, 1000, 256
+    mask = None if side == "none" else padding_mask(b, n, side)
+    results = []
+    for device, dtype, kernel in (("cuda", torch.bfloat16, "sdpa"), ("cpu", None, "eager")):
+        q, key, v = (
+            x.detach()
+            .transpose(1, 2)
+            .contiguous()
+            .transpose(1, 2)
+            .to(device, dtype or x.dtype)
+            .requires_grad_()
+            for x in qkv(b, h, h_kv, n, d=64)
+        )
+        m = None if mask is None else mask.to(device)
+        out = shifted_sparse_attention(q, key, v, g, attention_mask=m, kernel=kernel)
+        out.float().square().sum().backward()
+        results.append([t.detach().double().cpu() for t in (out, q.grad, key.grad, v.grad)])
+    for a, e in zip(*results, strict=True):
+        assert_close(a, e, atol=5e-2, rtol=5e-2)
