@@ -493,4 +493,6 @@ def test_bf16_cuda_kernel_is_close_to_the_float64_reference(side):
         out.float().square().sum().backward()
         results.append([t.detach().double().cpu() for t in (out, q.grad, key.grad, v.grad)])
     for a, e in zip(*results, strict=True):
-        assert_close(a, e, atol=5e-2, rtol=5e-2)
+        # bf16 keeps ~3 significant digits: compare the error's norm with the tensor's (single
+        # elements of bf16 gradients may be off by more than 5%)
+        assert float((a - e).norm() / e.norm()) < 1e-2
