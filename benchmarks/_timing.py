@@ -50,3 +50,16 @@ def small_llama(seed: int = 0, **overrides):
     fields.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**fields))
+
+
+def load_baseline(path: str | None):
+    """``shifted_sparse_attention`` from a Python file (e.g. an earlier version of
+    ``loravariants/longlora/s2attn.py``), to time side by side; None without a path."""
+    if not path:
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("s2_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.shifted_sparse_attention

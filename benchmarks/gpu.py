@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_medians
+from _timing import interleaved_medians, load_baseline
 
 import loravariants as lv
 from loravariants.adapters import LoRAConfig, MixLoRAConfig
@@ -168,18 +168,6 @@ def op_contenders(n: int, size: dict, group: int | None = None, baseline=None) -
     if baseline is not None:
         fns["baseline"] = lambda: baseline(q, k, v, group).backward(grad)
     return fns
-
-
-def load_baseline(path: str | None):
-    """``shifted_sparse_attention`` from a Python file (e.g. an earlier version), or None."""
-    if not path:
-        return None
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("s2_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.shifted_sparse_attention
 
 
 def part_op(args, size, found: dict) -> str:

@@ -22,7 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_medians, small_llama
+from _timing import interleaved_medians, load_baseline, small_llama
 
 import loravariants.longlora  # noqa: F401  (registers "s2_attn")
 from loravariants.longlora import shifted_sparse_attention
@@ -58,7 +58,7 @@ def _probe(part: str, n: int, name: str) -> None:
     print((_status_kib("VmHWM") - before) / 1024)
 
 
-def op_contenders(n: int) -> dict:
+def op_contenders(n: int, baseline=None) -> dict:
     g = torch.Generator().manual_seed(0)
     # (b, n, h, d) storage viewed as (b, h, n, d), the layout attention modules produce
     q, k, v = (
@@ -74,7 +74,10 @@ def op_contenders(n: int) -> dict:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         out.backward(grad)
 
-    return {"s2": s2, "full": full}
+    fns = {"s2": s2, "full": full}
+    if baseline is not None:  # another implementation of the op, e.g. an earlier version
+        fns["baseline"] = lambda: baseline(q, k, v, n // 4).backward(grad)
+    return fns
 
 
 def model_contenders(n: int) -> dict:
@@ -106,6 +109,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--parts", nargs="+", choices=["op", "model"], default=["op", "model"])
+    parser.add_argument(
+        "--baseline", default=None, help="a .py file with another shifted_sparse_attention (op)"
+    )
     parser.add_argument("--probe", nargs=3, metavar=("PART", "N", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -120,9 +126,9 @@ def main() -> None:
     print(header)
     print("|" + "---|" * 7)
     for part in args.parts:
-        build = op_contenders if part == "op" else model_contenders
         for n in args.lengths:
-            fns = build(n)
+            baseline = load_baseline(args.baseline)
+            fns = op_contenders(n, baseline) if part == "op" else model_contenders(n)
             times = interleaved_medians(fns, repeats=args.repeats, warmup=1)
             del fns
             gc.collect()
@@ -130,7 +136,12 @@ def main() -> None:
             print(
                 f"| {'(a) op' if part == 'op' else '(b) Llama'} | {n} | {times['full']:.3f} | "
                 f"{times['s2']:.3f} | {times['full'] / times['s2']:.2f}x | "
-                f"{mem['full']:.0f} | {mem['s2']:.0f} |",
+                f"{mem['full']:.0f} | {mem['s2']:.0f} |"
+                + (
+                    f" baseline {times['full'] / times['baseline']:.2f}x"
+                    if "baseline" in times
+                    else ""
+                ),
                 flush=True,
             )
 
