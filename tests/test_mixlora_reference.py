@@ -289,7 +289,7 @@ def test_default_export_loads_in_the_mixlora_package_with_the_same_logits(tmp_pa
         ex.dropout_.p = 0.0
     with torch.no_grad():
         got = theirs(ids, attention_mask=mask).logits
-    assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_close(got, expected, rtol=0, atol=1e-6)  # 1.5e-7 measured, logits of size 0.4
     assert (expected - make_tiny_llama()(ids, attention_mask=mask).logits).abs().max() > 1e-2
 
 
