@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import warnings
 from unittest.mock import ANY
 
@@ -556,6 +557,11 @@ def test_the_models_attention_mask_reaches_the_layers(tokens):
         model(tokens, attention_mask=mask, position_ids="not a tensor")
     model(tokens)
     assert moe[0].router_stats()["num_tokens"] == 32
+    # the hooks are picklable (a model with MixLoRA can still be torch.save'd whole), and a copy
+    # records its own masks
+    copy = pickle.loads(pickle.dumps(model))
+    copy(tokens, attention_mask=mask)
+    assert_close(lv.aux_loss(copy), keyword, rtol=1e-6, atol=0)
 
 
 def test_padding_mask_with_kv_cache_generation_and_checkpointing(tokens):

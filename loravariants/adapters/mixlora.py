@@ -363,22 +363,30 @@ def record_attention_mask(model: nn.Module) -> None:
         position = names.index("attention_mask")
     except (TypeError, ValueError):  # no signature, or no attention_mask parameter
         pass
-    previous: list[torch.Tensor | None] = []
+    recorder = _MaskRecorder(position)
+    model.register_forward_pre_hook(recorder.before, with_kwargs=True)
+    model.register_forward_hook(recorder.after, with_kwargs=True, always_call=True)
+    object.__setattr__(model, _HOOKED_ATTR, True)
 
-    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+
+class _MaskRecorder:
+    """The two hooks of :func:`record_attention_mask` (methods of a module-level class, so a
+    model carrying them can still be pickled)."""
+
+    def __init__(self, position: int | None) -> None:
+        self.position = position  # of attention_mask among forward's positional parameters
+        self.previous: list[torch.Tensor | None] = []
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
-        if mask is None and position is not None and len(args) > position:
-            mask = args[position]
-        previous.append(_TOKEN_MASK[0])
+        if mask is None and self.position is not None and len(args) > self.position:
+            mask = args[self.position]
+        self.previous.append(_TOKEN_MASK[0])
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             _TOKEN_MASK[0] = mask
 
-    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        _TOKEN_MASK[0] = previous.pop()
-
-    model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(after, with_kwargs=True, always_call=True)
-    object.__setattr__(model, _HOOKED_ATTR, True)
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        _TOKEN_MASK[0] = self.previous.pop()
 
 
 def _real_tokens(x: torch.Tensor) -> torch.Tensor:
