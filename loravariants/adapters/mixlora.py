@@ -570,19 +570,22 @@ class MixLoRAFFN(AdapterLayer):
         # operations run with or without a mask (a recomputing checkpoint sees the same graph).
         flat = experts.reshape(-1)
         assigned = torch.bincount(flat, weights=real.repeat_interleave(k), minlength=E)
-        self._balance = (assigned.float(), (probs * real[:, None]).sum(dim=0), real.sum())
+        real_tokens = real.sum()
+        self._balance = (assigned.float(), (probs * real[:, None]).sum(dim=0), real_tokens)
         self._group._totals = None
-        self._stats = {
-            "tokens_per_expert": assigned.detach().round().long(),
-            "num_tokens": int(self._balance[2]),
-        }
 
         # dispatch: group the T*k assignments by expert with one stable sort (every token,
         # padding included, is computed: the output does not depend on the mask)
         order = torch.argsort(flat, stable=True)
         token_of = order // k
         weight_of = weights.reshape(-1)[order]
-        sizes = torch.bincount(flat, minlength=E).tolist()  # the one host sync
+        counts = torch.bincount(flat, minlength=E)
+        # the one host sync: the E group sizes and the number of real tokens
+        *sizes, num_real = torch.cat([counts, real_tokens.round().long()[None]]).tolist()
+        self._stats = {
+            "tokens_per_expert": assigned.detach().round().long(),
+            "num_tokens": num_real,
+        }
         gate_up = [p for p in ("gate_proj", "up_proj") if p in self.projections]
         inter = torch.zeros(T, G.shape[-1], dtype=torch.float32, device=x.device)
         out = torch.zeros(T, xt.shape[-1], dtype=torch.float32, device=x.device)
