@@ -221,7 +221,13 @@ def eval_main(argv: Sequence[str]) -> int:
     native = int(model.config.max_position_embeddings)
     target = config.context.target_length
     if target and target > native:
-        extend_context(model, target, method=config.context.method, trainable=())
+        extend_context(
+            model,
+            target,
+            method=config.context.method,
+            trainable=(),
+            factor_rounding=config.context.factor_rounding,
+        )
     if args.adapter:
         load_adapter(model, args.adapter)
     from .compare import _eval_lengths

@@ -183,7 +183,13 @@ def _prepare_model(config: ExperimentConfig, row: RunSpec, seed: int, env: dict[
     target = config.context.target_length
     record: dict[str, Any] = {"native_context": native}
     if row.extend_context and target and target > native:
-        extend_context(model, target, method=config.context.method, trainable=tuple(row.trainable))
+        extend_context(
+            model,
+            target,
+            method=config.context.method,
+            trainable=tuple(row.trainable),
+            factor_rounding=config.context.factor_rounding,
+        )
         record["context"] = target
     else:
         if row.trainable:

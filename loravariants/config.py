@@ -89,12 +89,15 @@ class ContextConfig:
         method: position interpolation: ``linear`` (LongLoRA), ``dynamic`` or ``yarn``.
         attention: training attention: ``s2_attn`` (LongLoRA), ``sdpa`` or ``eager`` (full).
         group_size_ratio: S2-Attn group size as a share of the sequence, in (0, 1].
+        factor_rounding: ``exact`` (factor = target / native) or ``ceil`` (rounded up to an
+            integer, as LongLoRA's scripts do: 256 -> 1000 gives 4, not 3.90625).
     """
 
     target_length: int | None = None
     method: str = "linear"
     attention: str = "s2_attn"
     group_size_ratio: float = 0.25
+    factor_rounding: str = "exact"
 
     def __post_init__(self) -> None:
         if self.target_length is not None:
@@ -109,6 +112,11 @@ class ContextConfig:
                 f"got {self.attention!r}"
             )
         check_range("context.group_size_ratio", self.group_size_ratio, low=0, high=1, low_open=True)
+        if self.factor_rounding not in ("exact", "ceil"):
+            raise ValueError(
+                "context.factor_rounding must be one of ['exact', 'ceil'], "
+                f"got {self.factor_rounding!r}"
+            )
 
 
 @dataclass

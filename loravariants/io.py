@@ -68,6 +68,8 @@ def save_adapter(
     path: str | os.PathLike,
     format: str = "native",
     name: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
 ) -> Path:
     """Save adapter ``name`` (the only one when None) of ``model`` to directory ``path``.
 
@@ -77,6 +79,8 @@ def save_adapter(
             nothing but adapter files).
         format: ``"native"``, ``"peft"`` (LoRA family) or ``"mixlora"`` (MixLoRA).
         name: adapter name.
+        base_model_name_or_path: written as the config's ``base_model_name_or_path`` (the
+            base model peft and the MixLoRA loaders load); ``None``: the model's own.
 
     Returns:
         The directory written.
@@ -94,7 +98,7 @@ def save_adapter(
     if format == "mixlora":
         from .io_mixlora import save_mixlora
 
-        return save_mixlora(model, path, name=name)
+        return save_mixlora(model, path, name=name, base_model_name_or_path=base_model_name_or_path)
     check_replaceable(path, ADAPTER_FILES, "an adapter's")
     if format == "peft":
         tensors, meta = _peft_payload(model, name, config)
@@ -102,6 +106,8 @@ def save_adapter(
     else:
         tensors, meta = _native_payload(model, name, config)
         config_file = NATIVE_CONFIG
+    if base_model_name_or_path is not None:
+        meta["base_model_name_or_path"] = base_model_name_or_path
     # provenance goes into the weights' metadata: peft warns about unknown config keys
     provenance = {"format": "pt", "loravariants_version": __version__, "variant": config.variant}
     with atomic_directory(path) as tmp:

@@ -5,14 +5,18 @@ A directory with two files:
 * ``adapter_config.json``::
 
       {"peft_type": "MIXLORA", "routing_strategy": "mixlora", "num_experts": 8, "top_k": 2,
-       "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05,
+       "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
        "target_modules": ["q_proj", ..., "gate_proj", "up_proj", "down_proj"],
-       "act_fn": "silu", "expert_lora": {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05},
+       "act_fn": "silu", "expert_lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
        "router_aux_loss_coef": 0.01, "router_init_range": 0.02, "jitter_noise": 0.0,
-       "base_model_name_or_path": ...}
+       "base_model_name_or_path": "meta-llama/Llama-2-7b-hf", ...}
 
   ``target_modules`` lists the attention projections (plain LoRA) *and* the FFN projections
-  that carry experts, as the reference code writes it.
+  that carry experts, as the reference code writes it. The reference loaders check types:
+  ``r`` and ``lora_alpha`` are ints (an integral alpha is written as one), the dropouts, the
+  coefficient, the init range and the jitter are floats, and ``base_model_name_or_path`` is a
+  string (``save_mixlora(..., base_model_name_or_path=...)``, else the model's
+  ``name_or_path``).
 * ``adapter_model.bin``: ``torch.save`` of a flat dict of tensors::
 
       mixlora.layers.{i}.mlp.moe_gate.weight                        (E, hidden)
@@ -26,10 +30,12 @@ A directory with two files:
 
 Reading uses ``torch.load(weights_only=True)``: tensors only, nothing is unpickled beyond them.
 
-Compatibility note: the `mixlora` package's loader (0.2.3) asserts ``lora_dropout > 0``. We
-write the adapter's real dropout; a file with dropout 0 therefore loads here and in MoE-PEFT,
-not in that package (:func:`save_mixlora` warns). Its inference does not use dropout, so
-``save_mixlora(..., loader_dropout=0.05)`` writes that value instead, on request only.
+Compatibility note: both reference loaders refuse ``lora_dropout == 0`` (the `mixlora`
+package's ``LoraLinear`` and MoE-PEFT's ``Lora`` assert ``lora_dropout > 0``). We write the
+adapter's real dropout and warn when it is 0; ``save_mixlora(..., loader_dropout=0.05)`` writes
+that value instead, on request only. The `mixlora` package keeps its experts in plain dicts, so
+``model.eval()`` does not reach their dropout: it applies dropout at inference unless it is
+switched off there (docs/methods/mixlora.md shows how).
 """
 
 from __future__ import annotations
@@ -85,14 +91,42 @@ def _layer_tensors(path: str, layer: AdapterLayer) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: {type(layer).__name__} has no MixLoRA-format form")
 
 
-def _config_json(config: MixLoRAConfig, model: nn.Module, dropout: float, expert_dropout: float):
+def _int_if_integral(value: float) -> int | float:
+    """``16.0 -> 16``: the reference loaders assert an int ``lora_alpha``."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The model's ``name_or_path`` (transformers), or ``None`` for a model built from a config."""
+    name = getattr(model, "name_or_path", None)
+    if not isinstance(name, str) or not name:
+        cfg = getattr(model, "config", None)
+        name = getattr(cfg, "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _config_json(
+    config: MixLoRAConfig,
+    model: nn.Module,
+    dropout: float,
+    expert_dropout: float,
+    base_model_name_or_path: str | None,
+):
     tm = config.target_modules
     if isinstance(tm, str):
         raise ValueError(
             "the MixLoRA format lists target_modules by name; a regex target_modules "
             f"({tm!r}) cannot be written"
         )
-    cfg = getattr(model, "config", None)
+    alpha = _int_if_integral(config.alpha)
+    expert_alpha = _int_if_integral(config.expert_lora_alpha)
+    if not (isinstance(alpha, int) and isinstance(expert_alpha, int)):
+        warnings.warn(
+            f"writing lora_alpha {config.alpha} / expert lora_alpha {config.expert_lora_alpha}: "
+            "the `mixlora` package and MoE-PEFT assert an int lora_alpha and will refuse the file",
+            stacklevel=3,
+        )
     return {
         "peft_type": "MIXLORA",
         "routing_strategy": "mixlora",
@@ -100,21 +134,22 @@ def _config_json(config: MixLoRAConfig, model: nn.Module, dropout: float, expert
         "bias": "none",
         "num_experts": config.num_experts,
         "top_k": config.top_k,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": dropout,
+        "r": int(config.r),
+        "lora_alpha": alpha,
+        "lora_dropout": float(dropout),
         "target_modules": list(tm) + list(config.ffn_projections),
         "act_fn": ffn_activation_name(model),
         "expert_lora": {
-            "r": config.expert_rank,
-            "lora_alpha": config.expert_lora_alpha,
-            "lora_dropout": expert_dropout,
+            "r": int(config.expert_rank),
+            "lora_alpha": expert_alpha,
+            "lora_dropout": float(expert_dropout),
         },
-        "router_aux_loss_coef": config.router_aux_loss_coef,
-        "router_init_range": config.router_init_range,
-        "jitter_noise": config.jitter_noise,
-        "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
-        # provenance; the ecosystem's loaders read their keys by name and ignore this one
+        "router_aux_loss_coef": float(config.router_aux_loss_coef),
+        "router_init_range": float(config.router_init_range),
+        "jitter_noise": float(config.jitter_noise),
+        "base_model_name_or_path": base_model_name_or_path,
+        # ours only; the ecosystem's loaders read their keys by name and ignore these
+        "balance_loss_aggregation": config.balance_loss_aggregation,
         "loravariants_version": __version__,
     }
 
@@ -125,6 +160,7 @@ def save_mixlora(
     name: str | None = None,
     *,
     loader_dropout: float | None = None,
+    base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write MixLoRA adapter ``name`` of ``model`` in the MixLoRA format, atomically.
 
@@ -133,8 +169,12 @@ def save_mixlora(
         path: target directory (replaced if it exists and holds only adapter files).
         name: adapter name (the only one when ``None``).
         loader_dropout: when given, written instead of a dropout of 0 (attention and experts)
-            so the `mixlora` package's loader, which asserts ``lora_dropout > 0``, accepts the
-            file. Off by default: the real value is written.
+            so the reference loaders, which assert ``lora_dropout > 0`` (the `mixlora` package
+            and MoE-PEFT), accept the file. Off by default: the real value is written.
+        base_model_name_or_path: the base model the reference loaders load (a hub id or a
+            path). ``None``: the model's ``name_or_path``; a model built from a config has
+            none, and the file then says ``null`` (with a warning: the reference loaders
+            refuse it).
 
     Returns:
         The directory written.
@@ -158,15 +198,28 @@ def save_mixlora(
         expert_dropout = expert_dropout or float(loader_dropout)
     elif dropout == 0 or expert_dropout == 0:
         warnings.warn(
-            "writing lora_dropout 0: the `mixlora` package's loader asserts lora_dropout > 0 "
-            "(MoE-PEFT and loravariants accept it); pass loader_dropout=... for that loader",
+            "writing lora_dropout 0: the `mixlora` package and MoE-PEFT assert lora_dropout > 0 "
+            "and will refuse the file (loravariants accepts it); pass loader_dropout=... for them",
+            stacklevel=2,
+        )
+    if base_model_name_or_path is None:
+        base_model_name_or_path = base_model_name(model)
+    elif not isinstance(base_model_name_or_path, str) or not base_model_name_or_path:
+        raise ValueError(
+            "base_model_name_or_path must be a non-empty string (a hub id or a path), "
+            f"got {base_model_name_or_path!r}"
+        )
+    if base_model_name_or_path is None:
+        warnings.warn(
+            "writing base_model_name_or_path null (the model was built from a config): the "
+            "`mixlora` package and MoE-PEFT need it; pass base_model_name_or_path=...",
             stacklevel=2,
         )
     tensors: dict[str, torch.Tensor] = {}
     for path_, _, layer in iter_adapters(model, name):
         for key, t in _layer_tensors(path_, layer).items():
             tensors[key] = t.detach().to("cpu").contiguous().clone()
-    meta = _config_json(config, model, dropout, expert_dropout)
+    meta = _config_json(config, model, dropout, expert_dropout, base_model_name_or_path)
     with atomic_directory(path) as tmp:
         torch.save(tensors, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -203,6 +256,7 @@ def _config_from_json(meta: dict[str, Any], file: Path) -> MixLoRAConfig:
             targets = [k for k, v in targets.items() if v]
         expert = meta.get("expert_lora") or {}
         ffn = [t for t in targets if t in FFN_PROJECTIONS]
+        aggregation = meta.get("balance_loss_aggregation", "global")  # ours; MoE-PEFT: global
         return MixLoRAConfig(
             num_experts=int(meta["num_experts"]),
             top_k=int(meta["top_k"]),
@@ -218,6 +272,7 @@ def _config_from_json(meta: dict[str, Any], file: Path) -> MixLoRAConfig:
             jitter_noise=float(meta.get("jitter_noise", 0.0)),
             target_modules=[t for t in targets if t not in FFN_PROJECTIONS],
             ffn_projections=ffn or list(FFN_PROJECTIONS),
+            balance_loss_aggregation=aggregation,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{file}: invalid MixLoRA config ({e!r})") from e

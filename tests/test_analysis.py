@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -167,6 +168,54 @@ def test_subspace_similarity_invariant_to_row_mixing():
     assert subspace_similarity((B, A), other, 6) == pytest.approx(1.0, abs=1e-10)
     # and the top-6 of a rank-6 update is the whole row space
     assert subspace_similarity((B, A), (B, M @ A), 6, 6) == pytest.approx(1.0, abs=1e-10)
+
+
+# Oracle: the LoRA paper's definition (Hu et al. 2021, arXiv 2106.09685, sec. 7.2, eq. 4),
+# transcribed: "we perform singular value decomposition on A_{r=8} and A_{r=64} and obtain the
+# right-singular unitary matrices U_{A_{r=8}} and U_{A_{r=64}} ...
+# phi(A_{r=8}, A_{r=64}, i, j) = ||U_{A_{r=8}}^{i T} U_{A_{r=64}}^j||_F^2 / min(i, j)",
+# U^i: the columns of U for the top-i singular vectors.
+def _paper_phi(A1, A2, i, j):
+    _, _, V1h = np.linalg.svd(A1)
+    _, _, V2h = np.linalg.svd(A2)
+    U1, U2 = V1h.T, V2h.T  # right-singular vectors as columns
+    return np.linalg.norm(U1[:, :i].T @ U2[:, :j], ord="fro") ** 2 / min(i, j)
+
+
+def test_of_A_is_the_lora_papers_phi():
+    (B8, A8), (B64, A64) = _pair(80, 96, 8, seed=21), _pair(80, 96, 64, seed=22)
+    A64 = A64.clone()
+    A64[:8] += 3 * A8  # a shared direction set, as between ranks 8 and 64 in the paper
+    grid = subspace_similarity_grid((B8, A8), (B64, A64), of="A")
+    assert grid.shape == (8, 64)
+    worst = 0.0
+    for i in range(1, 9):
+        for j in (1, 2, 4, 8, 16, 33, 64):
+            expected = _paper_phi(A8.numpy(), A64.numpy(), i, j)
+            ours = subspace_similarity((B8, A8), (B64, A64), i, j, of="A")
+            assert ours == pytest.approx(expected, abs=1e-10)
+            assert float(grid[i - 1, j - 1]) == pytest.approx(expected, abs=1e-10)
+            assert subspace_similarity(A8, A64, i, j, of="A") == pytest.approx(expected, abs=1e-10)
+            worst = max(worst, abs(subspace_similarity((B8, A8), (B64, A64), i, j) - expected))
+    assert worst > 0.05  # the update's definition is another quantity below full rank
+    labels, M = similarity_matrix({"r8": (B8, A8), "A8": A8}, 3, of="A")
+    torch.testing.assert_close(M, torch.ones(2, 2, dtype=D64))
+
+
+def test_of_update_and_of_A_agree_at_full_rank_only():
+    """Same A, different B: the paper's phi is 1 at every i; the update's only at i = r."""
+    B1, A = _pair(48, 64, 6, seed=23)
+    B2 = torch.randn(48, 6, generator=torch.Generator().manual_seed(24), dtype=D64)
+    for i in range(1, 7):
+        assert subspace_similarity((B1, A), (B2, A), i, of="A") == pytest.approx(1.0, abs=1e-10)
+    assert subspace_similarity((B1, A), (B2, A), 6) == pytest.approx(1.0, abs=1e-10)
+    assert subspace_similarity((B1, A), (B2, A), 1) < 0.9
+    with pytest.raises(ValueError, match="side must be 'right'"):
+        subspace_similarity((B1, A), (B2, A), 2, side="left", of="A")
+    with pytest.raises(ValueError, match="of must be one of"):
+        subspace_similarity((B1, A), (B2, A), 2, of="B")
+    with pytest.raises(ValueError, match="not an SVD"):
+        subspace_similarity(svd((B1, A)), (B2, A), 2, of="A")
 
 
 def test_random_subspace_similarity_near_baseline():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -226,3 +227,57 @@ def test_original_length_for_longlora_style_checkpoints():
         extend_context(make_tiny_llama(rope_parameters=dict(rope)), 512, original_length=128)
     with pytest.raises(ValueError, match="original_length"):
         extend_context(make_tiny_llama(), 512, original_length=0)
+
+
+# Oracle, transcribed from dvlab-research/LongLoRA, fine-tune.py ("Set RoPE scaling factor"):
+# the factor it sets for a model whose config has max_position_embeddings and rope_scaling.
+def _longlora_scaling_factor(max_position_embeddings, rope_scaling, model_max_length):
+    orig_rope_scaling = rope_scaling
+    if orig_rope_scaling is None:
+        orig_rope_scaling = {"factor": 1}
+    orig_rope_scaling_factor = (
+        orig_rope_scaling["factor"] if "factor" in orig_rope_scaling.keys() else 1
+    )
+    orig_ctx_len = max_position_embeddings
+    if orig_ctx_len:
+        orig_ctx_len *= orig_rope_scaling_factor
+        if model_max_length > orig_ctx_len:
+            scaling_factor = float(math.ceil(model_max_length / orig_ctx_len))
+            return {"type": "linear", "factor": scaling_factor}
+    return None
+
+
+@pytest.mark.parametrize("native, target", [(256, 1000), (128, 512), (128, 300), (100, 101)])
+def test_ceil_rounding_is_longloras_factor(native, target):
+    model = make_tiny_llama(max_position_embeddings=native)
+    old_inv_freq = rotary(model).inv_freq.clone()
+    extend_context(model, target, factor_rounding="ceil")
+    reference = _longlora_scaling_factor(native, None, target)
+    factor = model.config.rope_parameters["factor"]
+    assert factor == reference["factor"] and factor == float(math.ceil(target / native))
+    assert model.config.max_position_embeddings == native * int(factor) >= target
+    assert_close(rotary(model).inv_freq, old_inv_freq / factor)
+    exact = make_tiny_llama(max_position_embeddings=native)
+    extend_context(exact, target)  # the default: target / native, unrounded
+    assert exact.config.rope_parameters["factor"] == target / native
+    assert exact.config.max_position_embeddings == target
+
+
+def test_ceil_rounding_example_from_the_issue_and_bad_value():
+    model = make_tiny_llama(max_position_embeddings=256)
+    extend_context(model, 1000, factor_rounding="ceil")
+    assert model.config.rope_parameters["factor"] == 4.0  # exact would be 3.90625
+    # the convention holds: L is read back as max_position_embeddings / factor = 256
+    extend_context(model, 2048, factor_rounding="ceil")
+    assert model.config.rope_parameters["factor"] == 8.0
+    with pytest.raises(ValueError, match="factor_rounding"):
+        extend_context(make_tiny_llama(), 512, factor_rounding="round")
+
+
+def test_context_config_factor_rounding_field():
+    from loravariants.config import ContextConfig
+
+    assert ContextConfig().factor_rounding == "exact"
+    assert ContextConfig(factor_rounding="ceil").factor_rounding == "ceil"
+    with pytest.raises(ValueError, match="context.factor_rounding"):
+        ContextConfig(factor_rounding="up")

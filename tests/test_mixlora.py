@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import warnings
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -13,10 +16,13 @@ from torch.testing import assert_close
 
 import loravariants as lv
 from loravariants.adapters.lora import LoRALinear
-from loravariants.adapters.mixlora import MixLoRAConfig, MixLoRAFFN
+from loravariants.adapters.mixlora import MixLoRAConfig, MixLoRAFFN, token_mask
 from loravariants.io_mixlora import load_mixlora, read_mixlora_factors, save_mixlora
 
 ALL_PROJ = ["gate_proj", "up_proj", "down_proj"]
+
+# tiny models are built from configs: they have no name for the file (tested where it matters)
+pytestmark = pytest.mark.filterwarnings("ignore:writing base_model_name_or_path null")
 
 
 def _randomise(module: nn.Module, seed: int = 3) -> None:
@@ -142,9 +148,47 @@ def test_balance_loss_hand_computed():
     assert layer.router_stats()["tokens_per_expert"].tolist() == [2, 1]
 
 
-def test_balance_loss_is_averaged_over_layers(tokens):
+def test_balance_loss_hand_computed_without_padding():
+    """The same three tokens plus a padded fourth: the mask takes it out of f, P and the stats."""
+    ffn = nn.Module()
+    ffn.gate_proj, ffn.up_proj = nn.Linear(2, 4, bias=False), nn.Linear(2, 4, bias=False)
+    ffn.down_proj, ffn.act_fn = nn.Linear(4, 2, bias=False), nn.SiLU()
+    coef = 0.01
+    layer = MixLoRAFFN(
+        ffn,
+        MixLoRAConfig(num_experts=2, top_k=1, router_aux_loss_coef=coef, target_modules=["q"]),
+    )
+    with torch.no_grad():
+        layer.router.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 5.0]]])  # (1, 4, 2)
+    with token_mask(torch.tensor([[1, 1, 1, 0]])):
+        out_masked = layer(x)
+    p_a = math.exp(2) / (math.exp(2) + 1)
+    p_b = math.exp(1) / (math.exp(1) + 1)
+    P = [(2 * p_a + (1 - p_b)) / 3, (2 * (1 - p_a) + p_b) / 3]
+    expected = coef * 2 * (2 / 3 * P[0] + 1 / 3 * P[1])
+    assert layer.aux_loss().item() == pytest.approx(expected, rel=1e-6)
+    assert layer.router_stats() == {"tokens_per_expert": ANY, "num_tokens": 3}
+    assert layer.router_stats()["tokens_per_expert"].tolist() == [2, 1]
+    unmasked = layer(x)  # outside the block: every token counts again
+    assert layer.router_stats()["tokens_per_expert"].tolist() == [2, 2]
+    assert layer.aux_loss().item() != pytest.approx(expected, rel=1e-3)
+    assert torch.equal(out_masked, unmasked)  # the mask never changes the output
+    with token_mask(torch.tensor([[0, 0, 0, 0]])):  # no real token: 0, not nan
+        layer(x)
+    assert layer.aux_loss().item() == 0.0
+    with token_mask(torch.ones(2, 4)), pytest.raises(ValueError, match="attention mask"):
+        layer(x)
+
+
+def test_balance_loss_per_layer_option_is_averaged_over_layers(tokens):
     model = make_tiny_llama()
-    lv.attach(model, MixLoRAConfig(num_experts=4, top_k=2, router_aux_loss_coef=0.1))
+    lv.attach(
+        model,
+        MixLoRAConfig(
+            num_experts=4, top_k=2, router_aux_loss_coef=0.1, balance_loss_aggregation="per_layer"
+        ),
+    )
     _randomise(model)
     model(tokens)
     moe = [lay for lay in lv.adapter_layers(model).values() if isinstance(lay, MixLoRAFFN)]
@@ -369,7 +413,9 @@ def test_ffn_projection_wrapped_by_other_adapter_raises():
         ({"jitter_noise": 1.0}, "jitter_noise"),
         ({"ffn_projections": ["fc1"]}, "ffn_projections"),
         ({"ffn_projections": []}, "ffn_projections"),
-        ({"target_modules": ["q_proj", "down_proj"]}, "target_modules"),
+        ({"target_modules": ["q_proj", "down_proj"], "ffn_projections": ["up_proj"]}, "target"),
+        ({"target_modules": ["q_proj", "gate_up_proj"]}, "target_modules"),
+        ({"balance_loss_aggregation": "mean"}, "balance_loss_aggregation"),
     ],
 )
 def test_bad_config_names_field(fields, named):
@@ -471,3 +517,147 @@ def test_mixlora_load_into_merged_adapter_and_failed_load(tokens, tmp_path):
         load_mixlora(deeper, tmp_path / "m")
     assert lv.adapter_names(deeper) == []
     assert all(torch.equal(deeper.state_dict()[k], v) for k, v in before.items())
+
+
+def _router_inputs(model):
+    """Each MixLoRA host's input of the next forwards, by module path."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    for path, layer in lv.adapter_layers(model).items():
+        if isinstance(layer, MixLoRAFFN):
+            seen[path] = []
+            model.get_submodule(path).register_forward_hook(
+                lambda m, a, o, path=path: seen[path].append(a[0].detach())
+            )
+    return seen
+
+
+def test_the_models_attention_mask_reaches_the_layers(tokens):
+    """attach installs a hook: keyword or positional attention_mask, restored after the call."""
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=4, top_k=2))
+    _randomise(model)
+    moe = [lay for lay in lv.adapter_layers(model).values() if isinstance(lay, MixLoRAFFN)]
+    mask = torch.ones_like(tokens)
+    mask[1, 10:] = 0
+    model(tokens, attention_mask=mask)
+    assert [lay.router_stats()["num_tokens"] for lay in moe] == [26, 26]
+    keyword = lv.aux_loss(model)
+    model(tokens, mask)  # positional, as LlamaForCausalLM.forward(input_ids, attention_mask)
+    assert_close(lv.aux_loss(model), keyword, rtol=0, atol=0)
+    model(tokens)  # no mask: nothing left over from the previous call
+    assert [lay.router_stats()["num_tokens"] for lay in moe] == [32, 32]
+    assert lv.aux_loss(model).item() != pytest.approx(keyword.item(), rel=1e-4)
+    model(tokens, attention_mask=torch.ones_like(tokens))
+    assert_close(lv.aux_loss(model), lv.aux_loss(model))
+    with token_mask(mask):  # by hand, for a call without attention_mask
+        model(inputs_embeds=model.get_input_embeddings()(tokens))
+    assert_close(lv.aux_loss(model), keyword, rtol=1e-6, atol=0)
+    # an error inside the forward still restores the previous mask
+    with pytest.raises(Exception):  # noqa: B017 (whatever the model raises)
+        model(tokens, attention_mask=mask, position_ids="not a tensor")
+    model(tokens)
+    assert moe[0].router_stats()["num_tokens"] == 32
+    # the hooks are picklable (a model with MixLoRA can still be torch.save'd whole), and a copy
+    # records its own masks
+    copy = pickle.loads(pickle.dumps(model))
+    copy(tokens, attention_mask=mask)
+    assert_close(lv.aux_loss(copy), keyword, rtol=1e-6, atol=0)
+
+
+def test_padding_mask_with_kv_cache_generation_and_checkpointing(tokens):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=4, top_k=2, dropout=0.0))
+    _randomise(model)
+    mask = torch.ones_like(tokens)
+    mask[0, :5] = 0  # left padding, as for generation
+    out = model.generate(
+        tokens, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    assert out.shape == (2, 19)  # the last step saw a (2, 18) mask and one new token per row
+    layer = next(x for x in lv.adapter_layers(model).values() if isinstance(x, MixLoRAFFN))
+    assert layer.router_stats()["num_tokens"] == 2
+    # gradient checkpointing recomputes the FFNs outside the model's forward (no mask then):
+    # the same graph must come out, and the loss is the masked one
+    model.train()
+    expected = model(tokens, attention_mask=mask, labels=tokens)
+    aux = lv.aux_loss(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = model(tokens, attention_mask=mask, labels=tokens)
+    assert_close(lv.aux_loss(model), aux, rtol=1e-6, atol=0)
+    (got.loss + lv.aux_loss(model)).backward()
+    assert_close(got.logits, expected.logits)
+
+
+@pytest.mark.parametrize(
+    "targets, explicit",
+    [
+        (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ALL_PROJ),
+        (["q_proj", "v_proj", "down_proj", "gate_proj"], ["gate_proj", "down_proj"]),
+        (["up_proj"], ["up_proj"]),
+    ],
+)
+def test_target_modules_with_ffn_names_are_the_expert_projections(tokens, targets, explicit):
+    """MixLoRA / MoE-PEFT style target_modules builds the same model as ffn_projections."""
+    attention = [t for t in targets if t not in ALL_PROJ]
+    config = MixLoRAConfig(num_experts=3, top_k=2, target_modules=targets)
+    same = MixLoRAConfig(num_experts=3, top_k=2, target_modules=attention, ffn_projections=explicit)
+    assert config == same
+    assert config.target_modules == attention and config.ffn_projections == explicit
+    models = []
+    for c in (config, same):
+        model = make_tiny_llama()
+        torch.manual_seed(11)
+        lv.attach(model, c)
+        _randomise(model)
+        models.append(model)
+    a, b = (m.state_dict() for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_close(models[0](tokens).logits, models[1](tokens).logits, rtol=0, atol=0)
+    layer = lv.adapter_layers(models[0])["model.layers.0.mlp"]
+    assert set(layer.projections) == set(explicit)
+    kinds = {p.rsplit(".", 1)[-1] for p in lv.adapter_layers(models[0])}
+    assert kinds == {*attention, "mlp"}  # no LoRALinear on an FFN projection
+    assert MixLoRAConfig.from_dict(config.to_dict()) == config
+    # without FFN names the experts cover all three projections, as before
+    assert MixLoRAConfig(target_modules=["q_proj"]).ffn_projections == ALL_PROJ
+
+
+def test_export_types_and_base_model_name(tmp_path):
+    model = make_tiny_llama()
+    lv.attach(model, MixLoRAConfig(num_experts=2, top_k=1, router_aux_loss_coef=0))
+    with pytest.warns(UserWarning, match="base_model_name_or_path"):
+        out = lv.save_adapter(model, tmp_path / "a", format="mixlora")
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert meta["base_model_name_or_path"] is None
+    assert type(meta["lora_alpha"]) is int and meta["lora_alpha"] == 16
+    assert type(meta["expert_lora"]["lora_alpha"]) is int and type(meta["r"]) is int
+    for key in ("lora_dropout", "router_aux_loss_coef", "router_init_range", "jitter_noise"):
+        assert type(meta[key]) is float, key
+    assert meta["balance_loss_aggregation"] == "global"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lv.save_adapter(model, tmp_path / "b", format="mixlora", base_model_name_or_path="org/m")
+        assert (
+            json.loads((tmp_path / "b/adapter_config.json").read_text())["base_model_name_or_path"]
+            == "org/m"
+        )
+        model.config._name_or_path = "local/llama-dir"  # what from_pretrained sets
+        lv.save_adapter(model, tmp_path / "c", format="mixlora")
+        assert (
+            json.loads((tmp_path / "c/adapter_config.json").read_text())["base_model_name_or_path"]
+            == "local/llama-dir"
+        )
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        save_mixlora(model, tmp_path / "d", base_model_name_or_path="")
+    # a non-integral alpha is written as is, with a warning: the reference loaders refuse it
+    other = make_tiny_llama()
+    lv.attach(other, MixLoRAConfig(num_experts=2, top_k=1, alpha=12.5))
+    with pytest.warns(UserWarning, match="int lora_alpha"):
+        save_mixlora(other, tmp_path / "e", base_model_name_or_path="org/m")
+    assert json.loads((tmp_path / "e/adapter_config.json").read_text())["lora_alpha"] == 12.5
+    # per_layer round-trips through the file (our own key)
+    third = make_tiny_llama()
+    lv.attach(third, MixLoRAConfig(num_experts=2, top_k=1, balance_loss_aggregation="per_layer"))
+    save_mixlora(third, tmp_path / "f", base_model_name_or_path="org/m")
+    loaded = load_mixlora(make_tiny_llama(), tmp_path / "f")
+    assert lv.adapter_config(loaded).balance_loss_aggregation == "per_layer"

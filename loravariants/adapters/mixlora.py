@@ -14,8 +14,24 @@ arXiv 2404.15159), plus one plain LoRA per attention projection.
     h = sum_{e in top-k(x)} w_e(x) · y_e(x),        sum_e w_e = 1
 
     balance loss = coef · E · sum_i f_i P_i    (f_i: fraction of tokens routed to expert i,
-                                                P_i: mean router probability of expert i),
-                   averaged over the adapter's MixLoRA layers.
+                                                P_i: mean router probability of expert i)
+
+with ``f`` and ``P`` taken over the real (non-padding) tokens of *all* the adapter's MixLoRA
+layers at once, as MoE-PEFT computes it (``balance_loss_aggregation="global"``, the default),
+or per layer and then averaged over the layers (``"per_layer"``).
+
+Padding. The adapter only sees hidden states, so the attention mask reaches it through
+:func:`token_mask`: attaching MixLoRA installs a forward pre-hook on the model that records the
+``attention_mask`` argument of each call (a 2-D ``(batch, seq)`` mask, 1 = real token) for the
+duration of that call; ``with token_mask(mask): ...`` sets it by hand for other call styles.
+The mask travels with the frozen FFN's context, so :func:`~loravariants.adapters.base.route_rows`
+hands each adapter the mask rows of its own batch rows.
+
+The global loss is not a sum of per-layer losses, yet ``lv.aux_loss(model)`` sums the layers'
+``aux_loss()``. With ``C_i = sum_l c_{l,i}`` (assignments to expert i over all layers, no
+gradient), ``S_{l,i}`` (layer l's summed probabilities of expert i) and ``N`` (real tokens over
+all layers), each layer returns ``coef · E · sum_i C_i S_{l,i} / N^2``; these shares add up to the
+global loss exactly, value and gradient.
 
 How it is computed. The host adds ``update(x) = h - base(x)`` to the frozen FFN's output
 ``base(x) = W_down a_0`` with ``a_0 = act(G) * U``. Because the weights sum to one and
@@ -31,8 +47,10 @@ of the (token, expert) assignments and one host sync for the E group sizes.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,11 +69,21 @@ from .base import (
 )
 from .lora import LoRAConfig, LoRALinear
 
-__all__ = ["MixLoRAConfig", "MixLoRAFFN", "FFN_PROJECTIONS", "ffn_activation_name"]
+__all__ = [
+    "MixLoRAConfig",
+    "MixLoRAFFN",
+    "FFN_PROJECTIONS",
+    "AGGREGATIONS",
+    "ffn_activation_name",
+    "record_attention_mask",
+    "token_mask",
+]
 
 #: the frozen FFN projections MixLoRA knows (Llama, Mistral, Qwen2, Gemma naming).
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _FUSED = ("gate_up_proj",)  # Phi-3: not supported (clear error)
+#: how the balance loss combines the layers: MoE-PEFT's all-layers-at-once, or a per-layer mean.
+AGGREGATIONS = ("global", "per_layer")
 
 
 @register_variant
@@ -74,13 +102,20 @@ class MixLoRAConfig(AdapterConfig):
             LoRA's value. Default ``None``.
         router_aux_loss_coef: balance-loss coefficient, >= 0. Default 0.01: the MixLoRA
             README's example (the reference code's default is 0.001); 0 switches it off.
+        balance_loss_aggregation: ``"global"`` (default, MoE-PEFT): ``f`` and ``P`` over the
+            real tokens of all MixLoRA layers at once; ``"per_layer"``: the loss of each layer,
+            averaged over the layers. Padding is excluded in both (see :func:`token_mask`).
         router_init_range: std of the router's normal init, > 0. Default 0.02.
         jitter_noise: eps of the multiplicative U(1-eps, 1+eps) noise on the router input,
             training only, in [0, 1). Default 0.
         target_modules: attention projections given one plain LoRA. Default q, k, v, o;
-            ``[]`` = no attention LoRA, FFN experts only.
+            ``[]`` = no attention LoRA, FFN experts only. As in MixLoRA / MoE-PEFT configs, FFN
+            names (``gate_proj``, ``up_proj``, ``down_proj``) may be listed here too: they are
+            taken out and become ``ffn_projections``.
         ffn_projections: FFN projections given per-expert LoRA, a non-empty subset of
-            ``gate_proj, up_proj, down_proj``. Default all three.
+            ``gate_proj, up_proj, down_proj``. Default ``None``: the FFN names listed in
+            ``target_modules``, or all three when it lists none. Given together with FFN names
+            in ``target_modules``, both must name the same projections.
     """
 
     variant: ClassVar[str] = "mixlora"
@@ -100,7 +135,8 @@ class MixLoRAConfig(AdapterConfig):
     router_aux_loss_coef: float = 0.01
     router_init_range: float = 0.02
     jitter_noise: float = 0.0
-    ffn_projections: list[str] = field(default_factory=lambda: list(FFN_PROJECTIONS))
+    ffn_projections: list[str] | None = None
+    balance_loss_aggregation: str = "global"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,7 +154,25 @@ class MixLoRAConfig(AdapterConfig):
         check_range("router_aux_loss_coef", self.router_aux_loss_coef, low=0)
         check_range("router_init_range", self.router_init_range, low=0, low_open=True)
         check_range("jitter_noise", self.jitter_noise, low=0, high=1, high_open=True)
+        if self.balance_loss_aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"balance_loss_aggregation must be one of {list(AGGREGATIONS)}, "
+                f"got {self.balance_loss_aggregation!r}"
+            )
+        # MixLoRA / MoE-PEFT list the FFN projections in target_modules: read them as experts
+        named_ffn: list[str] = []
+        if isinstance(self.target_modules, list):
+            fused = [t for t in self.target_modules if t in _FUSED]
+            if fused:
+                raise ValueError(
+                    f"target_modules: {fused} is a fused FFN projection (Phi-3 style); MixLoRA "
+                    f"supports FFNs with separate {list(FFN_PROJECTIONS)}"
+                )
+            named_ffn = [p for p in FFN_PROJECTIONS if p in self.target_modules]
+            self.target_modules = [t for t in self.target_modules if t not in FFN_PROJECTIONS]
         fp = self.ffn_projections
+        if fp is None:
+            fp = named_ffn or list(FFN_PROJECTIONS)
         if (
             not isinstance(fp, (list, tuple))
             or not fp
@@ -129,14 +183,12 @@ class MixLoRAConfig(AdapterConfig):
                 f"ffn_projections must be a non-empty subset of {list(FFN_PROJECTIONS)} "
                 f"without repeats, got {fp!r}"
             )
+        if named_ffn and set(named_ffn) != set(fp):
+            raise ValueError(
+                f"target_modules names the FFN projections {named_ffn} but ffn_projections is "
+                f"{list(fp)}: name the expert projections in one place, or the same in both"
+            )
         self.ffn_projections = list(fp)
-        if isinstance(self.target_modules, list):
-            clash = sorted(set(self.target_modules) & set(FFN_PROJECTIONS + _FUSED))
-            if clash:
-                raise ValueError(
-                    f"target_modules are the attention projections; {clash} belong to the FFN "
-                    "(its experts are chosen by ffn_projections)"
-                )
 
     # -- resolved expert settings -------------------------------------------------------------
     @property
@@ -184,6 +236,8 @@ class MixLoRAConfig(AdapterConfig):
                 f"MixLoRA found no feed-forward block in {type(model).__name__}: it needs a "
                 f"module with {list(FFN_PROJECTIONS)} linears and an act_fn"
             )
+        # the balance loss excludes padding: record the attention mask of each model call
+        record_attention_mask(model)
         inside = tuple(p + "." for p, _ in ffns)
         attention = [
             (path, module)
@@ -202,10 +256,13 @@ class MixLoRAConfig(AdapterConfig):
         return layer
 
     def on_attached(self, layers: Mapping[str, AdapterLayer]) -> None:
-        """Average the balance loss over this adapter's MixLoRA layers."""
+        """Make this adapter's MixLoRA layers one balance-loss group (their loss is computed
+        over all of them: ``"global"``, or averaged: ``"per_layer"``)."""
         moe = [layer for layer in layers.values() if isinstance(layer, MixLoRAFFN)]
+        group = _BalanceGroup(moe)
         for layer in moe:
             layer.aux_loss_weight = 1.0 / len(moe)
+            layer._group = group
 
 
 def check_ffn(module: nn.Module, path: str = "") -> None:
@@ -249,6 +306,138 @@ def ffn_activation_name(model: nn.Module) -> str:
     raise ValueError(
         f"cannot tell the FFN activation of {type(model).__name__}: its config has no hidden_act"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention mask, for a balance loss without padding
+# ---------------------------------------------------------------------------------------------
+
+# The mask of the forward under way, read by every MixLoRA layer: a one-element list, as
+# `route_rows` keeps its routing, so the context manager can swap it.
+_TOKEN_MASK: list[torch.Tensor | None] = [None]
+_HOOKED_ATTR = "loravariants_records_attention_mask"
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, MixLoRA's balance loss and router statistics count only real tokens.
+
+    A model with MixLoRA attached records the ``attention_mask`` it is called with by itself
+    (:func:`record_attention_mask`); use this for a model called without one (``inputs_embeds``
+    and a separate mask, a hand-written model) or for a standalone :class:`MixLoRAFFN`.
+
+    Args:
+        mask: ``(batch, seq)``, non-zero = real token, 0 = padding; or ``None`` (every token
+            counts). Its shape must match the FFN input's leading dimensions ``(batch, seq)``;
+            a longer ``seq`` (generation with a KV cache) is read from the right, as
+            transformers does.
+
+    Example::
+
+        with token_mask(attention_mask):
+            out = model(inputs_embeds=embeds)
+        loss = lm_loss + lv.aux_loss(model)
+    """
+    previous = _TOKEN_MASK[0]
+    _TOKEN_MASK[0] = mask
+    try:
+        yield
+    finally:
+        _TOKEN_MASK[0] = previous
+
+
+def record_attention_mask(model: nn.Module) -> None:
+    """Make ``model`` hand its ``attention_mask`` argument to MixLoRA layers, call by call.
+
+    Installs (once per model) a forward pre-hook that reads ``attention_mask`` from the call's
+    keyword or positional arguments and, when it is a 2-D ``(batch, seq)`` tensor, sets it as
+    the :func:`token_mask` for the duration of the call (a forward hook that always runs puts
+    the previous one back). Other masks (``None``, a 4-D custom mask) leave the current one in
+    place. ``attach`` calls this for every MixLoRA adapter; it never changes the model's output.
+    """
+    if getattr(model, _HOOKED_ATTR, False):
+        return
+    position = None
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+        position = names.index("attention_mask")
+    except (TypeError, ValueError):  # no signature, or no attention_mask parameter
+        pass
+    recorder = _MaskRecorder(position)
+    model.register_forward_pre_hook(recorder.before, with_kwargs=True)
+    model.register_forward_hook(recorder.after, with_kwargs=True, always_call=True)
+    object.__setattr__(model, _HOOKED_ATTR, True)
+
+
+class _MaskRecorder:
+    """The two hooks of :func:`record_attention_mask` (methods of a module-level class, so a
+    model carrying them can still be pickled)."""
+
+    def __init__(self, position: int | None) -> None:
+        self.position = position  # of attention_mask among forward's positional parameters
+        self.previous: list[torch.Tensor | None] = []
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.position is not None and len(args) > self.position:
+            mask = args[self.position]
+        self.previous.append(_TOKEN_MASK[0])
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            _TOKEN_MASK[0] = mask
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        _TOKEN_MASK[0] = self.previous.pop()
+
+
+def _real_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(*x.shape[:-1])`` fp32: 1 for a real token, 0 for padding (all ones without a mask).
+
+    Raises:
+        ValueError: the current mask does not fit ``x``.
+    """
+    lead = x.shape[:-1]
+    mask = _TOKEN_MASK[0]
+    if mask is None:
+        return torch.ones(lead, dtype=torch.float32, device=x.device)
+    if tuple(mask.shape) != tuple(lead):
+        if len(lead) == 2 and mask.dim() == 2 and mask.shape[0] == lead[0] >= 1:
+            if mask.shape[1] >= lead[1]:  # KV cache: the mask covers past and new tokens
+                mask = mask[:, mask.shape[1] - lead[1] :]
+        elif mask.numel() == math.prod(lead):
+            mask = mask.reshape(lead)
+    if tuple(mask.shape) != tuple(lead):
+        raise ValueError(
+            f"the attention mask has shape {tuple(mask.shape)} but the MixLoRA FFN input is "
+            f"{tuple(x.shape)}: it needs a (batch, seq) mask of the input's leading dimensions "
+            "(see loravariants.adapters.mixlora.token_mask)"
+        )
+    return (mask != 0).to(device=x.device, dtype=torch.float32)
+
+
+class _BalanceGroup:
+    """The MixLoRA layers of one adapter: the global balance loss is computed over all of them.
+
+    ``totals()`` sums, over the layers that ran in the last forward, the (no-gradient) expert
+    assignment counts ``C (E,)`` and the real-token count ``N``; cached until a layer runs again.
+    """
+
+    def __init__(self, layers: list[MixLoRAFFN]) -> None:
+        self.layers = layers
+        self._key: tuple = ()
+        self._totals: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = tuple(layer._balance for layer in self.layers)
+        if (
+            self._totals is None
+            or len(stats) != len(self._key)
+            or any(a is not b for a, b in zip(stats, self._key, strict=True))
+        ):
+            ran = [st for st in stats if st is not None]
+            counts = torch.stack([st[0] for st in ran]).sum(0)
+            tokens = torch.stack([st[2] for st in ran]).sum()
+            self._key, self._totals = stats, (counts, tokens)
+        return self._totals
 
 
 class _LoRAExpert(nn.Module):
@@ -312,8 +501,11 @@ class MixLoRAFFN(AdapterLayer):
         self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
         self.jitter_noise = config.jitter_noise
         self.aux_loss_coef = config.router_aux_loss_coef
+        self.aggregation = config.balance_loss_aggregation
         self.aux_loss_weight = 1.0  # 1 / number of MixLoRA layers, set by on_attached
-        self._aux: torch.Tensor | None = None
+        self._group = _BalanceGroup([self])  # this adapter's MixLoRA layers, set by on_attached
+        # last forward: (assignments per expert (E,) no grad, summed probabilities (E,), tokens)
+        self._balance: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._stats: dict[str, Any] | None = None
 
     # -- frozen part, shared by every adapter on this FFN -------------------------------------
@@ -322,13 +514,14 @@ class MixLoRAFFN(AdapterLayer):
         """Frozen FFN once for all tokens.
 
         Returns:
-            ``base(x)`` and the context ``(G, U, a_0)``: gate and up projections and
-            ``act(G) * U``, each ``(..., intermediate)``.
+            ``base(x)`` and the context ``(G, U, a_0, real)``: gate and up projections and
+            ``act(G) * U``, each ``(..., intermediate)``, and ``real (...)`` fp32, 1 for a real
+            token and 0 for padding (from :func:`token_mask`; all ones without a mask).
         """
         G = base.gate_proj(x)
         U = base.up_proj(x)
         a0 = base.act_fn(G) * U
-        return base.down_proj(a0), (G, U, a0)
+        return base.down_proj(a0), (G, U, a0, _real_tokens(x))
 
     @staticmethod
     def select_rows(ctx: Any, rows: slice | torch.Tensor) -> Any:
@@ -361,29 +554,38 @@ class MixLoRAFFN(AdapterLayer):
 
         Args:
             x: FFN input.
-            ctx: ``(G, U, a_0)`` from :meth:`base_forward` (computed here when ``None``).
+            ctx: ``(G, U, a_0, real)`` from :meth:`base_forward` (computed here when ``None``).
         """
         base = self.base
         if ctx is None:
             _, ctx = self.base_forward(base, x)
-        G, U, a0 = (t.reshape(-1, t.shape[-1]) for t in ctx)
+        G, U, a0 = (t.reshape(-1, t.shape[-1]) for t in ctx[:3])
+        real = ctx[3].reshape(-1)
         xt = x.reshape(-1, x.shape[-1])
         T, E, k = xt.shape[0], self.num_experts, self.top_k
         probs, weights, experts = self.route(xt)
 
-        # balance loss and statistics: f_i counts each (token, expert) assignment, so sum f = k
-        counts = torch.bincount(experts.reshape(-1), minlength=E)
-        frac = counts.float() / max(T, 1)
-        mean_prob = probs.mean(dim=0) if T else probs.sum(dim=0)
-        self._aux = self.aux_loss_coef * E * (frac * mean_prob).sum() * self.aux_loss_weight
-        self._stats = {"tokens_per_expert": counts.detach(), "num_tokens": T}
-
-        # dispatch: group the T*k assignments by expert with one stable sort
+        # balance-loss statistics over the real tokens: c_i counts each (token, expert)
+        # assignment (so sum_i c_i = k · tokens), S_i sums the router probabilities. The same
+        # operations run with or without a mask (a recomputing checkpoint sees the same graph).
         flat = experts.reshape(-1)
+        assigned = torch.bincount(flat, weights=real.repeat_interleave(k), minlength=E)
+        real_tokens = real.sum()
+        self._balance = (assigned.float(), (probs * real[:, None]).sum(dim=0), real_tokens)
+        self._group._totals = None
+
+        # dispatch: group the T*k assignments by expert with one stable sort (every token,
+        # padding included, is computed: the output does not depend on the mask)
         order = torch.argsort(flat, stable=True)
         token_of = order // k
         weight_of = weights.reshape(-1)[order]
-        sizes = counts.tolist()  # the one host sync
+        counts = torch.bincount(flat, minlength=E)
+        # the one host sync: the E group sizes and the number of real tokens
+        *sizes, num_real = torch.cat([counts, real_tokens.round().long()[None]]).tolist()
+        self._stats = {
+            "tokens_per_expert": assigned.detach().round().long(),
+            "num_tokens": num_real,
+        }
         gate_up = [p for p in ("gate_proj", "up_proj") if p in self.projections]
         inter = torch.zeros(T, G.shape[-1], dtype=torch.float32, device=x.device)
         out = torch.zeros(T, xt.shape[-1], dtype=torch.float32, device=x.device)
@@ -415,14 +617,35 @@ class MixLoRAFFN(AdapterLayer):
 
     # -- training hooks and inspection --------------------------------------------------------
     def aux_loss(self) -> torch.Tensor | None:
-        """``coef · E · sum_i f_i P_i / (number of MixLoRA layers)`` from the last forward."""
-        return self._aux
+        """This layer's share of the balance loss of the last forward (``None`` before one).
+
+        With ``c_i`` / ``S_i`` / ``n`` this layer's assignments to expert i, summed router
+        probabilities of expert i and real tokens, and ``C_i`` / ``N`` the sums of ``c_i`` / ``n``
+        over the adapter's MixLoRA layers that ran:
+
+        * ``"global"``: ``coef · E · sum_i C_i S_i / N^2``; summed over the layers this is
+          ``coef · E · sum_i f_i P_i`` with ``f_i = C_i / N`` and ``P_i = sum_l S_{l,i} / N``
+          (MoE-PEFT's loss over all layers' router logits at once).
+        * ``"per_layer"``: ``coef · E · sum_i (c_i / n)(S_i / n) / L`` (L: number of layers).
+
+        A forward with no real token gives 0.
+        """
+        if self._balance is None:
+            return None
+        assigned, prob_sum, tokens = self._balance
+        scale = self.aux_loss_coef * self.num_experts
+        if self.aggregation == "per_layer":
+            n = tokens.clamp(min=1.0)
+            return scale * ((assigned / n) * (prob_sum / n)).sum() * self.aux_loss_weight
+        all_assigned, all_tokens = self._group.totals()
+        return scale * (all_assigned * prob_sum).sum() / all_tokens.clamp(min=1.0) ** 2
 
     def on_skipped_forward(self) -> None:
-        self._aux = None  # the last forward did not route through this adapter
+        self._balance = None  # the last forward did not route through this adapter
 
     def router_stats(self) -> dict[str, Any] | None:
-        """Routing of the last forward: ``{"tokens_per_expert": (E,) long, "num_tokens": T}``.
+        """Routing of the last forward over its real tokens (padding excluded, see
+        :func:`token_mask`): ``{"tokens_per_expert": (E,) long, "num_tokens": T}``.
 
         A token routed to k experts counts once for each; ``None`` before any forward.
         """

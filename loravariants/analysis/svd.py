@@ -38,6 +38,7 @@ __all__ = [
     "effective_rank",
     "numerical_rank",
     "subspace_similarity",
+    "SUBSPACE_OF",
     "random_subspace_similarity",
     "subspace_similarity_grid",
     "similarity_matrix",
@@ -284,10 +285,41 @@ def _shape(source: Any) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _basis(source: Any, n: int, side: str) -> torch.Tensor:
+#: what a subspace similarity reads singular vectors of: the update ``dW = B A`` (ours), or the
+#: adapter's ``A`` matrix alone (the LoRA paper's definition, sec. 7.2).
+SUBSPACE_OF = ("update", "A")
+
+
+def _a_matrix(source: Any) -> torch.Tensor:
+    """The ``A`` factor ``(k, in)`` of a layer or a ``(B, A)`` pair; a dense matrix is taken as
+    ``A`` itself. Float64."""
+    if isinstance(source, LowRankSVD):
+        raise ValueError(
+            "of='A' needs the adapter's A (a layer, a (B, A) pair or A itself), not an SVD of "
+            "its update"
+        )
+    x = _as_factors_or_dense(source)
+    return x if isinstance(x, torch.Tensor) else x[1]
+
+
+def _svd_of(source: Any, of: str, side: str) -> LowRankSVD:
+    """The SVD whose ``side`` singular vectors a similarity compares (see :data:`SUBSPACE_OF`)."""
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    dec = svd(source)
+    if of == "update":
+        return svd(source)
+    if of != "A":
+        raise ValueError(f"of must be one of {list(SUBSPACE_OF)}, got {of!r}")
+    if side != "right":
+        raise ValueError(
+            "of='A' compares right-singular vectors of A (the paper's U_A, in the input space): "
+            f"side must be 'right', got {side!r}"
+        )
+    return svd(_a_matrix(source))
+
+
+def _basis(source: Any, n: int, side: str, of: str = "update") -> torch.Tensor:
+    dec = _svd_of(source, of, side)
     vecs = dec.U if side == "left" else dec.V
     if not 1 <= n <= vecs.shape[1]:
         raise ValueError(
@@ -296,11 +328,18 @@ def _basis(source: Any, n: int, side: str) -> torch.Tensor:
     return vecs[:, :n]
 
 
-def subspace_similarity(a: Any, b: Any, i: int, j: int | None = None, side: str = "right") -> float:
+def subspace_similarity(
+    a: Any, b: Any, i: int, j: int | None = None, side: str = "right", of: str = "update"
+) -> float:
     """Normalised overlap of two top singular subspaces (LoRA paper, sec. 7.2).
 
     ``phi(a, b, i, j) = ||U_a[:, :i]^T U_b[:, :j]||_F^2 / min(i, j)``, with ``U`` the right
-    (``side="right"``, the row space of ``A``) or left singular vectors. ``phi`` is in [0, 1]:
+    (``side="right"``, the row space of ``A``) or left singular vectors of the update
+    ``dW = B A`` (``of="update"``, the default), or the right-singular vectors of the adapters'
+    ``A`` matrices alone (``of="A"``: the paper's exact definition, ``phi(A_1, A_2, i, j)``).
+    The two agree for ``i`` and ``j`` at full rank (the top-r right-singular vectors of ``B A``
+    span the row space of ``A`` when ``B`` has full column rank) and differ below it: the
+    update's order of directions weighs in ``B``, the paper's only ``A``. ``phi`` is in [0, 1]:
     1 when the smaller subspace lies in the larger, 0 when they are orthogonal. The right
     subspace of ``B A`` is the row space of ``A``, so ``A -> M A`` (M invertible) leaves it
     unchanged when ``B`` is full rank. Random subspaces give ``max(i, j) / dim`` on average
@@ -311,12 +350,15 @@ def subspace_similarity(a: Any, b: Any, i: int, j: int | None = None, side: str 
         i: number of top singular vectors of ``a``.
         j: number of top singular vectors of ``b`` (default ``i``).
         side: ``"right"`` (input space, dim ``in``) or ``"left"`` (output space, dim ``out``).
+        of: ``"update"`` (singular vectors of ``B A``) or ``"A"`` (right-singular vectors of
+            ``A``; a dense matrix is then read as ``A`` itself, ``(k, in)``; ``side`` must be
+            ``"right"``).
 
     Returns:
         ``phi`` as a float.
     """
     j = i if j is None else j
-    Ua, Ub = _basis(a, i, side), _basis(b, j, side)
+    Ua, Ub = _basis(a, i, side, of), _basis(b, j, side, of)
     Ub = Ub.to(Ua.device)  # computed where ``a`` lives (a CUDA model vs CPU-loaded factors)
     if Ua.shape[0] != Ub.shape[0]:
         raise ValueError(f"subspaces live in different spaces: dim {Ua.shape[0]} vs {Ub.shape[0]}")
@@ -336,15 +378,21 @@ def random_subspace_similarity(dim: int, i: int, j: int | None = None) -> float:
 
 
 def subspace_similarity_grid(
-    a: Any, b: Any, max_i: int | None = None, max_j: int | None = None, side: str = "right"
+    a: Any,
+    b: Any,
+    max_i: int | None = None,
+    max_j: int | None = None,
+    side: str = "right",
+    of: str = "update",
 ) -> torch.Tensor:
-    """``phi(a, b, i, j)`` for ``i = 1..max_i``, ``j = 1..max_j`` (the LoRA paper's Fig. 3).
+    """``phi(a, b, i, j)`` for ``i = 1..max_i``, ``j = 1..max_j`` (the LoRA paper's Fig. 3,
+    which uses ``of="A"``; see :func:`subspace_similarity` for ``side`` and ``of``).
 
     Returns:
         ``(max_i, max_j)`` float64, entry ``[i-1, j-1] = phi(a, b, i, j)``. Defaults: each
         source's full rank (factor width).
     """
-    da, db = svd(a), svd(b)
+    da, db = _svd_of(a, of, side), _svd_of(b, of, side)
     Va = da.V if side == "right" else da.U
     Vb = (db.V if side == "right" else db.U).to(Va.device)
     max_i = Va.shape[1] if max_i is None else max_i
@@ -358,15 +406,19 @@ def subspace_similarity_grid(
 
 
 def similarity_matrix(
-    sources: Mapping[str, Any] | Sequence[Any], i: int, j: int | None = None, side: str = "right"
+    sources: Mapping[str, Any] | Sequence[Any],
+    i: int,
+    j: int | None = None,
+    side: str = "right",
+    of: str = "update",
 ) -> tuple[list[str], torch.Tensor]:
     """Pairwise ``phi`` between several updates: seeds, ranks, COLA links, MultiLoRA branches,
     MixLoRA experts (see :func:`components`).
 
     Args:
         sources: ``{label: source}`` or a sequence (labelled ``"0", "1", ...``).
-        i, j, side: as in :func:`subspace_similarity`; entry ``[p, q]`` uses the top ``i`` of
-            source p and top ``j`` of source q (symmetric when ``i == j``).
+        i, j, side, of: as in :func:`subspace_similarity`; entry ``[p, q]`` uses the top ``i``
+            of source p and top ``j`` of source q (symmetric when ``i == j``).
 
     Returns:
         ``(labels, M)`` with ``M`` of shape ``(n, n)``.
@@ -374,7 +426,7 @@ def similarity_matrix(
     if not isinstance(sources, Mapping):
         sources = {str(n): s for n, s in enumerate(sources)}
     labels = list(sources)
-    decs = [svd(sources[name]) for name in labels]
+    decs = [_svd_of(sources[name], of, side) for name in labels]
     n = len(decs)
     M = torch.empty(n, n, dtype=_DTYPE)
     for p in range(n):

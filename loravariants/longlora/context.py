@@ -6,6 +6,10 @@ positions ``0 .. L`` again when it reads ``factor * L`` tokens::
 
     rotary angle(p) = p * inv_freq          ->   (p / factor) * inv_freq
 
+LongLoRA's scripts round the factor up to an integer (``math.ceil(target / original)`` in
+``fine-tune.py``, so 256 -> 1000 tokens gives 4.0, not 3.90625); ``factor_rounding="ceil"``
+does the same, the default ``"exact"`` keeps ``target / original``.
+
 transformers expresses this in ``config.rope_parameters`` (``rope_type="linear"``,
 ``factor``); NTK-aware ``"dynamic"`` and ``"yarn"`` use the same field. LongLoRA also trains the
 input embeddings and every norm layer ("LoRA+"); :func:`extend_context` marks them with
@@ -15,6 +19,7 @@ input embeddings and every norm layer ("LoRA+"); :func:`extend_context` marks th
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,8 +30,10 @@ from ..inject import mark_trainable
 
 METHODS = ("linear", "dynamic", "yarn")
 TRAINABLE = ("embed", "norm")
+#: ``"exact"``: factor = target / L; ``"ceil"``: rounded up to an integer, as LongLoRA does.
+FACTOR_ROUNDINGS = ("exact", "ceil")
 
-__all__ = ["METHODS", "TRAINABLE", "extend_context", "trainable_module_names"]
+__all__ = ["FACTOR_ROUNDINGS", "METHODS", "TRAINABLE", "extend_context", "trainable_module_names"]
 
 
 def _rope_dicts(config: Any) -> list[dict]:
@@ -127,16 +134,18 @@ def extend_context(
     method: str = "linear",
     trainable: Iterable[str] = TRAINABLE,
     original_length: int | None = None,
+    factor_rounding: str = "exact",
 ) -> nn.Module:
     """Extend a RoPE model's context to ``target_length`` tokens, in place.
 
     Sets ``config.rope_parameters`` to ``method`` with ``factor = target_length / L``
-    (``L``: the pre-training context), sets ``max_position_embeddings = target_length``
-    (``"dynamic"`` keeps ``L`` there: transformers' dynamic NTK reads it as the pre-training
-    length and scales beyond it), rebuilds the rotary embedding modules so the change takes
-    effect, and marks the input embeddings and/or all norm modules trainable (LongLoRA's
-    "LoRA+"; lm_head stays frozen). Per-layer-type RoPE (Gemma3: one dict per layer type in
-    ``rope_parameters``) is supported; every layer type gets the same factor.
+    (``L``: the pre-training context; ``factor_rounding="ceil"``: ``ceil(target_length / L)``,
+    LongLoRA's rounding), sets ``max_position_embeddings = L · factor`` (``= target_length``
+    unrounded; ``"dynamic"`` keeps ``L`` there: transformers' dynamic NTK reads it as the
+    pre-training length and scales beyond it), rebuilds the rotary embedding modules so the
+    change takes effect, and marks the input embeddings and/or all norm modules trainable
+    (LongLoRA's "LoRA+"; lm_head stays frozen). Per-layer-type RoPE (Gemma3: one dict per
+    layer type in ``rope_parameters``) is supported; every layer type gets the same factor.
 
     ``L`` is read from the config unless ``original_length`` is given. The convention assumed
     is transformers': for an unscaled model ``L = max_position_embeddings``; with a
@@ -156,18 +165,27 @@ def extend_context(
         original_length: the model's native (pre-training) context ``L``; ``None`` reads it
             from the config as described above. Also required when the layer types'
             RoPE parameters imply different ``L``.
+        factor_rounding: ``"exact"`` (default): ``factor = target_length / L``; ``"ceil"``:
+            rounded up to an integer, as LongLoRA's scripts do (``fine-tune.py``:
+            ``math.ceil(model_max_length / orig_ctx_len)``); the model then covers
+            ``L · factor >= target_length`` positions, and ``max_position_embeddings`` says so.
 
     Returns:
         The same model.
 
     Raises:
-        ValueError: unknown ``method``/``trainable``, ``target_length`` not above the
+        ValueError: unknown ``method``/``trainable``/``factor_rounding``, ``target_length`` not
+            above the
             current context, ``original_length`` below 1, a model without RoPE parameters or
             rotary module, or layer types with different ``L`` and no ``original_length``.
             Nothing is changed on any error (the config is restored if rebuilding fails).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if factor_rounding not in FACTOR_ROUNDINGS:
+        raise ValueError(
+            f"factor_rounding must be one of {FACTOR_ROUNDINGS}, got {factor_rounding!r}"
+        )
     if isinstance(trainable, str):
         trainable = (trainable,)
     trainable = tuple(trainable)
@@ -202,6 +220,10 @@ def extend_context(
     saved = [copy.deepcopy(params) for params in dicts]
     saved_max = config.max_position_embeddings
     factor = target_length / original
+    extended = target_length
+    if factor_rounding == "ceil":  # LongLoRA: float(math.ceil(target / original))
+        factor = float(math.ceil(factor))
+        extended = round(original * factor)
     try:
         for params in dicts:
             theta = params.get("rope_theta")
@@ -214,7 +236,7 @@ def extend_context(
                 params["partial_rotary_factor"] = partial
             if method == "yarn":
                 params["original_max_position_embeddings"] = original
-        config.max_position_embeddings = original if method == "dynamic" else target_length
+        config.max_position_embeddings = original if method == "dynamic" else extended
         _rebuild_rotary(model, rotaries)
     except BaseException:
         for params, old in zip(dicts, saved, strict=True):
