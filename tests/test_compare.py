@@ -289,6 +289,8 @@ def test_only_runs_the_named_pair_and_the_report_keeps_every_row(tmp_path):
         ({"concurrent": "maybe"}, "concurrent must be true or false"),
         ({"output_dir": 5}, "output_dir must be a non-empty string"),
         ({"seeds": "x"}, "seeds must be a non-empty list"),
+        ({"seeds": 0}, r"seeds must be a non-empty list.*got 0 \(one seed: \[0\]"),
+        ({"match_params_tolerance": -1}, "match_params_tolerance"),
     ],
 )
 def test_config_mistakes_are_caught_before_any_work(tmp_path, change, message):
@@ -305,7 +307,7 @@ def test_config_mistakes_are_caught_before_any_work(tmp_path, change, message):
 
 def test_config_conveniences(tmp_path):
     config = _experiment(
-        tmp_path, [{"name": "a", "adapter": "lora", "trainable": "embed"}], seeds=3
+        tmp_path, [{"name": "a", "adapter": "lora", "trainable": "embed"}], seeds=[3]
     )
     assert config.runs[0].trainable == ["embed"] and config.seeds == [3]
 
