@@ -444,9 +444,7 @@ def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> dict[str
     from .io import read_factors
 
     ours = {
-        path: layer.factors()
-        for path, _, layer in iter_adapters(model, name)
-        if layer.mergeable
+        path: layer.factors() for path, _, layer in iter_adapters(model, name) if layer.mergeable
     }
     left, random_left = factor_similarity(ours, read_factors(reference_dir), "left")
     right, _ = factor_similarity(ours, read_factors(reference_dir), "right")
@@ -976,9 +974,7 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
 def param_match_warning(summary: list[dict[str, Any]]) -> str | None:
     """A warning line when the trained rows differ by more than 10% in adapter parameters or
     adapt different modules; ``None`` when they are matched."""
-    trained = [
-        r for r in summary if r.get("trains") and math.isfinite(r["adapter_params"][0])
-    ]
+    trained = [r for r in summary if r.get("trains") and math.isfinite(r["adapter_params"][0])]
     if len(trained) < 2:
         return None
     lo = min(trained, key=lambda r: r["adapter_params"][0])
@@ -1063,8 +1059,7 @@ def _paired_section(reference: str | None, diffs: dict[str, dict[str, Any]]) -> 
                 cells.append(pattern.format(d.mean) + " (1 seed)")
             else:
                 text = (
-                    f"{pattern.format(d.mean)} [{pattern.format(d.low)}, "
-                    f"{pattern.format(d.high)}]"
+                    f"{pattern.format(d.mean)} [{pattern.format(d.low)}, {pattern.format(d.high)}]"
                 )
                 cells.append(f"**{text}**" if d.resolved else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

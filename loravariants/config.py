@@ -254,9 +254,11 @@ class ExperimentConfig:
             raise ValueError(f"runs[].name must be unique, repeated: {dupes}")
         if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
             # `seeds: 3` is refused, not read as [3]: a user meaning "3 seeds" would get one
-            hint = f" (one seed: [{self.seeds}]; three: [0, 1, 2])" if isinstance(
-                self.seeds, int
-            ) else ""
+            hint = (
+                f" (one seed: [{self.seeds}]; three: [0, 1, 2])"
+                if isinstance(self.seeds, int)
+                else ""
+            )
             raise ValueError(
                 f"seeds must be a non-empty list of integers, got {self.seeds!r}{hint}"
             )

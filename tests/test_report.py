@@ -137,7 +137,9 @@ def test_match_params_searches_every_rank_field(spec, extra):
 def test_match_params_refuses_an_unreachable_target_unless_allowed():
     with pytest.raises(ValueError, match=r"match_params: 10 .*out of reach.*rank 1 already"):
         match_rank(lambda: make_tiny_llama(), "lora", {}, 10, None)
-    overrides, achieved = match_rank(lambda: make_tiny_llama(), "lora", {}, 10, None, tolerance=None)
+    overrides, achieved = match_rank(
+        lambda: make_tiny_llama(), "lora", {}, 10, None, tolerance=None
+    )
     assert overrides["r"] == 1 and achieved > 10
 
 
