@@ -25,7 +25,7 @@ from .inject import (
     trainable_parameters,
     unmerge,
 )
-from .io import load_adapter, save_adapter
+from .io import apply_saved_context, load_adapter, save_adapter
 
 __all__ = [
     "__version__",
@@ -33,6 +33,7 @@ __all__ = [
     "adapter_config",
     "adapter_layers",
     "adapter_names",
+    "apply_saved_context",
     "attach",
     "aux_loss",
     "detach",

@@ -173,10 +173,11 @@ def train_main(argv: Sequence[str]) -> int:
 def eval_main(argv: Sequence[str]) -> int:
     """``loravariants eval [--config FILE] [--adapter DIR] [key.sub=value ...]``.
 
-    Without ``--config``: the built-in base, native context, stdlib validation text, and the
-    lengths given. With it: the experiment's base model, data, context extension (applied
-    before the adapter is loaded: position interpolation is part of the model, not of the
-    adapter) and evaluation settings.
+    Without ``--config``: the built-in base, stdlib validation text, and the lengths given;
+    an adapter trained with an extended context brings its extension (saved with it) and is
+    evaluated up to that context. With it: the experiment's base model, data, context
+    extension (applied before the adapter is loaded; an adapter trained with another
+    extension is refused) and evaluation settings.
     """
     import json
 
@@ -217,7 +218,13 @@ def eval_main(argv: Sequence[str]) -> int:
     if target and target > native:
         extend_context(model, target, method=config.context.method, trainable=())
     if args.adapter:
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter)  # applies the context extension it was trained with
+        from .longlora.context import describe_extension
+
+        extension = describe_extension(model)
+        if extension and not (target and target > native):  # evaluate up to its context too
+            config.context.target_length = extension["target_length"]
+            native = extension["original_length"]
     from .compare import _eval_lengths
 
     lengths = args.lengths or _eval_lengths(config, native)

@@ -49,11 +49,13 @@ from .inject import (
 )
 from .utils import ADAPTER_FILES, atomic_directory, check_replaceable
 
-__all__ = ["save_adapter", "load_adapter", "read_factors", "FORMATS"]
+__all__ = ["save_adapter", "load_adapter", "apply_saved_context", "read_factors", "FORMATS"]
 
 FORMATS = ("native", "peft", "mixlora")
 NATIVE_CONFIG = "loravariants_config.json"
 PEFT_CONFIG = "adapter_config.json"
+# the context extension an adapter was trained with, in adapter_config.json (peft ignores it)
+PEFT_CONTEXT_KEY = "loravariants_context_extension"
 WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
@@ -140,8 +142,15 @@ def _native_payload(model: nn.Module, name: str, config: AdapterConfig):
         "modules": modules,
         "extra_trainable": extra_trainable_modules(model),
         "base_model_name_or_path": _base_name(model),
+        "context_extension": _describe_extension(model),
     }
     return tensors, meta
+
+
+def _describe_extension(model: nn.Module) -> dict[str, Any] | None:
+    from .longlora.context import describe_extension
+
+    return describe_extension(model)
 
 
 def _peft_payload(model: nn.Module, name: str, config: AdapterConfig):
@@ -189,6 +198,9 @@ def _peft_payload(model: nn.Module, name: str, config: AdapterConfig):
         "inference_mode": True,
         "use_dora": False,
     }
+    extension = _describe_extension(model)
+    if extension:  # an extra key: peft ignores it (with a warning) and loads the rest
+        meta[PEFT_CONTEXT_KEY] = extension
     return tensors, meta
 
 
@@ -322,10 +334,49 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if fmt == "peft":
         tensors, config = _peft_tensors(tensors, config, weights_file)
     extra_modules = _extra_candidates(model, extra, fmt, weights_file)
+    extension = _saved_extension(model, meta, fmt, directory / _config_name(fmt))
     with _rollback_on_error(model, name, extra_modules):
         attach_for_loading(model, name, config, directory, directory / _config_name(fmt))
         _load_extra(model, tensors, extra_modules, extra_prefix, weights_file)
         _load_layers(model, name, tensors, prefix, weights_file)
+    if extension:
+        from .longlora.context import apply_extension
+
+        apply_extension(model, extension, str(directory))
+    return model
+
+
+def _saved_extension(model: nn.Module, meta: Mapping[str, Any], fmt: str, file: Path):
+    """The saved context extension to apply to ``model`` (None: nothing to do).
+
+    Raises:
+        ValueError: the model carries another extension than the adapter was trained with.
+    """
+    from .longlora.context import check_extension
+
+    key = "context_extension" if fmt == "native" else PEFT_CONTEXT_KEY
+    return check_extension(model, meta.get(key), str(file), recorded=key in meta)
+
+
+def apply_saved_context(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Give ``model`` the context extension the adapter in ``path`` was trained with.
+
+    :func:`load_adapter` does this itself; call this before loading one of our peft-format
+    adapters with ``peft.PeftModel.from_pretrained``, which does not read the extension.
+
+    Raises:
+        ValueError: the model carries a different extension (one line saying what to do).
+    """
+    directory = Path(path)
+    fmt = detect_format(directory)
+    if fmt == "mixlora":
+        return model
+    meta = _read_json(directory / _config_name(fmt))
+    extension = _saved_extension(model, meta, fmt, directory / _config_name(fmt))
+    if extension:
+        from .longlora.context import apply_extension
+
+        apply_extension(model, extension, str(directory))
     return model
 
 

@@ -68,6 +68,10 @@ def test_quickstart_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--config", config, "--adapter", str(adapter), *QUICK_OVERRIDES]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["perplexity"]["512"] == pytest.approx(rows["longlora"]["ppl"]["512"], rel=1e-4)
+    # without --config the adapter brings its context extension (saved with it)
+    with pytest.warns(UserWarning, match="applied the adapter's context extended to 512"):
+        assert main(["eval", "--model", data["base_model"], "--adapter", str(adapter)]) == 0
+    assert set(json.loads(capsys.readouterr().out)["perplexity"]) == {"256", "512"}
     assert main(["pretrain-base", "--config", config, "--quiet", *QUICK_OVERRIDES]) == 0
     assert "cache" in capsys.readouterr().out
 
