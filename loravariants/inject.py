@@ -364,12 +364,32 @@ def aux_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
     """Sum of the adapters' extra losses from the last forward (MixLoRA's balance loss).
 
     Returns a scalar tensor; ``0.`` when no adapter has one.
+
+    Raises:
+        RuntimeError: called with autograd on, for a layer in training mode with trainable
+            parameters whose last forward ran without autograd. That is what reentrant
+            gradient checkpointing (``use_reentrant=True``) does: the forward runs under
+            ``no_grad`` and is recomputed only during backward, so the loss would silently add
+            nothing to the gradient. Non-reentrant checkpointing works.
     """
     total: torch.Tensor | None = None
-    for _, _, layer in iter_adapters(model, name):
+    for path, _, layer in iter_adapters(model, name):
         loss = layer.aux_loss()
-        if loss is not None:
-            total = loss if total is None else total + loss
+        if loss is None:
+            continue
+        if (
+            torch.is_grad_enabled()
+            and not loss.requires_grad
+            and layer.training
+            and any(p.requires_grad for p in layer.parameters())
+        ):
+            raise RuntimeError(
+                f"the balance loss of {path} has no gradient: its forward ran without autograd "
+                "(reentrant gradient checkpointing, or torch.no_grad). Use non-reentrant "
+                "checkpointing: model.gradient_checkpointing_enable("
+                'gradient_checkpointing_kwargs={"use_reentrant": False})'
+            )
+        total = loss if total is None else total + loss
     return torch.zeros(()) if total is None else total
 
 
