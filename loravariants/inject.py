@@ -130,9 +130,19 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
                 if isinstance(m, nn.Linear)
             }
         )
+        hint = ""
+        if isinstance(config.target_modules, str):
+            example = next(
+                (p for p, m in iter_frozen_modules(model) if isinstance(m, nn.Linear)), ""
+            )
+            hint = (
+                " (a string is a regular expression that must match the whole module name, "
+                f"as in peft, e.g. {example!r}; to match by name pass a list: "
+                f"[{config.target_modules!r}])"
+            )
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no module of "
-            f"{type(model).__name__}; its linear layers are named {linear_names}"
+            f"{type(model).__name__}; its linear layers are named {linear_names}{hint}"
         )
     layers: dict[str, AdapterLayer] = {}
     for path, module in targets:

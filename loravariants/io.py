@@ -487,12 +487,33 @@ def _lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
         raise ValueError(f"{file}: invalid LoRA config ({e})") from e
 
 
-def _peft_tensors(tensors: dict[str, torch.Tensor], config: LoRAConfig, file: Path):
+def _peft_tensors(
+    tensors: dict[str, torch.Tensor], config: LoRAConfig, file: Path, skip_embeddings=False
+):
     """Rename peft keys to ours and target exactly the modules present in the file.
 
     peft's ``target_modules`` may also match modules it skipped (e.g. ``layers_pattern``); the
-    weights file is the truth about which modules carry an adapter.
+    weights file is the truth about which modules carry an adapter. Embedding LoRA
+    (``lora_embedding_A/B``) is refused, or with ``skip_embeddings`` left out with a warning.
     """
+    embedding = sorted(
+        {
+            k.rsplit(".lora_embedding_", 1)[0][len(_PEFT_PREFIX) :]
+            for k in tensors
+            if ".lora_embedding_" in k
+        }
+    )
+    if embedding:
+        message = (
+            f"{file}: embedding LoRA (lora_embedding_A/B on {embedding}) is not supported: "
+            "loravariants adapts nn.Linear layers only"
+        )
+        if not skip_embeddings:
+            raise ValueError(message)
+        import warnings
+
+        warnings.warn(message + "; those modules are left out", stacklevel=3)
+        tensors = {k: v for k, v in tensors.items() if ".lora_embedding_" not in k}
     out: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     for key, t in tensors.items():
@@ -607,7 +628,7 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
     if fmt == "peft":
         meta = _read_json(directory / PEFT_CONFIG)
         config = _lora_config_from_peft(meta, directory / PEFT_CONFIG)
-        tensors, config = _peft_tensors(tensors, config, directory / WEIGHTS)
+        tensors, config = _peft_tensors(tensors, config, directory / WEIGHTS, True)
         out = {}
         for module in config.target_modules:
             r, alpha = config.rank_for(module)
