@@ -160,3 +160,52 @@ def test_match_params_outcome_is_reported(tmp_path):
     assert run["match_params"]["target"] == 3000
     assert run["match_params"]["deviation"] == pytest.approx(run["matched_params"] / 3000 - 1)
     assert "match_params: lora" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_smooth_and_layer_of():
+    from loravariants.plots_report import layer_of, smooth
+
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smooth([1.0, 3.0], 1) == [1.0, 3.0]
+    assert layer_of("model.layers.12.mlp.gate_proj.experts.3") == 12
+    assert layer_of("gpt_neox.layers.0.attention.query_key_value") == 0
+    assert layer_of("transformer.h.5.attn.c_attn") == 5
+    assert layer_of("lm_head") is None
+
+
+def test_report_plots_facets_error_bars_and_layers(tmp_path):
+    """Six rows -> two loss panels; effective rank is plotted per decoder layer, so a row with
+    many modules per layer and one with few line up."""
+    from loravariants.plots_report import make_report_plots
+
+    class Spec:
+        def __init__(self, name):
+            self.name = name
+
+    class Config:
+        runs = [Spec(f"row{i}") for i in range(6)]
+
+    results = {}
+    for i in range(6):
+        for s in (0, 1):
+            modules = {
+                f"model.layers.{k}.mlp.gate_proj.experts.{e}": 2.0 + k + 0.1 * e
+                for k in range(3)
+                for e in range(1 + 3 * (i % 2))  # 1 or 4 modules per layer
+            }
+            results[f"row{i}/seed{s}"] = {
+                "row": f"row{i}",
+                "seed": s,
+                "status": "ok",
+                "loss_curve": [5.0 - 0.01 * t + 0.05 * ((t * 7 + i) % 3) for t in range(40)],
+                "ppl": {"256": 300.0 + i + s, "512": 310.0 + i - s},
+                "svd": {"effective_rank_by_layer": modules},
+            }
+    made = make_report_plots(tmp_path, Config(), results)
+    assert set(made) == {"Training loss", "Perplexity vs context length", "Effective rank by layer"}
+    from matplotlib.image import imread
+
+    wide = imread(tmp_path / "plots" / "loss_curves.png")
+    assert wide.shape[1] > 1.5 * wide.shape[0]  # two panels side by side
+    for name in ("perplexity_vs_context.png", "effective_rank.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 10_000
