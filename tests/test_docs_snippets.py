@@ -1,8 +1,9 @@
 """Every ```python block of README.md and docs/ runs (issue 18, item 8).
 
 Each block runs on its own, as a reader who copies one would run it: it must import what it
-uses (nothing is imported for it). Only the *data* a snippet refers to is given: ``model`` (a tiny Llama), ``path`` (that model saved),
-``batch``, ``x``, ``q, k, v``, ... and the adapter folders named in the text are created.
+uses (nothing is imported for it). Only the *data* a snippet refers to is given: ``model``
+(a tiny Llama), ``path`` (that model saved), ``batch``, ``x``, ``q, k, v``, ..., and the
+adapter folders named in the text are created.
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ def _namespace(file: Path, root: Path) -> dict:
         MultiLoRAConfig,
     )
     from loravariants.adapters.cola import COLALinear
-    from loravariants.adapters.mixlora import MixLoRAFFN
     from loravariants.adapters.multilora import MultiLoRALinear
 
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
