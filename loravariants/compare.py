@@ -42,7 +42,18 @@ from .inject import (
 from .stats import mean_ci, min_max, paired_difference
 from .train import TrainConfig, seed_everything, train
 
-__all__ = ["compare", "PeakMemory", "match_rank", "RESULTS_SCHEMA_VERSION", "summarize"]
+__all__ = [
+    "compare",
+    "PeakMemory",
+    "factor_similarity",
+    "match_rank",
+    "mean_ci",
+    "paired_differences",
+    "per_seed",
+    "RESULTS_SCHEMA_VERSION",
+    "seed_to_seed_similarity",
+    "summarize",
+]
 
 RESULTS_SCHEMA_VERSION = 1
 
