@@ -457,8 +457,9 @@ def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> dict[str
     ours = {
         path: layer.factors() for path, _, layer in iter_adapters(model, name) if layer.mergeable
     }
-    left, random_left = factor_similarity(ours, read_factors(reference_dir), "left")
-    right, _ = factor_similarity(ours, read_factors(reference_dir), "right")
+    reference = read_factors(reference_dir)
+    left, random_left = factor_similarity(ours, reference, "left")
+    right, _ = factor_similarity(ours, reference, "right")
     return {
         "similarity_to_lora": left,
         "similarity_to_lora_right": right,
