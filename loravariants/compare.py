@@ -503,34 +503,64 @@ def factor_similarity(
 def seed_to_seed_similarity(
     out: Path, config: ExperimentConfig, results: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, list[float]]]:
-    """Each trained row against itself across seeds: the spread a cross-method value sits in.
+    """Similarities across seeds: the baseline a same-seed cross-method value must beat.
 
-    For every pair of seeds ``s < t`` of a row, :func:`factor_similarity` of the saved adapters
-    ``runs/<row>/seed<s>`` and ``seed<t>`` (different seeds: different A initialisation and
-    data order). The first LoRA row's values are the baseline for ``similarity_to_lora``.
+    Rows run with the same seed share A's random initialisation *and* the order of the
+    training batches, and both shape the update (B's gradient is ``g (A x)^T``: its columns
+    span the output gradients of the shared batches). Pairs from different seeds share
+    neither. From the saved adapters ``runs/<row>/seed<s>``:
+
+    - ``"left"``/``"right"``: the row against itself, every seed pair ``s < t``;
+    - ``"vs_lora_left"``/``"vs_lora_right"``: the row at seed ``s`` against the first LoRA
+      row at every other seed ``t != s`` (for the LoRA row this equals its own seed-to-seed
+      value), the like-for-like comparison with LoRA's seed-to-seed baseline.
 
     Returns:
-        ``{row: {"left": [phi per seed pair], "right": [...]}}`` for rows with 2+ saved seeds.
+        ``{row: {key: [phi per pair]}}``; a key is present only when it has a pair.
     """
     import itertools
 
     from .io import read_factors
 
+    def saved(name: str) -> dict[int, Path]:
+        dirs = {
+            int(r["seed"]): out / "runs" / name / f"seed{r['seed']}" / "adapter"
+            for r in results.values()
+            if r["row"] == name and r.get("status") == "ok" and r.get("adapter_params")
+        }
+        return {s: d for s, d in sorted(dirs.items()) if d.is_dir()}
+
+    cache: dict[Path, Any] = {}
+
+    def factors(d: Path):
+        if d not in cache:
+            cache[d] = read_factors(d)
+        return cache[d]
+
+    lora_rows = [
+        r.name
+        for r in config.runs
+        if any(
+            x["row"] == r.name and x.get("variant") == "lora" and x.get("status") == "ok"
+            for x in results.values()
+        )
+    ]
+    lora = saved(lora_rows[0]) if lora_rows else {}
     found: dict[str, dict[str, list[float]]] = {}
     for spec in config.runs:
-        dirs = [
-            out / "runs" / spec.name / f"seed{r['seed']}" / "adapter"
-            for r in sorted(results.values(), key=lambda r: r["seed"])
-            if r["row"] == spec.name and r.get("status") == "ok" and r.get("adapter_params")
-        ]
-        dirs = [d for d in dirs if d.is_dir()]
-        if len(dirs) < 2:
-            continue
-        factors = [read_factors(d) for d in dirs]
-        pairs = list(itertools.combinations(factors, 2))
-        found[spec.name] = {
-            side: [factor_similarity(a, b, side)[0] for a, b in pairs] for side in ("left", "right")
-        }
+        own = saved(spec.name)
+        entry: dict[str, list[float]] = {}
+        pairs = list(itertools.combinations(own.values(), 2))
+        cross = [(own[s], lora[t]) for s in own for t in lora if s != t]
+        for side in ("left", "right"):
+            if pairs:
+                entry[side] = [factor_similarity(factors(a), factors(b), side)[0] for a, b in pairs]
+            if cross:
+                entry[f"vs_lora_{side}"] = [
+                    factor_similarity(factors(a), factors(b), side)[0] for a, b in cross
+                ]
+        if entry:
+            found[spec.name] = entry
     return found
 
 
@@ -921,8 +951,11 @@ def summarize(
             vals = [r["svd"][key] for r in ok if key in r.get("svd", {})]
             if vals:
                 row[f"sim.{key}"] = mean_ci(vals)
-        for side, vals in (seed_to_seed or {}).get(spec.name, {}).items():
-            row[f"sim.seed_to_seed_{side}"] = mean_ci(vals)
+        for key, vals in (seed_to_seed or {}).get(spec.name, {}).items():
+            name = (
+                f"sim.{key}_other_seed" if key.startswith("vs_lora") else f"sim.seed_to_seed_{key}"
+            )
+            row[name] = mean_ci(vals)
         rows.append(row)
     return rows
 
@@ -1097,35 +1130,39 @@ def _similarity_section(summary: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in summary if any(k.startswith("sim.") for k in r)]
     if not rows:
         return []
-    by_name = {r["row"]: r for r in summary}
     lora = [r for r in rows if r.get("variant") == "lora"]
-    baseline = by_name[lora[0]["row"]].get("sim.seed_to_seed_left") if lora else None
+    baseline = lora[0].get("sim.seed_to_seed_left") if lora else None
     head = (
-        f"{_fmt(baseline, '{:.3f}')} ({lora[0]['row']} seed vs {lora[0]['row']} other seed)"
+        f"{_fmt(baseline, '{:.3f}')} ({lora[0]['row']} at one seed vs another)"
         if baseline
         else "— (needs 2+ seeds of the LoRA row)"
     )
     lines = [
         "## Subspace similarity to LoRA",
         "",
-        "Mean over the layers both adapt of `phi` (LoRA paper sec. 7.2) between this row's "
-        "update and the same seed's LoRA update. **Left** (output space, the column space of "
-        "dW): B starts at zero, so training sets it. **Right** (input space, the row space of "
-        "A): rows with the same seed start from the same random A, so a high right value "
-        "mostly shows that shared initialisation, not learning. A cross-method value means "
-        "something only against the seed-to-seed baseline: two LoRA runs with different "
-        "seeds are this similar.",
+        "`phi` (LoRA paper sec. 7.2) between this row's update and LoRA's, mean over the "
+        "layers both adapt. **Left**: output space, the column space of dW, which B (zero "
+        "at the start) takes from training. **Right**: input space, the row space of A, which "
+        "rows of one seed share through A's random initialisation; a high same-seed right "
+        "value shows that shared init, not learning. Rows of one seed also see the same "
+        "batches in the same order, which shapes the left side too, so a **same-seed** value "
+        "overstates shared learning. The like-for-like comparison is **other seed**: this row "
+        "at one seed against LoRA at another (no shared init, no shared batch order), read "
+        "against LoRA's own seed-to-seed value. At or below that baseline, the row is no "
+        "further from LoRA than LoRA is from itself.",
         "",
-        f"Seed-to-seed baseline (left): {head}.",
+        f"Baseline, LoRA vs LoRA across seeds (left): {head}.",
         "",
-        "| row | vs LoRA, same seed: left | right (shared init) | this row, seed vs seed: "
-        "left | right | random subspaces (left) |",
-        "|---|---|---|---|---|---|",
+        "| row | vs LoRA, other seed: left | right | vs LoRA, same seed: left | right "
+        "(shared init) | this row across seeds: left | right | random subspaces (left) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
             _fmt(r.get(k, (float("nan"), 0.0)), "{:.3f}")
             for k in (
+                "sim.vs_lora_left_other_seed",
+                "sim.vs_lora_right_other_seed",
                 "sim.similarity_to_lora",
                 "sim.similarity_to_lora_right",
                 "sim.seed_to_seed_left",

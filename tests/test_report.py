@@ -74,7 +74,10 @@ def test_report_has_baselines_paired_differences_and_warnings(tmp_path):
     # seed-to-seed baseline of LoRA itself, next to every cross-method similarity
     lo, _ = summary["lora"]["sim.seed_to_seed_left"]
     assert 0.0 < lo < 1.0
-    assert "Seed-to-seed baseline (left): " + f"{lo:.3f}" in report
+    assert "Baseline, LoRA vs LoRA across seeds (left): " + f"{lo:.3f}" in report
+    # the like-for-like value: cola at one seed against LoRA at the other
+    assert summary["lora"]["sim.vs_lora_left_other_seed"][0] == pytest.approx(lo)
+    assert 0.0 < summary["cola"]["sim.vs_lora_left_other_seed"][0] < 1.0
     assert "| cola |" in report.split("## Subspace similarity to LoRA")[1]
     # rank, targets and parameter count per row; the warning for 2x different sizes
     assert summary["lora4"]["rank"] == "r=4" and summary["cola"]["rank"] == "r=2 x2 links"
