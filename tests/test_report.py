@@ -212,3 +212,12 @@ def test_report_plots_facets_error_bars_and_layers(tmp_path):
     assert wide.shape[1] > 1.5 * wide.shape[0]  # two panels side by side
     for name in ("perplexity_vs_context.png", "effective_rank.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 10_000
+
+
+def test_an_unreachable_match_params_stops_the_comparison_before_any_run(tmp_path):
+    from loravariants.compare import compare
+
+    config = _experiment(tmp_path, [{"name": "lora", "adapter": "lora"}], match_params=10)
+    with pytest.raises(ValueError, match="match_params: 10 adapter parameters is out of reach"):
+        compare(config, progress=False, log=lambda s: None, env=_tiny_env())
+    assert not (tmp_path / "out" / "runs").exists()
