@@ -19,13 +19,15 @@ from .inject import (
     iter_adapters,
     mark_trainable,
     merge,
+    merge_and_unload,
     on_step_end,
     reset_optimizer_state,
+    save_merged,
     set_active_adapters,
     trainable_parameters,
     unmerge,
 )
-from .io import load_adapter, save_adapter
+from .io import apply_saved_context, load_adapter, save_adapter
 
 __all__ = [
     "__version__",
@@ -33,6 +35,7 @@ __all__ = [
     "adapter_config",
     "adapter_layers",
     "adapter_names",
+    "apply_saved_context",
     "attach",
     "aux_loss",
     "detach",
@@ -41,10 +44,12 @@ __all__ = [
     "load_adapter",
     "mark_trainable",
     "merge",
+    "merge_and_unload",
     "on_step_end",
     "reset_optimizer_state",
     "route_rows",
     "save_adapter",
+    "save_merged",
     "set_active_adapters",
     "trainable_parameters",
     "unmerge",

@@ -39,9 +39,21 @@ from .inject import (
     mark_trainable,
     trainable_parameters,
 )
+from .stats import mean_ci, min_max, paired_difference
 from .train import TrainConfig, seed_everything, train
 
-__all__ = ["compare", "PeakMemory", "match_rank", "RESULTS_SCHEMA_VERSION", "summarize"]
+__all__ = [
+    "compare",
+    "PeakMemory",
+    "factor_similarity",
+    "match_rank",
+    "mean_ci",
+    "paired_differences",
+    "per_seed",
+    "RESULTS_SCHEMA_VERSION",
+    "seed_to_seed_similarity",
+    "summarize",
+]
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -107,7 +119,13 @@ class PeakMemory:
 # parameter matching
 # ---------------------------------------------------------------------------------------------
 
-RANK_FIELDS = {"lora": "r", "cola": "r", "multilora": "r", "mixlora": "expert_r"}
+RANK_FIELDS = {
+    "lora": ("r",),
+    "cola": ("r",),
+    "multilora": ("r",),
+    "mixlora": ("r", "expert_r"),
+}
+MATCH_TOLERANCE = 0.10
 
 
 def count_adapter_params(model_factory: Callable[[], nn.Module], adapter_config) -> int:
@@ -118,6 +136,16 @@ def count_adapter_params(model_factory: Callable[[], nn.Module], adapter_config)
     )
 
 
+def _with_rank(adapter_config, r: int) -> dict[str, Any]:
+    """Overrides that set every rank field of the variant (and any per-module ranks) to ``r``."""
+    fields = {f: r for f in RANK_FIELDS[adapter_config.variant]}
+    if getattr(adapter_config, "link_ranks", None):
+        fields["link_ranks"] = [r] * len(adapter_config.link_ranks)
+    if getattr(adapter_config, "rank_pattern", None):
+        fields["rank_pattern"] = {k: r for k in adapter_config.rank_pattern}
+    return fields
+
+
 def match_rank(
     model_factory: Callable[[], nn.Module],
     spec: str,
@@ -125,36 +153,73 @@ def match_rank(
     target: int,
     spec_dir: str | None,
     max_rank: int = 512,
+    tolerance: float | None = MATCH_TOLERANCE,
 ) -> tuple[dict[str, Any], int]:
-    """The rank override whose adapter's parameter count is closest to ``target``.
+    """The rank whose adapter's parameter count is closest to ``target``.
 
-    Counts grow monotonically with the rank, so a bisection finds the crossing; the nearer of
-    its two neighbours wins.
+    One value ``r`` is set on every rank field of the variant (MixLoRA: the attention LoRA's
+    ``r`` and the experts' ``expert_r``; COLA's ``link_ranks`` and any ``rank_pattern`` entries
+    too), so parameters that do not depend on a rank (MixLoRA's router) are the only fixed
+    cost. Counts grow monotonically with ``r``, so a bisection finds the crossing; the nearer
+    of its two neighbours wins.
+
+    Args:
+        model_factory: builds a fresh base model.
+        spec, overrides, spec_dir: the row's adapter spec and its overrides.
+        target: wanted adapter parameter count.
+        max_rank: largest rank tried.
+        tolerance: largest accepted relative miss ``|achieved - target| / target``; ``None``
+            accepts any miss.
 
     Returns:
-        ``(overrides with the rank set, achieved parameter count)``.
+        ``(overrides with the rank fields set, achieved parameter count)``.
+
+    Raises:
+        ValueError: the variant has no rank field, or the best rank misses ``target`` by more
+            than ``tolerance`` (e.g. a target below the rank-1 adapter's size).
     """
-    variant = load_adapter_spec(spec, overrides, spec_dir).variant
-    field = RANK_FIELDS.get(variant)
-    if field is None:
-        raise ValueError(f"match_params: no rank field known for variant {variant!r}")
+    config = load_adapter_spec(spec, overrides, spec_dir)
+    if config.variant not in RANK_FIELDS:
+        raise ValueError(f"match_params: no rank field known for variant {config.variant!r}")
+
+    counts: dict[int, int] = {}
 
     def count(r: int) -> int:
-        return count_adapter_params(
-            model_factory, load_adapter_spec(spec, {**overrides, field: r}, spec_dir)
-        )
+        if r not in counts:
+            adapter = load_adapter_spec(spec, {**overrides, **_with_rank(config, r)}, spec_dir)
+            counts[r] = count_adapter_params(model_factory, adapter)
+        return counts[r]
 
     lo, hi = 1, max_rank
     if count(hi) < target:
-        return {**overrides, field: hi}, count(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if count(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    best = min((lo, hi), key=lambda r: abs(count(r) - target))
-    return {**overrides, field: best}, count(best)
+        best = hi
+    elif count(lo) >= target:
+        best = lo
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if count(mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        best = min((lo, hi), key=lambda r: abs(count(r) - target))
+    achieved = count(best)
+    miss = abs(achieved - target) / target
+    if tolerance is not None and miss > tolerance:
+        fields = "/".join(RANK_FIELDS[config.variant])
+        reach = (
+            f"rank 1 already has {count(1):,}"
+            if best == 1
+            else f"rank {max_rank} has only {count(max_rank):,}"
+            if best == max_rank
+            else f"the nearest, {fields}={best}, has {achieved:,}"
+        )
+        raise ValueError(
+            f"match_params: {target:,} adapter parameters is out of reach for {spec!r} "
+            f"({reach}: {achieved / target - 1:+.0%}); set match_params to a reachable count "
+            f"or match_params_tolerance: {math.ceil(miss * 100) / 100:g} to accept the miss"
+        )
+    return {**overrides, **_with_rank(config, best)}, achieved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +464,14 @@ def _router_stats(model: nn.Module, name: str | None = None) -> dict[str, list[i
 
 
 def _svd_summary(model: nn.Module, env: dict[str, Any], seed: int, name: str) -> dict[str, Any]:
-    """Effective rank, energy in the top 4 directions, and similarity to LoRA's subspace."""
+    """Effective rank, energy in the top 4 directions, and similarity to LoRA's subspaces.
+
+    ``similarity_to_lora`` compares the *left* (column, output-space) subspace of each layer's
+    dW with the same seed's first LoRA row: B starts at zero, so that side is set by training.
+    The right (row) subspace is ``similarity_to_lora_right``; rows that share a seed share A's
+    random initialisation, so it mostly measures that shared init, not learning.
+    ``similarity_random`` is the mean random-subspace baseline ``k / out`` of the same layers.
+    """
     from .analysis import analyze
 
     rows = analyze(model).rows()
@@ -412,24 +484,124 @@ def _svd_summary(model: nn.Module, env: dict[str, Any], seed: int, name: str) ->
     }
     reference = env.get("lora_reference", {}).get(seed)
     if reference:
-        summary["similarity_to_lora"] = _similarity_to(model, reference, name)
+        summary.update(_similarity_to(model, reference, name))
     return summary
 
 
-def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> float:
-    from .analysis import subspace_similarity
+def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> dict[str, float]:
     from .io import read_factors
 
-    ref = read_factors(reference_dir)  # loaded on the CPU
-    values = []
-    for path, _, layer in iter_adapters(model, name):
-        if path in ref and layer.mergeable:
-            B, A = layer.factors()
-            # the reference follows the model's device (a CUDA model meets CPU-loaded factors)
-            rb, ra = (t.to(B.device) for t in ref[path])
-            k = min(A.shape[0], ra.shape[0])
-            values.append(subspace_similarity((B, A), (rb, ra), k, k))
-    return _mean(values)
+    ours = {
+        path: layer.factors() for path, _, layer in iter_adapters(model, name) if layer.mergeable
+    }
+    reference = read_factors(reference_dir)  # loaded on the CPU
+    if ours:  # it follows the model's device (a CUDA model meets CPU-loaded factors)
+        device = next(iter(ours.values()))[0].device
+        reference = {k: tuple(t.to(device) for t in pair) for k, pair in reference.items()}
+    left, random_left = factor_similarity(ours, reference, "left")
+    right, _ = factor_similarity(ours, reference, "right")
+    return {
+        "similarity_to_lora": left,
+        "similarity_to_lora_right": right,
+        "similarity_random": random_left,
+    }
+
+
+def factor_similarity(
+    a: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    b: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    side: str = "left",
+) -> tuple[float, float]:
+    """Mean subspace similarity ``phi`` over the modules two adapters both adapt.
+
+    Per module, ``k = min(rank_a, rank_b)`` and ``phi(a, b, k, k)`` on ``side`` (``"left"``:
+    output space, dim ``out``; ``"right"``: input space, dim ``in``); MixLoRA expert entries
+    (``...experts.<e>``) are left out, since experts have no fixed order to pair them by.
+
+    Args:
+        a, b: ``{module name: (B, A)}`` with ``B: (out, k)``, ``A: (k, in)``.
+        side: ``"left"`` or ``"right"``.
+
+    Returns:
+        ``(mean phi, mean random baseline max(k, k) / dim)``; ``(nan, nan)`` with no module in
+        common.
+    """
+    from .analysis import random_subspace_similarity, subspace_similarity
+
+    values, baselines = [], []
+    for path in sorted(set(a) & set(b)):
+        if ".experts." in path:
+            continue
+        (Ba, Aa), (Bb, Ab) = a[path], b[path]
+        k = min(Aa.shape[0], Ab.shape[0])
+        dim = Ba.shape[0] if side == "left" else Aa.shape[1]
+        values.append(subspace_similarity((Ba, Aa), (Bb, Ab), k, k, side=side))
+        baselines.append(random_subspace_similarity(dim, k, k))
+    return _mean(values), _mean(baselines)
+
+
+def seed_to_seed_similarity(
+    out: Path, config: ExperimentConfig, results: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, list[float]]]:
+    """Similarities across seeds: the baseline a same-seed cross-method value must beat.
+
+    Rows run with the same seed share A's random initialisation *and* the order of the
+    training batches, and both shape the update (B's gradient is ``g (A x)^T``: its columns
+    span the output gradients of the shared batches). Pairs from different seeds share
+    neither. From the saved adapters ``runs/<row>/seed<s>``:
+
+    - ``"left"``/``"right"``: the row against itself, every seed pair ``s < t``;
+    - ``"vs_lora_left"``/``"vs_lora_right"``: the row at seed ``s`` against the first LoRA
+      row at every other seed ``t != s`` (for the LoRA row this equals its own seed-to-seed
+      value), the like-for-like comparison with LoRA's seed-to-seed baseline.
+
+    Returns:
+        ``{row: {key: [phi per pair]}}``; a key is present only when it has a pair.
+    """
+    import itertools
+
+    from .io import read_factors
+
+    def saved(name: str) -> dict[int, Path]:
+        dirs = {
+            int(r["seed"]): out / "runs" / name / f"seed{r['seed']}" / "adapter"
+            for r in results.values()
+            if r["row"] == name and r.get("status") == "ok" and r.get("adapter_params")
+        }
+        return {s: d for s, d in sorted(dirs.items()) if d.is_dir()}
+
+    cache: dict[Path, Any] = {}
+
+    def factors(d: Path):
+        if d not in cache:
+            cache[d] = read_factors(d)
+        return cache[d]
+
+    lora_rows = [
+        r.name
+        for r in config.runs
+        if any(
+            x["row"] == r.name and x.get("variant") == "lora" and x.get("status") == "ok"
+            for x in results.values()
+        )
+    ]
+    lora = saved(lora_rows[0]) if lora_rows else {}
+    found: dict[str, dict[str, list[float]]] = {}
+    for spec in config.runs:
+        own = saved(spec.name)
+        entry: dict[str, list[float]] = {}
+        pairs = list(itertools.combinations(own.values(), 2))
+        cross = [(own[s], lora[t]) for s in own for t in lora if s != t]
+        for side in ("left", "right"):
+            if pairs:
+                entry[side] = [factor_similarity(factors(a), factors(b), side)[0] for a, b in pairs]
+            if cross:
+                entry[f"vs_lora_{side}"] = [
+                    factor_similarity(factors(a), factors(b), side)[0] for a, b in cross
+                ]
+        if entry:
+            found[spec.name] = entry
+    return found
 
 
 def _mean(values) -> float:
@@ -591,20 +763,28 @@ def _compare(
     env = env or _environment(config, progress)
     out.mkdir(parents=True, exist_ok=True)  # after the base model and data loaded fine
     overrides = {row.name: config.adapter_overrides(row) for row in config.runs if row.trains}
-    matched: dict[str, int] = {}
+    matched: dict[str, dict[str, Any]] = {}
     if config.match_params:
+        tolerance = config.match_params_tolerance
         for row in config.runs:
             if row.trains:
-                overrides[row.name], matched[row.name] = match_rank(
+                overrides[row.name], achieved = match_rank(
                     env["load_model"],
                     row.adapter,
                     overrides[row.name],
                     config.match_params,
                     config.spec_dir,
+                    tolerance=MATCH_TOLERANCE if tolerance is None else tolerance,
                 )
+                matched[row.name] = {
+                    "target": config.match_params,
+                    "achieved": achieved,
+                    "deviation": achieved / config.match_params - 1,
+                }
                 log(
-                    f"match_params: {row.name} -> {overrides[row.name]} "
-                    f"({matched[row.name]:,} adapter parameters)"
+                    f"match_params: {row.name} -> {overrides[row.name]} ({achieved:,} adapter "
+                    f"parameters, {matched[row.name]['deviation']:+.1%} from "
+                    f"{config.match_params:,})"
                 )
     plan = _plan(config)
     if only is not None:
@@ -645,7 +825,9 @@ def _compare(
                 log(f"    failed: {record['reason']}")
             record["elapsed_s"] = time.perf_counter() - start
             if row.name in matched:
-                record["matched_params"] = matched[row.name]
+                record.update(
+                    matched_params=matched[row.name]["achieved"], match_params=matched[row.name]
+                )
             results[key] = record
             _log_metric_errors(record, log)
             write_outputs(out, config, results, env)
@@ -689,7 +871,9 @@ def _concurrent_groups(config, plan, results, env, out, overrides, matched, prog
             else:
                 record.update(status="failed", reason=failure)
             if row.name in matched:
-                record["matched_params"] = matched[row.name]
+                record.update(
+                    matched_params=matched[row.name]["achieved"], match_params=matched[row.name]
+                )
             results[key] = record
             _log_metric_errors(record, log)
         write_outputs(out, config, results, env)
@@ -749,57 +933,121 @@ SUMMARY_METRICS = [
     ("peak_mem_mib", "peak mem (MiB)", "{:,.0f}"),
     ("wall_s", "train time (s)", "{:.1f}"),
 ]
+# timings: with fewer than 3 seeds a Student-t interval is meaningless (t_{0.975,1} = 12.7),
+# so the table shows min-max instead
+TIMING_METRICS = ("tokens_per_s", "wall_s")
+# measured for the whole group when rows train concurrently on one base
+SHARED_WHEN_CONCURRENT = ("tokens_per_s", "peak_mem_mib", "wall_s")
+PARAM_MATCH_TOLERANCE = 0.10
 
 
-def _t975(dof: int) -> float:
-    from scipy.stats import t
+def describe_rank(adapter_config: dict[str, Any] | None) -> str:
+    """A short description of an adapter's rank(s), e.g. ``r=8 x3 links`` or ``8 exp. r=8``."""
+    c = adapter_config or {}
+    variant = c.get("variant")
+    r = c.get("r")
+    if variant == "cola":
+        links = c.get("link_ranks")
+        n = c.get("chain_length") or (len(c["knots"]) + 1 if c.get("knots") else None)
+        text = f"r={'/'.join(map(str, links))}" if links else f"r={r}"
+        return text + (f" x{n} links" if n else "")
+    if variant == "multilora":
+        return f"{c.get('num_branches')} x r={r}"
+    if variant == "mixlora":
+        expert_r = c.get("expert_r") or r
+        return f"attn r={r}; {c.get('num_experts')} experts r={expert_r} top-{c.get('top_k')}"
+    return f"r={r}" if r is not None else "—"
 
-    return float(t.ppf(0.975, dof))
+
+def _targets(adapter_config: dict[str, Any] | None) -> str:
+    c = adapter_config or {}
+    targets = c.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        targets = ",".join(targets)
+    if c.get("variant") == "mixlora":
+        targets = f"{targets or '—'}; FFN {','.join(c.get('ffn_projections') or [])}"
+    return targets or "—"
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (Student t; 0 for one value)."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan")
-    n = len(values)
-    mean = sum(values) / n
-    if n == 1:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, _t975(n - 1) * sd / math.sqrt(n)
+def per_seed(results: dict[str, dict[str, Any]], row: str, metric: str) -> dict[int, float]:
+    """``{seed: value}`` of one row's finished runs; ``metric`` is a record key or ``ppl@N``,
+    ``passkey@N``, ``svd.<key>``."""
+    out = {}
+    for r in results.values():
+        if r["row"] != row or r.get("status") != "ok":
+            continue
+        if "@" in metric:
+            group, length = metric.split("@")
+            value = r.get(group, {}).get(length)
+        elif metric.startswith("svd."):
+            value = r.get("svd", {}).get(metric[4:])
+        else:
+            value = r.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[int(r["seed"])] = float(value)
+    return out
 
 
-def summarize(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary row per comparison row: mean and 95% CI of every metric over seeds."""
+def summarize(
+    config: ExperimentConfig,
+    results: dict[str, dict[str, Any]],
+    seed_to_seed: dict[str, dict[str, list[float]]] | None = None,
+) -> list[dict[str, Any]]:
+    """One summary row per comparison row: mean and 95% CI of every metric over seeds.
+
+    Also per row: the variant, its rank(s) and target modules, the adapter parameter count,
+    min-max of the timings (``<metric>_range``), whether timings are shared group figures
+    (``concurrent``), the ``match_params`` outcome, and (``seed_to_seed``, from
+    :func:`seed_to_seed_similarity`) the row's own seed-to-seed subspace similarity.
+    """
     rows = []
     for spec in config.runs:
         runs = [r for r in results.values() if r["row"] == spec.name]
         ok = [r for r in runs if r.get("status") == "ok"]
         failed = [r for r in runs if r.get("status") == "failed"]
+        first = ok[0] if ok else {}
         row: dict[str, Any] = {
             "row": spec.name,
             "adapter": spec.adapter,
             "seeds_ok": len(ok),
             "seeds_failed": len(failed),
+            "trains": spec.trains,
+            "variant": first.get("variant", "none" if not spec.trains else None),
+            "rank": describe_rank(first.get("adapter_config")) if spec.trains else "—",
+            "targets": _targets(first.get("adapter_config")) if spec.trains else "—",
+            "trainable": list(spec.trainable),
+            "concurrent": any(r.get("concurrent") for r in ok),
         }
         if failed:
             row["reason"] = failed[0]["reason"]
-        metric_keys = [k for k, _, _ in SUMMARY_METRICS]
+        if first.get("match_params"):
+            row["match_params"] = first["match_params"]
+        metric_keys = [k for k, _, _ in SUMMARY_METRICS] + ["adapter_params"]
         ppl_keys = sorted({k for r in ok for k in r.get("ppl", {})}, key=int)
         pk_keys = sorted({k for r in ok for k in r.get("passkey", {})}, key=int)
         for key in metric_keys:
             row[key] = mean_ci([r.get(key, float("nan")) for r in ok])
+        for key in TIMING_METRICS:
+            row[f"{key}_range"] = min_max([r.get(key) for r in ok])
         for key in ppl_keys:
             row[f"ppl@{key}"] = mean_ci([r.get("ppl", {}).get(key, float("nan")) for r in ok])
         for key in pk_keys:
             row[f"passkey@{key}"] = mean_ci(
                 [r.get("passkey", {}).get(key, float("nan")) for r in ok]
             )
-        for key in ("effective_rank", "energy_top4", "similarity_to_lora"):
+        for key in ("effective_rank", "energy_top4"):
             vals = [r["svd"].get(key, float("nan")) for r in ok if "svd" in r]
             if vals:
                 row[f"svd.{key}"] = mean_ci(vals)
+        for key in ("similarity_to_lora", "similarity_to_lora_right", "similarity_random"):
+            vals = [r["svd"][key] for r in ok if key in r.get("svd", {})]
+            if vals:
+                row[f"sim.{key}"] = mean_ci(vals)
+        for key, vals in (seed_to_seed or {}).get(spec.name, {}).items():
+            name = (
+                f"sim.{key}_other_seed" if key.startswith("vs_lora") else f"sim.seed_to_seed_{key}"
+            )
+            row[name] = mean_ci(vals)
         rows.append(row)
     return rows
 
@@ -814,9 +1062,21 @@ def _fmt(value, pattern="{:.3f}") -> str:
     return str(value)
 
 
+def _fmt_range(low: float, high: float, pattern: str) -> str:
+    if not math.isfinite(low):
+        return "—"
+    if low == high:
+        return pattern.format(low)
+    return f"{pattern.format(low)}–{pattern.format(high)} (min–max)"
+
+
 def summary_table(summary: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table (mean ± 95% CI over seeds)."""
-    columns = ["row", "seeds"]
+    """The summary as a Markdown table (mean ± 95% CI over seeds; timings min–max for n < 3).
+
+    Timings marked † were measured while all rows of a seed trained together on one base:
+    they are the group's figures, shared by its rows, not one method's cost.
+    """
+    columns = ["row", "seeds", "rank", "targets", "adapter params"]
     keys = []
     for key, title, pattern in SUMMARY_METRICS:
         if any(key in r for r in summary):
@@ -828,24 +1088,193 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
     )
     for k in extra:
         columns.append(k.replace("svd.", ""))
-        keys.append((k, "{:.2f}" if k.startswith("ppl") or k.startswith("svd") else "{:.2f}"))
+        keys.append((k, "{:.2f}"))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in summary:
         seeds = f"{r['seeds_ok']}"
         if r["seeds_failed"]:
             seeds += f" ({r['seeds_failed']} failed: {r.get('reason', '')[:60]})"
-        cells = [r["row"], seeds]
+        params = _fmt(r.get("adapter_params", (float("nan"), 0.0)), "{:,.0f}")
+        cells = [r["row"], seeds, r.get("rank", "—"), r.get("targets", "—"), params]
         for k, pattern in keys:
-            cells.append(_fmt(r.get(k, (float("nan"), float("nan"))), pattern))
+            if k in TIMING_METRICS and r["seeds_ok"] < 3 and f"{k}_range" in r:
+                cell = _fmt_range(*r[f"{k}_range"], pattern)
+            else:
+                cell = _fmt(r.get(k, (float("nan"), float("nan"))), pattern)
+            if r.get("concurrent") and k in SHARED_WHEN_CONCURRENT and cell != "—":
+                cell += " †"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def param_match_warning(summary: list[dict[str, Any]]) -> str | None:
+    """A warning line when the trained rows differ by more than 10% in adapter parameters or
+    adapt different modules; ``None`` when they are matched."""
+    trained = [r for r in summary if r.get("trains") and math.isfinite(r["adapter_params"][0])]
+    if len(trained) < 2:
+        return None
+    lo = min(trained, key=lambda r: r["adapter_params"][0])
+    hi = max(trained, key=lambda r: r["adapter_params"][0])
+    problems = []
+    if hi["adapter_params"][0] > (1 + PARAM_MATCH_TOLERANCE) * lo["adapter_params"][0]:
+        problems.append(
+            f"adapter parameters range from {lo['adapter_params'][0]:,.0f} ({lo['row']}) to "
+            f"{hi['adapter_params'][0]:,.0f} ({hi['row']}), "
+            f"{hi['adapter_params'][0] / max(lo['adapter_params'][0], 1):.1f}x"
+        )
+    targets = {r["targets"] for r in trained}
+    if len(targets) > 1:
+        problems.append(f"they adapt different modules ({'; '.join(sorted(targets))})")
+    extra = {tuple(r.get("trainable") or ()) for r in trained}
+    if len(extra) > 1:
+        problems.append("some also train embeddings/norms (trainable params column)")
+    if not problems:
+        return None
+    return (
+        "**Warning: the rows are not parameter-matched**: "
+        + "; ".join(problems)
+        + ". A difference between rows mixes the method with its capacity; set "
+        "`match_params: N` to compare at equal size."
+    )
+
+
+def paired_differences(
+    summary: list[dict[str, Any]], results: dict[str, dict[str, Any]]
+) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """Every trained row against a reference row, per seed, on each quality metric.
+
+    The reference is the first trained LoRA row (else the first trained row). Metrics: final
+    train loss and perplexity at every evaluated length.
+
+    Returns:
+        ``(reference row, {row: {metric: PairedDifference}})``.
+    """
+    trained = [r["row"] for r in summary if r.get("trains") and r["seeds_ok"]]
+    if len(trained) < 2:
+        return None, {}
+    by_name = {r["row"]: r for r in summary}
+    lora = [n for n in trained if by_name[n].get("variant") == "lora"]
+    reference = (lora or trained)[0]
+    metrics = ["final_loss"] + sorted(
+        {k for n in trained for k in by_name[n] if k.startswith("ppl@")},
+        key=lambda k: int(k.split("@")[1]),
+    )
+    out = {}
+    for name in trained:
+        if name != reference:
+            out[name] = {
+                m: paired_difference(per_seed(results, name, m), per_seed(results, reference, m))
+                for m in metrics
+            }
+    return reference, out
+
+
+def _paired_section(reference: str | None, diffs: dict[str, dict[str, Any]]) -> list[str]:
+    if not reference or not diffs:
+        return []
+    metrics = list(next(iter(diffs.values())))
+    lines = [
+        f"## Paired differences (row − {reference}, per seed)",
+        "",
+        "Mean of the per-seed difference with its 95% interval over seeds (Student t). "
+        "**bold**: resolved (the interval excludes 0); otherwise the two rows are "
+        "indistinguishable on that metric at this budget and number of seeds.",
+        "",
+        "| row | " + " | ".join(metrics) + " |",
+        "|" + "---|" * (len(metrics) + 1),
+    ]
+    same = []
+    for name, by_metric in diffs.items():
+        cells = []
+        for m in metrics:
+            d = by_metric[m]
+            pattern = "{:+.3f}" if m == "final_loss" else "{:+.2f}"
+            if not d.seeds:
+                cells.append("—")
+            elif len(d.seeds) < 2:
+                cells.append(pattern.format(d.mean) + " (1 seed)")
+            else:
+                text = (
+                    f"{pattern.format(d.mean)} [{pattern.format(d.low)}, {pattern.format(d.high)}]"
+                )
+                cells.append(f"**{text}**" if d.resolved else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if not any(d.resolved for d in by_metric.values()):
+            same.append(name)
+    lines.append("")
+    n_seeds = max(len(d.seeds) for m in diffs.values() for d in m.values())
+    if n_seeds < 2:
+        lines.append(
+            f"With one common seed no difference can be resolved: every row is "
+            f"indistinguishable from {reference} here. Run 3 or more seeds."
+        )
+    elif same:
+        lines.append(
+            f"Indistinguishable from {reference} on every metric above: {', '.join(same)}."
+        )
+    else:
+        lines.append(f"Every row differs from {reference} on at least one metric.")
+    return lines + [""]
+
+
+def _similarity_section(summary: list[dict[str, Any]]) -> list[str]:
+    rows = [r for r in summary if any(k.startswith("sim.") for k in r)]
+    if not rows:
+        return []
+    lora = [r for r in rows if r.get("variant") == "lora"]
+    baseline = lora[0].get("sim.seed_to_seed_left") if lora else None
+    head = (
+        f"{_fmt(baseline, '{:.3f}')} ({lora[0]['row']} at one seed vs another)"
+        if baseline
+        else "— (needs 2+ seeds of the LoRA row)"
+    )
+    lines = [
+        "## Subspace similarity to LoRA",
+        "",
+        "`phi` (LoRA paper sec. 7.2) between this row's update and LoRA's, mean over the "
+        "layers both adapt. **Left**: output space, the column space of dW, which B (zero "
+        "at the start) takes from training. **Right**: input space, the row space of A, which "
+        "rows of one seed share through A's random initialisation; a high same-seed right "
+        "value shows that shared init, not learning. Rows of one seed also see the same "
+        "batches in the same order, which shapes the left side too, so a **same-seed** value "
+        "overstates shared learning. The like-for-like comparison is **other seed**: this row "
+        "at one seed against LoRA at another (no shared init, no shared batch order), read "
+        "against LoRA's own seed-to-seed value. At or below that baseline, the row is no "
+        "further from LoRA than LoRA is from itself.",
+        "",
+        f"Baseline, LoRA vs LoRA across seeds (left): {head}.",
+        "",
+        "| row | vs LoRA, other seed: left | right | vs LoRA, same seed: left | right "
+        "(shared init) | this row across seeds: left | right | random subspaces (left) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            _fmt(r.get(k, (float("nan"), 0.0)), "{:.3f}")
+            for k in (
+                "sim.vs_lora_left_other_seed",
+                "sim.vs_lora_right_other_seed",
+                "sim.similarity_to_lora",
+                "sim.similarity_to_lora_right",
+                "sim.seed_to_seed_left",
+                "sim.seed_to_seed_right",
+                "sim.similarity_random",
+            )
+        ]
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_outputs(
     out: Path, config: ExperimentConfig, results: dict[str, dict[str, Any]], env: dict[str, Any]
 ) -> None:
     """Rewrite results.json, results.csv, report.md and the plots (each file atomically)."""
-    summary = summarize(config, results)
+    try:
+        seed_to_seed = seed_to_seed_similarity(out, config, results)
+    except Exception:  # an unreadable adapter must never lose the numbers
+        seed_to_seed = {}
+    summary = summarize(config, results, seed_to_seed)
     payload = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "library_version": __version__,
@@ -866,12 +1295,7 @@ def write_outputs(
         plots = make_report_plots(out, config, results)
     except Exception as e:  # a plot must never lose the numbers
         plots = {"error": f"{type(e).__name__}: {e}"}
-    errors = [
-        f"- `{r['key']}`: {metric}: {error}"
-        for r in results.values()
-        for metric, error in r.get("metric_errors", {}).items()
-    ]
-    _atomic_write(out / "report.md", _report_markdown(config, summary, plots, errors))
+    _atomic_write(out / "report.md", _report_markdown(config, summary, plots, results))
 
 
 def _machine() -> str:
@@ -913,7 +1337,7 @@ def _write_csv(file: Path, results: dict[str, dict[str, Any]]) -> None:
         CSV_FIELDS
         + [f"ppl@{k}" for k in ppl_keys]
         + [f"passkey@{k}" for k in pk_keys]
-        + ["effective_rank", "energy_top4", "similarity_to_lora"]
+        + ["effective_rank", "energy_top4", "similarity_to_lora", "similarity_to_lora_right"]
     )
     tmp = file.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as f:
@@ -938,7 +1362,7 @@ def _report_markdown(
     config: ExperimentConfig,
     summary: list[dict[str, Any]],
     plots: dict[str, str],
-    metric_errors: list[str] = (),
+    results: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     t = config.train
     lines = [
@@ -953,18 +1377,48 @@ def _report_markdown(
         f"{t.lr:g} ({t.schedule}, {t.warmup_steps} warm-up); seeds {config.seeds}.",
         "",
         "Mean ± 95% confidence interval over seeds (Student t); one seed shows no interval. "
-        "Perplexity uses a strided sliding window with full attention; throughput and memory "
-        "are measured the same way for every row.",
-        "",
-        summary_table(summary),
+        "With fewer than 3 seeds, throughput and train time show min–max instead (an interval "
+        "from 2 values is meaningless). Perplexity uses a strided sliding window with full "
+        "attention; throughput and memory are measured the same way for every row. "
+        "A mean ± CI per row does not say whether two rows differ: see the paired differences "
+        "below.",
         "",
     ]
-    if metric_errors:
+    if any(r.get("concurrent") for r in summary):
+        lines += [
+            "† Trained concurrently (all rows of a seed on one base): throughput, memory and "
+            "time are the whole group's, shared by its rows, not one method's cost.",
+            "",
+        ]
+    matched = [r for r in summary if r.get("match_params")]
+    if matched:
+        lines += [
+            "match_params: "
+            + "; ".join(
+                f"{r['row']} {r['match_params']['achieved']:,} of {r['match_params']['target']:,}"
+                f" ({r['match_params']['deviation']:+.1%})"
+                for r in matched
+            ),
+            "",
+        ]
+    warning = param_match_warning(summary)
+    if warning:
+        lines += [warning, ""]
+    lines += [summary_table(summary), ""]
+    if results is not None:
+        lines += _paired_section(*paired_differences(summary, results))
+    lines += _similarity_section(summary)
+    errors = [
+        f"- `{r['key']}`: {metric}: {error}"
+        for r in (results or {}).values()
+        for metric, error in r.get("metric_errors", {}).items()
+    ]
+    if errors:
         lines += [
             "**Metrics that failed** (their runs are kept; the table leaves them out; rerun "
             "the same command to compute them again):",
             "",
-            *metric_errors,
+            *errors,
             "",
         ]
     if "error" in plots:

@@ -229,8 +229,11 @@ class ExperimentConfig:
         data, context, train, eval: see their classes.
         runs: the rows to compare.
         seeds: one run per row and seed (evaluation-only rows run once).
-        match_params: set each adapter's rank so its trainable parameters are as close as
-            possible to this count (None: ranks as specified).
+        match_params: set every rank field of each adapter (one value for all of them) so
+            its adapter parameters are as close as possible to this count (None: ranks as
+            specified). A target no rank reaches within ``match_params_tolerance`` is refused.
+        match_params_tolerance: the largest relative miss ``|achieved - target| / target``
+            accepted (None: 0.10); raise it to accept a larger miss explicitly.
         concurrent: train all adapters of a seed together on one frozen base.
         output_dir: where results, report and plots go.
         spec_dir: folder the adapter specs are read from (default: the built-in ones).
@@ -245,6 +248,7 @@ class ExperimentConfig:
     runs: list[RunSpec] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     match_params: int | None = None
+    match_params_tolerance: float | None = None
     concurrent: bool = False
     output_dir: str = "runs/experiment"
     spec_dir: str | None = None
@@ -256,15 +260,23 @@ class ExperimentConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"runs[].name must be unique, repeated: {dupes}")
-        if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
-            self.seeds = [self.seeds]  # `seeds=3` means one seed, 3
         if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
-            raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+            # `seeds: 3` is refused, not read as [3]: a user meaning "3 seeds" would get one
+            hint = (
+                f" (one seed: [{self.seeds}]; three: [0, 1, 2])"
+                if isinstance(self.seeds, int)
+                else ""
+            )
+            raise ValueError(
+                f"seeds must be a non-empty list of integers, got {self.seeds!r}{hint}"
+            )
         self.seeds = list(self.seeds)
         for s in self.seeds:
             check_range("seeds[]", s, low=0, integer=True)
         if self.match_params is not None:
             check_range("match_params", self.match_params, low=1, integer=True)
+        if self.match_params_tolerance is not None:
+            check_range("match_params_tolerance", self.match_params_tolerance, low=0.0)
         if not isinstance(self.concurrent, bool):
             raise ValueError(f"concurrent must be true or false, got {self.concurrent!r}")
         for key in ("output_dir", "base_model"):

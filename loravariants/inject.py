@@ -31,6 +31,8 @@ __all__ = [
     "adapter_config",
     "iter_adapters",
     "merge",
+    "merge_and_unload",
+    "save_merged",
     "unmerge",
     "aux_loss",
     "on_step_end",
@@ -128,9 +130,19 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
                 if isinstance(m, nn.Linear)
             }
         )
+        hint = ""
+        if isinstance(config.target_modules, str):
+            example = next(
+                (p for p, m in iter_frozen_modules(model) if isinstance(m, nn.Linear)), ""
+            )
+            hint = (
+                " (a string is a regular expression that must match the whole module name, "
+                f"as in peft, e.g. {example!r}; to match by name pass a list: "
+                f"[{config.target_modules!r}])"
+            )
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no module of "
-            f"{type(model).__name__}; its linear layers are named {linear_names}"
+            f"{type(model).__name__}; its linear layers are named {linear_names}{hint}"
         )
     layers: dict[str, AdapterLayer] = {}
     for path, module in targets:
@@ -149,7 +161,25 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     config.on_attached(layers)
     _configs(model)[name] = config
     _refresh_requires_grad(model)
+    _guard_save_pretrained(model)
     return model
+
+
+def _save_pretrained_refused(*args, **kwargs) -> None:
+    raise ValueError(
+        "this model has loravariants adapters attached: save_pretrained would write wrapped "
+        "weights (base_layer) that transformers cannot load back. Save the adapter with "
+        "lv.save_adapter(model, path), or a merged plain checkpoint with "
+        "lv.save_merged(model, path) (or lv.merge_and_unload(model) first)"
+    )
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    """A transformers model with adapters refuses ``save_pretrained`` (this instance only)."""
+    if adapter_names(model) and callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = _save_pretrained_refused
+    else:
+        model.__dict__.pop("save_pretrained", None)
 
 
 def detach(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -170,6 +200,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
             setattr(parent, child, host.base_layer)
     del _configs(model)[name]
     _refresh_requires_grad(model)
+    _guard_save_pretrained(model)
     return model
 
 
@@ -237,10 +268,98 @@ def merge(model: nn.Module, name: str | None = None, skip_unmergeable: bool = Fa
     """Fold mergeable adapters (all, or ``name``) into the frozen weights: ``W <- W + dW``.
 
     The adapters stay attached (and are skipped in forward) so :func:`unmerge` can undo it.
+    In bf16/fp16 each merge and unmerge rounds ``W``, so merge/unmerge cycles drift the frozen
+    weights (about 1e-3 after five bf16 cycles); a warning says so. For an export use
+    :func:`save_merged`, which restores the exact weights afterwards.
     """
-    for layer in _layers_to_merge(model, name, skip_unmergeable):
+    layers = _layers_to_merge(model, name, skip_unmergeable)
+    low = sorted(
+        {
+            str(layer.base.weight.dtype)
+            for layer in layers
+            if not layer.merged and layer.base.weight.dtype in (torch.bfloat16, torch.float16)
+        }
+    )
+    if low:
+        import warnings
+
+        warnings.warn(
+            f"merging into {'/'.join(low)} weights rounds them: merge/unmerge cycles drift the "
+            "frozen weights; keep a float32 copy, or use lv.save_merged for an export",
+            stacklevel=2,
+        )
+    for layer in layers:
         layer.merge()
     return model
+
+
+def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold adapters (all, or ``name``) into the frozen weights and remove them (peft's name).
+
+    The model is left as a plain model: each wrapped module is back in its place with
+    ``W0 + dW`` as its weight (``dW``: the layer's whole :meth:`delta_weight`, COLA's chain
+    included), so ``save_pretrained`` writes a checkpoint transformers loads without
+    loravariants. Modules trained with the adapter (embeddings, norms) keep their trained
+    weights; a context extension stays in the config. In bf16/fp16 the sum is rounded once.
+
+    Raises:
+        ValueError: an adapter layer cannot be merged (MixLoRA routes per token); nothing is
+            changed then.
+    """
+    names = [_resolve_name(model, name)] if name is not None else adapter_names(model)
+    for n in names:
+        _layers_to_merge(model, n, skip_unmergeable=False)  # refuse before any change
+    with torch.no_grad():
+        for n in names:
+            for path, host in list(_hosts(model)):
+                if n not in host.adapters:
+                    continue
+                layer = host.adapters[n]
+                if layer.merged:
+                    layer.unmerge()
+                delta = layer.delta_weight()  # the whole update (COLA: every link)
+                layer.on_detach()  # W back to W0 (COLA takes its folded links out)
+                W = layer.base.weight
+                W += delta.to(device=W.device, dtype=W.dtype)
+                del host.adapters[n]
+                host._tell_shared()
+                if not host.adapters:
+                    parent_path, _, child = path.rpartition(".")
+                    parent = model.get_submodule(parent_path) if parent_path else model
+                    setattr(parent, child, host.base_layer)
+            del _configs(model)[n]
+    _refresh_requires_grad(model)
+    _guard_save_pretrained(model)
+    return model
+
+
+def save_merged(model: nn.Module, path, **save_kwargs):
+    """Write a plain transformers checkpoint of ``model`` with every adapter merged in.
+
+    Works on a copy (the model keeps its adapters and exact weights; the copy needs the
+    model's memory once more: for a model that does not fit twice, call
+    :func:`merge_and_unload` and then ``save_pretrained``). Load the result with
+    ``AutoModelForCausalLM.from_pretrained(path)``; neither loravariants nor peft is needed.
+
+    Args:
+        model: a transformers model whose adapters are all mergeable (not MixLoRA).
+        path: the output directory.
+        **save_kwargs: passed to ``save_pretrained``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: an unmergeable adapter, or a model without ``save_pretrained``.
+    """
+    import copy
+
+    if not callable(getattr(type(model), "save_pretrained", None)):
+        raise ValueError(f"{type(model).__name__} has no save_pretrained; use torch.save")
+    _layers_to_merge(model, None, skip_unmergeable=False)
+    plain = merge_and_unload(copy.deepcopy(model))
+    plain.save_pretrained(path, **save_kwargs)
+    return path
 
 
 def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -255,12 +374,32 @@ def aux_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
     """Sum of the adapters' extra losses from the last forward (MixLoRA's balance loss).
 
     Returns a scalar tensor; ``0.`` when no adapter has one.
+
+    Raises:
+        RuntimeError: called with autograd on, for a layer in training mode with trainable
+            parameters whose last forward ran without autograd. That is what reentrant
+            gradient checkpointing (``use_reentrant=True``) does: the forward runs under
+            ``no_grad`` and is recomputed only during backward, so the loss would silently add
+            nothing to the gradient. Non-reentrant checkpointing works.
     """
     total: torch.Tensor | None = None
-    for _, _, layer in iter_adapters(model, name):
+    for path, _, layer in iter_adapters(model, name):
         loss = layer.aux_loss()
-        if loss is not None:
-            total = loss if total is None else total + loss
+        if loss is None:
+            continue
+        if (
+            torch.is_grad_enabled()
+            and not loss.requires_grad
+            and layer.training
+            and any(p.requires_grad for p in layer.parameters())
+        ):
+            raise RuntimeError(
+                f"the balance loss of {path} has no gradient: its forward ran without autograd "
+                "(reentrant gradient checkpointing, or torch.no_grad). Use non-reentrant "
+                "checkpointing: model.gradient_checkpointing_enable("
+                'gradient_checkpointing_kwargs={"use_reentrant": False})'
+            )
+        total = loss if total is None else total + loss
     return torch.zeros(()) if total is None else total
 
 

@@ -49,11 +49,13 @@ from .inject import (
 )
 from .utils import ADAPTER_FILES, atomic_directory, check_replaceable
 
-__all__ = ["save_adapter", "load_adapter", "read_factors", "FORMATS"]
+__all__ = ["save_adapter", "load_adapter", "apply_saved_context", "read_factors", "FORMATS"]
 
 FORMATS = ("native", "peft", "mixlora")
 NATIVE_CONFIG = "loravariants_config.json"
 PEFT_CONFIG = "adapter_config.json"
+# the context extension an adapter was trained with, in adapter_config.json (peft ignores it)
+PEFT_CONTEXT_KEY = "loravariants_context_extension"
 WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
@@ -146,8 +148,15 @@ def _native_payload(model: nn.Module, name: str, config: AdapterConfig):
         "modules": modules,
         "extra_trainable": extra_trainable_modules(model),
         "base_model_name_or_path": _base_name(model),
+        "context_extension": _describe_extension(model),
     }
     return tensors, meta
+
+
+def _describe_extension(model: nn.Module) -> dict[str, Any] | None:
+    from .longlora.context import describe_extension
+
+    return describe_extension(model)
 
 
 def _peft_payload(model: nn.Module, name: str, config: AdapterConfig):
@@ -195,6 +204,9 @@ def _peft_payload(model: nn.Module, name: str, config: AdapterConfig):
         "inference_mode": True,
         "use_dora": False,
     }
+    extension = _describe_extension(model)
+    if extension:  # an extra key: peft ignores it (with a warning) and loads the rest
+        meta[PEFT_CONTEXT_KEY] = extension
     return tensors, meta
 
 
@@ -328,10 +340,49 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if fmt == "peft":
         tensors, config = _peft_tensors(tensors, config, weights_file)
     extra_modules = _extra_candidates(model, extra, fmt, weights_file)
+    extension = _saved_extension(model, meta, fmt, directory / _config_name(fmt))
     with _rollback_on_error(model, name, extra_modules):
         attach_for_loading(model, name, config, directory, directory / _config_name(fmt))
         _load_extra(model, tensors, extra_modules, extra_prefix, weights_file)
         _load_layers(model, name, tensors, prefix, weights_file)
+    if extension:
+        from .longlora.context import apply_extension
+
+        apply_extension(model, extension, str(directory))
+    return model
+
+
+def _saved_extension(model: nn.Module, meta: Mapping[str, Any], fmt: str, file: Path):
+    """The saved context extension to apply to ``model`` (None: nothing to do).
+
+    Raises:
+        ValueError: the model carries another extension than the adapter was trained with.
+    """
+    from .longlora.context import check_extension
+
+    key = "context_extension" if fmt == "native" else PEFT_CONTEXT_KEY
+    return check_extension(model, meta.get(key), str(file), recorded=key in meta)
+
+
+def apply_saved_context(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Give ``model`` the context extension the adapter in ``path`` was trained with.
+
+    :func:`load_adapter` does this itself; call this before loading one of our peft-format
+    adapters with ``peft.PeftModel.from_pretrained``, which does not read the extension.
+
+    Raises:
+        ValueError: the model carries a different extension (one line saying what to do).
+    """
+    directory = Path(path)
+    fmt = detect_format(directory)
+    if fmt == "mixlora":
+        return model
+    meta = _read_json(directory / _config_name(fmt))
+    extension = _saved_extension(model, meta, fmt, directory / _config_name(fmt))
+    if extension:
+        from .longlora.context import apply_extension
+
+        apply_extension(model, extension, str(directory))
     return model
 
 
@@ -442,12 +493,33 @@ def _lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
         raise ValueError(f"{file}: invalid LoRA config ({e})") from e
 
 
-def _peft_tensors(tensors: dict[str, torch.Tensor], config: LoRAConfig, file: Path):
+def _peft_tensors(
+    tensors: dict[str, torch.Tensor], config: LoRAConfig, file: Path, skip_embeddings=False
+):
     """Rename peft keys to ours and target exactly the modules present in the file.
 
     peft's ``target_modules`` may also match modules it skipped (e.g. ``layers_pattern``); the
-    weights file is the truth about which modules carry an adapter.
+    weights file is the truth about which modules carry an adapter. Embedding LoRA
+    (``lora_embedding_A/B``) is refused, or with ``skip_embeddings`` left out with a warning.
     """
+    embedding = sorted(
+        {
+            k.rsplit(".lora_embedding_", 1)[0][len(_PEFT_PREFIX) :]
+            for k in tensors
+            if ".lora_embedding_" in k
+        }
+    )
+    if embedding:
+        message = (
+            f"{file}: embedding LoRA (lora_embedding_A/B on {embedding}) is not supported: "
+            "loravariants adapts nn.Linear layers only"
+        )
+        if not skip_embeddings:
+            raise ValueError(message)
+        import warnings
+
+        warnings.warn(message + "; those modules are left out", stacklevel=3)
+        tensors = {k: v for k, v in tensors.items() if ".lora_embedding_" not in k}
     out: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     for key, t in tensors.items():
@@ -562,7 +634,7 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
     if fmt == "peft":
         meta = _read_json(directory / PEFT_CONFIG)
         config = _lora_config_from_peft(meta, directory / PEFT_CONFIG)
-        tensors, config = _peft_tensors(tensors, config, directory / WEIGHTS)
+        tensors, config = _peft_tensors(tensors, config, directory / WEIGHTS, True)
         out = {}
         for module in config.target_modules:
             r, alpha = config.rank_for(module)

@@ -68,6 +68,10 @@ def test_quickstart_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--config", config, "--adapter", str(adapter), *QUICK_OVERRIDES]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["perplexity"]["512"] == pytest.approx(rows["longlora"]["ppl"]["512"], rel=1e-4)
+    # without --config the adapter brings its context extension (saved with it)
+    with pytest.warns(UserWarning, match="applied the adapter's context extended to 512"):
+        assert main(["eval", "--model", data["base_model"], "--adapter", str(adapter)]) == 0
+    assert set(json.loads(capsys.readouterr().out)["perplexity"]) == {"256", "512"}
     assert main(["pretrain-base", "--config", config, "--quiet", *QUICK_OVERRIDES]) == 0
     assert "cache" in capsys.readouterr().out
 
@@ -289,6 +293,8 @@ def test_only_runs_the_named_pair_and_the_report_keeps_every_row(tmp_path):
         ({"concurrent": "maybe"}, "concurrent must be true or false"),
         ({"output_dir": 5}, "output_dir must be a non-empty string"),
         ({"seeds": "x"}, "seeds must be a non-empty list"),
+        ({"seeds": 0}, r"seeds must be a non-empty list.*got 0 \(one seed: \[0\]"),
+        ({"match_params_tolerance": -1}, "match_params_tolerance"),
     ],
 )
 def test_config_mistakes_are_caught_before_any_work(tmp_path, change, message):
@@ -305,7 +311,7 @@ def test_config_mistakes_are_caught_before_any_work(tmp_path, change, message):
 
 def test_config_conveniences(tmp_path):
     config = _experiment(
-        tmp_path, [{"name": "a", "adapter": "lora", "trainable": "embed"}], seeds=3
+        tmp_path, [{"name": "a", "adapter": "lora", "trainable": "embed"}], seeds=[3]
     )
     assert config.runs[0].trainable == ["embed"] and config.seeds == [3]
 

@@ -80,21 +80,31 @@ def plot_spectra(
     fig = _figure(3.6 * cols, 3.0 * rows)
     for n, layer_type in enumerate(types):
         ax = fig.add_subplot(rows, cols, n + 1)
-        for label, report in reports.items():
+        for c, (label, report) in enumerate(reports.items()):  # one colour per adapter
             spectra = [la.singular_values for la in report.layers if la.layer_type == layer_type]
             spectra = [s / s[0] if normalize else s for s in spectra if len(s) and s[0] > 0]
             if not spectra:
                 continue
             k = min(len(s) for s in spectra)
             mean = torch.stack([s[:k] for s in spectra]).mean(0)
-            ax.plot(range(1, k + 1), mean.tolist(), marker=".", label=label)
+            ax.plot(range(1, k + 1), mean.tolist(), marker=".", label=label, color=f"C{c % 10}")
         ax.set_title(layer_type)
         ax.set_xlabel("index i")
         ax.set_ylabel("s_i / s_1" if normalize else "s_i")
         if log:
             ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis ticks at 1, 2, 5 x 10^k labelled as plain numbers (0.05, not 5 x 10^-2)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def plot_effective_rank(

@@ -33,7 +33,16 @@ TRAINABLE = ("embed", "norm")
 #: ``"exact"``: factor = target / L; ``"ceil"``: rounded up to an integer, as LongLoRA does.
 FACTOR_ROUNDINGS = ("exact", "ceil")
 
-__all__ = ["FACTOR_ROUNDINGS", "METHODS", "TRAINABLE", "extend_context", "trainable_module_names"]
+__all__ = [
+    "FACTOR_ROUNDINGS",
+    "METHODS",
+    "TRAINABLE",
+    "apply_extension",
+    "check_extension",
+    "describe_extension",
+    "extend_context",
+    "trainable_module_names",
+]
 
 
 def _rope_dicts(config: Any) -> list[dict]:
@@ -249,3 +258,103 @@ def extend_context(
     if names:
         mark_trainable(model, names)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the extension an adapter was trained with, saved next to it
+# ---------------------------------------------------------------------------------------------
+
+
+def describe_extension(model: nn.Module) -> dict[str, Any] | None:
+    """The context extension a model carries, as saved with an adapter; None when unextended.
+
+    Read from the config (so it also describes a checkpoint extended elsewhere): a RoPE of type
+    ``"linear"``, ``"dynamic"`` or ``"yarn"`` gives ``{"method", "factor", "original_length",
+    "target_length"}``; ``"default"`` RoPE, other RoPE types and models without RoPE give None.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    config = config.get_text_config(decoder=True)
+    try:
+        params = _rope_dicts(config)[0]
+    except ValueError:
+        return None
+    if params.get("rope_type") not in METHODS:
+        return None
+    original, factor = _original_length(config, params)
+    return {
+        "method": params["rope_type"],
+        "factor": float(factor),
+        "original_length": int(original),
+        "target_length": int(round(original * factor)),
+    }
+
+
+def _phrase(ext: dict[str, Any] | None) -> str:
+    if not ext:
+        return "the native context (no extension)"
+    return (
+        f"context extended to {ext['target_length']} tokens ({ext['method']} x{ext['factor']:g} "
+        f"from {ext['original_length']})"
+    )
+
+
+def check_extension(
+    model: nn.Module, saved: dict[str, Any] | None, source: str, recorded: bool = True
+) -> dict[str, Any] | None:
+    """Compare an adapter's saved context extension with the model it is loaded into.
+
+    Args:
+        model: the model the adapter goes into.
+        saved: :func:`describe_extension` of the model the adapter was trained on.
+        source: the adapter file, for messages.
+        recorded: False when the file predates the record (or comes from elsewhere); then an
+            absent ``saved`` is not checked.
+
+    Returns:
+        The extension to apply with :func:`apply_extension` (model unextended, adapter
+        extended), else None.
+
+    Raises:
+        ValueError: the model carries a different extension than the adapter was trained with,
+            in one line that says what to load it into.
+    """
+    current = describe_extension(model)
+    if saved is None and not recorded:
+        return None
+    if saved is not None and current is None:
+        return saved
+    same = (saved is None) == (current is None) and (
+        saved is None
+        or (
+            saved["method"] == current["method"]
+            and saved["original_length"] == current["original_length"]
+            and abs(saved["factor"] - current["factor"]) <= 1e-6 * saved["factor"]
+        )
+    )
+    if not same:
+        raise ValueError(
+            f"{source}: the adapter was trained with {_phrase(saved)}, but the model has "
+            f"{_phrase(current)}; load it into the un-extended base model (the saved extension "
+            "is then applied) or one extended the same way"
+        )
+    return None
+
+
+def apply_extension(model: nn.Module, saved: dict[str, Any], source: str = "adapter") -> None:
+    """Apply a saved context extension to an unextended model (no module is marked trainable),
+    with a warning that says so."""
+    import warnings
+
+    extend_context(
+        model,
+        int(saved["target_length"]),
+        method=saved["method"],
+        trainable=(),
+        original_length=int(saved["original_length"]),
+    )
+    warnings.warn(
+        f"{source}: applied the adapter's {_phrase(saved)} to the model, as in training",
+        stacklevel=3,
+    )
