@@ -278,6 +278,23 @@ def test_loads_offline_as_a_plain_checkpoint(smollm2):
 
 @pytest.mark.slow
 @needs_extra
+def test_conversion_is_exact(smollm2):
+    """The saved float32 checkpoint gives the GGUF-loaded model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = real_models.find_gguf(SPEC)
+    direct = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    ids = torch.arange(100, 164)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _fresh(smollm2)(input_ids=ids).logits, direct(input_ids=ids).logits, atol=0, rtol=0
+        )
+
+
+@pytest.mark.slow
+@needs_extra
 def test_stdlib_perplexity_at_1024(smollm2, stdlib_tokens):
     from loravariants.evaluate import perplexity_at_lengths
 
@@ -400,7 +417,7 @@ def test_config_runs_end_to_end_with_a_tiny_budget(smollm2, tmp_path, monkeypatc
         [
             "train.max_steps=1",
             "train.batch_size=1",
-            "data.max_documents=40",
+            "data.max_documents=200",  # enough held-out text for one 1024 window
             "eval.max_tokens=1024",
             f"output_dir={tmp_path / 'out'}",
             "runs=[{name: base, adapter: none}, {name: lora, adapter: lora, overrides: {r: 2}}]",
