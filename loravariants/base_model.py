@@ -382,13 +382,21 @@ def resolve_base_model(
     """``(path_or_hub_name, tokenizer)`` of a base model without loading its weights.
 
     ``"default"`` builds (or reuses) the built-in model — ``config`` changes its fields (each
-    variant is cached under its own key); anything else is passed to ``from_pretrained`` (a
-    local folder, or a hub name, which downloads).
+    variant is cached under its own key); a name in ``real_models.REAL_MODELS`` (e.g.
+    ``"smollm2-135m"``) converts (or reuses) that packaged pretrained model; anything else is
+    passed to ``from_pretrained`` (a local folder, or a hub name, which downloads).
+
+    Raises:
+        real_models.MissingExtraError: a named real model's optional packages are missing.
     """
     from transformers import AutoTokenizer
 
+    from .real_models import REAL_MODELS, build_real_model
+
     if name == DEFAULT_NAME:
         path: str | Path = build_base_model(config, cache_dir=cache_dir, progress=progress)
+    elif name in REAL_MODELS:
+        path = build_real_model(name, cache_dir=cache_dir, progress=progress)
     else:
         path = name
         local = Path(name).expanduser()
@@ -408,8 +416,9 @@ def load_base_model(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
 ):
-    """``(model, tokenizer)``: the built-in base (``"default"``) or any ``from_pretrained``
-    path / hub name. The model is returned in eval mode."""
+    """``(model, tokenizer)``: the built-in base (``"default"``), a named real model
+    (``"smollm2-135m"``) or any ``from_pretrained`` path / hub name. The model is returned in
+    eval mode."""
     from transformers import AutoModelForCausalLM
 
     path, tokenizer = resolve_base_model(path_or_name, cache_dir, progress)

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .real_models import MissingExtraError
+
 # subcommand -> (module, function, one-line help); modules are imported on use so that
 # `loravariants --help` stays fast and a missing optional piece only affects its command.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -297,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(rest) or 0)
     except (ValueError, OSError) as e:  # a missing, unreadable or misplaced file or folder
+        print(f"loravariants {command}: error: {e}", file=sys.stderr)
+        return 2
+    except MissingExtraError as e:  # an optional package a named base model needs
         print(f"loravariants {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

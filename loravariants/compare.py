@@ -231,6 +231,8 @@ def _eval_lengths(config: ExperimentConfig, native: int) -> list[int]:
     if config.eval.lengths:
         return list(config.eval.lengths)
     target = config.context.target_length or native
+    if target < native:  # a long-context base trained on shorter blocks: score at that length
+        return [target]
     lengths, n = [], native
     while n <= target:
         lengths.append(n)
@@ -259,7 +261,9 @@ def _prepare_model(config: ExperimentConfig, row: RunSpec, seed: int, env: dict[
     else:
         if row.trainable:
             mark_trainable(model, trainable_module_names(model, row.trainable))
-        record["context"] = native
+        # a target below the native context (a real base with 8k positions on a CPU budget)
+        # is the training length, with positions left as they are
+        record["context"] = min(target or native, native)
     attention = row.attention or config.context.attention
     model.config.s2_group_size_ratio = config.context.group_size_ratio
     model.set_attn_implementation(attention)
