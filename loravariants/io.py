@@ -47,7 +47,7 @@ from .inject import (
     iter_adapters,
     mark_trainable,
 )
-from .utils import ADAPTER_FILES, atomic_directory, check_replaceable
+from .utils import ADAPTER_FILES, atomic_directory, check_replaceable, recover_directory
 
 __all__ = ["save_adapter", "load_adapter", "read_factors", "FORMATS"]
 
@@ -259,8 +259,12 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``"native"``, ``"peft"`` or ``"mixlora"`` for an adapter directory."""
+    """``"native"``, ``"peft"`` or ``"mixlora"`` for an adapter directory.
+
+    A save killed mid-replace is repaired first (:func:`~loravariants.utils.recover_directory`).
+    """
     directory = Path(path)
+    recover_directory(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such adapter directory")
     if (directory / NATIVE_CONFIG).is_file():
