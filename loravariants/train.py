@@ -86,21 +86,30 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
+        # YAML 1.1 reads `2e-4` (no dot) as a string: take it as the number it spells
+        for key in ("lr", "weight_decay", "max_grad_norm"):
+            setattr(self, key, _number(key, getattr(self, key)))
+        if not isinstance(self.betas, (list, tuple)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(_number(f"betas[{i}]", b) for i, b in enumerate(self.betas))
         check_range("max_steps", self.max_steps, low=1, integer=True)
         check_range("batch_size", self.batch_size, low=1, integer=True)
         check_range("grad_accum", self.grad_accum, low=1, integer=True)
         check_range("lr", self.lr, low=0, low_open=True)
         check_range("weight_decay", self.weight_decay, low=0)
-        self.betas = tuple(self.betas)  # YAML gives a list
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         for i, b in enumerate(self.betas):
             check_range(f"betas[{i}]", b, low=0, high=1, high_open=True)
         check_range("warmup_steps", self.warmup_steps, low=0, integer=True)
-        if self.schedule not in SCHEDULES:
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(
+                f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}"
+            )
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         check_range("max_grad_norm", self.max_grad_norm, low=0)
-        if self.mixed_precision not in PRECISIONS:
+        if not isinstance(self.mixed_precision, str) or self.mixed_precision not in PRECISIONS:
             raise ValueError(
                 f"mixed_precision must be one of {list(PRECISIONS)}, got {self.mixed_precision!r}"
             )
@@ -108,6 +117,16 @@ class TrainConfig:
         check_range("save_every", self.save_every, low=0, integer=True)
         check_range("keep_last", self.keep_last, low=1, integer=True)
         check_range("log_every", self.log_every, low=1, integer=True)
+
+
+def _number(name: str, value: Any) -> Any:
+    """A float field given as a string that spells a number (YAML 1.1's ``2e-4``) -> float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    return value
 
 
 @dataclass
