@@ -344,3 +344,50 @@ def test_a_loaded_cola_chain_equals_the_trained_one_bit_for_bit(tmp_path):
     loaded = lv.load_adapter(make_tiny_llama(), tmp_path / "a")
     want, got = model.state_dict(), loaded.state_dict()
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
+def _compare_yaml(tmp_path: Path, runs: str) -> Path:
+    file = tmp_path / "exp.yaml"
+    file.write_text(
+        f"output_dir: {tmp_path / 'out'}\n"
+        "context: {target_length: 64}\n"
+        "train: {max_steps: 1, batch_size: 2, warmup_steps: 0, lr: 0.01}\n"
+        "eval: {max_tokens: 128, lengths: [32]}\n"
+        f"runs: {runs}\n"
+    )
+    return file
+
+
+def test_a_second_compare_on_one_output_folder_is_refused(tmp_path, monkeypatch, capsys):
+    """Item 5: one writer per output folder; the second gets one line and exit 2."""
+    from test_compare import _tiny_env
+
+    import loravariants.compare as compare_mod
+    from loravariants.cli import main
+
+    monkeypatch.setattr(compare_mod, "_environment", lambda config, progress: _tiny_env())
+    file = _compare_yaml(tmp_path, "[{name: lora, adapter: lora, overrides: {r: 2}}]")
+    (tmp_path / "out").mkdir()
+    with utils.output_lock(tmp_path / "out"):
+        assert main(["compare", "--config", str(file), "--quiet"]) == 2
+    assert "in use by another" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert main(["compare", "--config", str(file), "--quiet"]) == 0
+
+
+def test_train_run_exits_1_when_its_run_failed_even_with_an_old_adapter(
+    tmp_path, monkeypatch, capsys
+):
+    """Item 5: a failed run must not look like success because an earlier adapter is there."""
+    from test_compare import _tiny_env
+
+    import loravariants.compare as compare_mod
+    from loravariants.cli import main
+
+    monkeypatch.setattr(compare_mod, "_environment", lambda config, progress: _tiny_env())
+    file = _compare_yaml(
+        tmp_path, "[{name: broken, adapter: lora, overrides: {target_modules: [nothing]}}]"
+    )
+    (tmp_path / "out" / "runs" / "broken" / "seed0" / "adapter").mkdir(parents=True)
+    assert main(["train", "--config", str(file), "--run", "broken", "--quiet"]) == 1
+    assert "the run failed" in capsys.readouterr().err
