@@ -15,6 +15,9 @@ python tests/_train_script.py fault VARIANT OUT_DIR KILL [--no-exchange] [--step
     (every model tensor, the frozen weights included) and OUT_DIR/ticks.json at the end;
     ``--reference`` then trains the same run uninterrupted in this process and writes
     OUT_DIR/reference.safetensors.
+python tests/_train_script.py fault-compare OUT_DIR KILL
+    (tests/test_faults.py) the same kill points in a two-row comparison (LoRA and COLA) into
+    OUT_DIR, resuming what is there.
 
 The kill hook lives here, in the test's process only: the library has no switch for it.
 """
@@ -197,8 +200,65 @@ def fault_main(argv: list[str]) -> None:
     (out / "ticks.json").write_text(json.dumps({"ticks": killer.ticks, "counts": killer.counts}))
 
 
+def fault_compare_main(argv: list[str]) -> None:
+    """``fault-compare OUT_DIR KILL``: a two-row comparison (LoRA, and COLA with a folded
+    link) under the same kill points; resumes what OUT_DIR holds."""
+    from test_compare import _tiny_env
+
+    import loravariants.io as lv_io
+    import loravariants.utils as lv_utils
+    from loravariants.compare import compare
+    from loravariants.config import experiment_from_dict
+
+    out, killer = Path(argv[0]), _Killer(argv[1])
+    torch.set_num_threads(1)
+    real_save, real_save_file, real_replace = torch.save, lv_io.save_file, os.replace
+    real_exchange = lv_utils._exchange
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        killer.tick("torch_save")
+
+    def save_file(tensors, filename, *args, **kwargs):
+        real_save_file(tensors, filename, *args, **kwargs)
+        killer.tick("save_file")
+
+    def replace(src, dst):
+        killer.tick("replace")
+        real_replace(src, dst)
+
+    def exchange(a, b):
+        killer.tick("replace")
+        return real_exchange(a, b)
+
+    torch.save, lv_io.save_file, lv_utils.os.replace = save, save_file, replace
+    lv_utils._exchange = exchange
+    config = experiment_from_dict(
+        {
+            "output_dir": str(out),
+            "context": {"target_length": 64},
+            "train": {"max_steps": 3, "batch_size": 2, "warmup_steps": 0, "lr": 0.01},
+            "eval": {"max_tokens": 128, "lengths": [32]},
+            "seeds": [0],
+            "runs": [
+                {"name": "lora", "adapter": "lora", "overrides": {"r": 2, "dropout": 0.0}},
+                {
+                    "name": "cola",
+                    "adapter": "cola",
+                    "overrides": {"r": 2, "dropout": 0.0, "chain_length": 3},
+                },
+            ],
+        }
+    )
+    config.train.save_every = 1
+    compare(config, progress=False, log=lambda s: None, env=_tiny_env())
+    (out / "ticks.json").write_text(json.dumps({"ticks": killer.ticks, "counts": killer.counts}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "fault":
         fault_main(sys.argv[2:])
+    elif sys.argv[1] == "fault-compare":
+        fault_compare_main(sys.argv[2:])
     else:
         main()
