@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 
@@ -174,7 +175,10 @@ def train_main(argv: Sequence[str]) -> int:
     out = compare(config, progress=not args.quiet, only=[(rows[0].name, seed)])
     _print_summary(out)
     run_dir = out / "runs" / rows[0].name / f"seed{seed}"
-    if not (run_dir / "adapter").is_dir():
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    record = next((r for r in runs if r.get("key") == f"{rows[0].name}/seed{seed}"), {})
+    # this run's record decides: an adapter left by an earlier attempt is not a success
+    if record.get("status") != "ok" or not (run_dir / "adapter").is_dir():
         print(f"the run failed; see {run_dir / 'error.txt'}", file=sys.stderr)
         return 1
     print(f"adapter: {run_dir / 'adapter'}")
@@ -270,6 +274,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException, limit: int = 600) -> str:
+    """An error as one line of bounded length (a hostile value can be huge or hold newlines)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``loravariants`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -299,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(rest) or 0)
     except (ValueError, OSError) as e:  # a missing, unreadable or misplaced file or folder
-        print(f"loravariants {command}: error: {e}", file=sys.stderr)
+        print(f"loravariants {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except MissingExtraError as e:  # an optional package a named base model needs
         print(f"loravariants {command}: error: {e}", file=sys.stderr)

@@ -41,6 +41,7 @@ from .inject import (
 )
 from .stats import mean_ci, min_max, paired_difference
 from .train import TrainConfig, seed_everything, train
+from .utils import output_lock
 
 __all__ = [
     "compare",
@@ -727,13 +728,22 @@ def compare(
             still covers the whole experiment.
 
     Raises:
-        ValueError: ``output_dir`` holds results of a different experiment, or is a file.
+        ValueError: ``output_dir`` holds results of a different experiment, or is a file, or
+            another process is writing to it (one writer per folder).
 
     Returns:
         The output directory.
     """
-    with _transformers_progress_bars(progress):
-        return _compare(config, progress, log, env, only)
+    with _transformers_progress_bars(progress), contextlib.ExitStack() as locks:
+        return _compare(config, progress, log, env, only, locks)
+
+
+def _lock(out: Path, locks: contextlib.ExitStack) -> None:
+    """Hold ``out`` for this process (once): a second compare or train there stops at once
+    with a clear message instead of redoing the runs and losing records."""
+    if not getattr(locks, "held", False):
+        locks.enter_context(output_lock(out))
+        locks.held = True
 
 
 @contextlib.contextmanager
@@ -757,15 +767,21 @@ def _compare(
     log: Callable[[str], None],
     env: dict[str, Any] | None,
     only: list[tuple[str, int]] | None,
+    locks: contextlib.ExitStack,
 ) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is a file, not a folder")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise ValueError(f"output_dir {out}: a parent of it is a file")
+    if out.is_dir():
+        _lock(out, locks)
     results = _load_results(out, config)
     env = env or _environment(config, progress)
     out.mkdir(parents=True, exist_ok=True)  # after the base model and data loaded fine
+    _lock(out, locks)
+    # merge: what another process finished here before we held the folder is kept
+    results = {**_load_results(out, config), **results}
     overrides = {row.name: config.adapter_overrides(row) for row in config.runs if row.trains}
     matched: dict[str, dict[str, Any]] = {}
     if config.match_params:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,26 @@ ADAPTER_SPEC_DIR = _data_dir("specs", "adapters")
 CONFIG_DIR = _data_dir("configs", "configs")
 TRAINABLE_CHOICES = ("embed", "norm")
 ATTENTION_CHOICES = ("s2_attn", "sdpa", "eager")
+# a row name becomes a folder name (runs/<name>/seed<s>): no separators, no `..`, no hidden name
+ROW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
+# a parsed YAML document may hold at most this many values once aliases are expanded (an alias
+# bomb is a few lines that expand to billions of values when the config is written out)
+MAX_YAML_NODES = 100_000
+
+
+def _check_str(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _int_list(name: str, value: Any, low: int) -> list[int]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of integers >= {low}, got {value!r}")
+    for n in value:
+        check_range(f"{name}[]", n, low=low, integer=True)
+    return list(value)
 
 
 @dataclass
@@ -68,6 +89,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"data.source must be a non-empty string, got {self.source!r}")
+        _check_str("data.text_field", self.text_field)
         if self.max_documents is not None:
             check_range("data.max_documents", self.max_documents, low=1, integer=True)
         check_range(
@@ -102,11 +124,11 @@ class ContextConfig:
     def __post_init__(self) -> None:
         if self.target_length is not None:
             check_range("context.target_length", self.target_length, low=2, integer=True)
-        if self.method not in ("linear", "dynamic", "yarn"):
+        if not isinstance(self.method, str) or self.method not in ("linear", "dynamic", "yarn"):
             raise ValueError(
                 f"context.method must be one of ['linear', 'dynamic', 'yarn'], got {self.method!r}"
             )
-        if self.attention not in ATTENTION_CHOICES:
+        if not isinstance(self.attention, str) or self.attention not in ATTENTION_CHOICES:
             raise ValueError(
                 f"context.attention must be one of {list(ATTENTION_CHOICES)}, "
                 f"got {self.attention!r}"
@@ -140,15 +162,12 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.lengths is not None:
-            self.lengths = [int(n) for n in self.lengths]
-            for n in self.lengths:
-                check_range("eval.lengths[]", n, low=2, integer=True)
+            self.lengths = _int_list("eval.lengths", self.lengths, low=2)
         check_range("eval.max_tokens", self.max_tokens, low=2, integer=True)
         check_range(
             "eval.stride_ratio", self.stride_ratio, low=0, high=1, low_open=True, high_open=True
         )
-        for n in self.passkey_lengths:
-            check_range("eval.passkey_lengths[]", n, low=16, integer=True)
+        self.passkey_lengths = _int_list("eval.passkey_lengths", self.passkey_lengths, low=16)
         check_range("eval.passkey_trials", self.passkey_trials, low=1, integer=True)
 
 
@@ -175,8 +194,11 @@ class RunSpec:
     attention: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"runs[].name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.name, str) or not ROW_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"runs[].name must be 1-100 letters, digits or _ . + - (not starting with . "
+                f"+ -; it names a folder), got {self.name!r}"
+            )
         if not isinstance(self.adapter, str) or not self.adapter:
             raise ValueError(
                 f"runs[{self.name}].adapter must be a spec name or path, got {self.adapter!r}"
@@ -206,7 +228,9 @@ class RunSpec:
                 f"runs[{self.name}].trainable must be a subset of {list(TRAINABLE_CHOICES)}, "
                 f"got {bad}"
             )
-        if self.attention is not None and self.attention not in ATTENTION_CHOICES:
+        if self.attention is not None and (
+            not isinstance(self.attention, str) or self.attention not in ATTENTION_CHOICES
+        ):
             raise ValueError(
                 f"runs[{self.name}].attention must be one of {list(ATTENTION_CHOICES)}, "
                 f"got {self.attention!r}"
@@ -280,8 +304,14 @@ class ExperimentConfig:
         if not isinstance(self.concurrent, bool):
             raise ValueError(f"concurrent must be true or false, got {self.concurrent!r}")
         for key in ("output_dir", "base_model"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ValueError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
+            _check_str(key, getattr(self, key))
+        _check_str("spec_dir", self.spec_dir, optional=True)
+        if self.base_model_config is not None and not isinstance(self.base_model_config, Mapping):
+            raise ValueError(
+                f"base_model_config must be a mapping, got {type(self.base_model_config).__name__}"
+            )
+        if not isinstance(self.runs, list) or not all(isinstance(r, RunSpec) for r in self.runs):
+            raise ValueError("runs must be a list of mappings")
         if self.concurrent:
             self._check_concurrent()
         if self.base_model_config is not None:
@@ -389,6 +419,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from e
+        check_yaml_size(value, f"override {key}")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -410,7 +441,33 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{file}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a mapping at the top level")
+    check_yaml_size(data, str(file))
     return data
+
+
+def check_yaml_size(data: Any, where: str) -> None:
+    """Refuse a document that expands to more than :data:`MAX_YAML_NODES` values.
+
+    Counts values as they would be written out (an alias counted each time it is used),
+    stopping at the limit: the check itself costs at most that many steps.
+
+    Raises:
+        ValueError: naming ``where``.
+    """
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise ValueError(
+                f"{where}: more than {MAX_YAML_NODES:,} values once YAML aliases are expanded "
+                "(an alias bomb?)"
+            )
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -93,6 +93,7 @@ def perplexity(
         raise ValueError(
             f"context_length {context_length} exceeds the {tokens.numel()} tokens to score"
         )
+    _check_token_ids(model, tokens)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -122,6 +123,21 @@ def perplexity(
     bar.close()
     model.train(was_training)
     return math.exp(nll_sum / count)
+
+
+def _check_token_ids(model: nn.Module, tokens: torch.Tensor) -> None:
+    """Token ids must index the model's embedding (else a raw IndexError deep in the model)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is None or tokens.numel() == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"token id {bad} is out of range for the model's vocabulary of {vocab} "
+            f"(ids 0..{vocab - 1}); was the text tokenised with another tokenizer?"
+        )
 
 
 def perplexity_at_lengths(

@@ -47,7 +47,7 @@ from .inject import (
     iter_adapters,
     mark_trainable,
 )
-from .utils import ADAPTER_FILES, atomic_directory, check_replaceable
+from .utils import ADAPTER_FILES, atomic_directory, check_replaceable, recover_directory
 
 __all__ = ["save_adapter", "load_adapter", "apply_saved_context", "read_factors", "FORMATS"]
 
@@ -237,13 +237,33 @@ class _StandInFFN(nn.Module):
         self.act_fn = nn.SiLU()
 
 
+def _stand_in(spec: Mapping[str, Any]) -> nn.Module:
+    """A shape-only (meta) frozen module from :func:`_module_spec`."""
+    if spec.get("type") == "linear":
+        return nn.Linear(spec["in"], spec["out"], bias=False, device="meta")
+    return _StandInFFN(spec.get("linears", {}))
+
+
+def _check_spec(config: AdapterConfig, path: str, spec: Any, state) -> None:
+    """The shapes a saved module spec implies, checked on meta tensors against the saved
+    tensors before a real layer is built (a spec of 10^9 features would allocate)."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"module spec must be a mapping, got {spec!r}")
+    dims = [spec.get("in"), spec.get("out")] if spec.get("type") == "linear" else []
+    for shape in (spec.get("linears") or {}).values() if not dims else ():
+        dims += [shape.get("in"), shape.get("out")] if isinstance(shape, Mapping) else [None]
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dims):
+        raise ValueError(f"module spec sizes must be positive integers, got {spec!r}")
+    layer = config.create_layer(path, _stand_in(spec))
+    asked = sum(t.numel() for t in layer.adapter_state().values())
+    held = sum(t.numel() for t in state.values())
+    if asked > 2 * held + 2**20:
+        raise ValueError(f"module spec {spec!r} asks for {asked:,} values, the file holds {held:,}")
+
+
 def _layer_from_state(config: AdapterConfig, path: str, spec: Mapping[str, Any], state):
     """Rebuild one adapter layer from saved tensors on a shape-only stand-in base module."""
-    if spec.get("type") == "linear":
-        base = nn.Linear(spec["in"], spec["out"], bias=False, device="meta")
-    else:
-        base = _StandInFFN(spec.get("linears", {}))
-    layer = config.create_layer(path, base)
+    layer = config.create_layer(path, _stand_in(spec))
     layer.to_empty(device="cpu")
     layer.load_adapter_state(state)
     return layer
@@ -277,8 +297,12 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``"native"``, ``"peft"`` or ``"mixlora"`` for an adapter directory."""
+    """``"native"``, ``"peft"`` or ``"mixlora"`` for an adapter directory.
+
+    A save killed mid-replace is repaired first (:func:`~loravariants.utils.recover_directory`).
+    """
     directory = Path(path)
+    recover_directory(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such adapter directory")
     if (directory / NATIVE_CONFIG).is_file():
@@ -326,15 +350,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
             config = AdapterConfig.from_dict(meta["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{directory / NATIVE_CONFIG}: invalid adapter config ({e})") from e
-        name = name or meta.get("adapter_name", "default")
+        name = name or _json_str(meta, "adapter_name", directory / NATIVE_CONFIG) or "default"
         prefix, extra_prefix = "adapter.", "extra."
-        extra = list(meta.get("extra_trainable") or [])
+        extra = _json_str_list(meta, "extra_trainable", directory / NATIVE_CONFIG)
     else:
         meta = _read_json(directory / PEFT_CONFIG)
         config = _lora_config_from_peft(meta, directory / PEFT_CONFIG)
         name = name or "default"
         prefix, extra_prefix = _PEFT_PREFIX, _PEFT_PREFIX
-        extra = list(meta.get("modules_to_save") or [])
+        extra = _json_str_list(meta, "modules_to_save", directory / PEFT_CONFIG)
     weights_file = directory / WEIGHTS
     tensors = _read_safetensors(weights_file)
     if fmt == "peft":
@@ -431,10 +455,74 @@ def attach_for_loading(
     if name in adapter_names(model):
         check_same_output_fields(model, name, config, config_file)
         return
+    check_allocation(model, config, directory, config_file)
     try:
         attach(model, config, name=name)
     except ValueError as e:
         raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
+
+
+# what a config may ask attach to allocate beyond what its adapter's files hold (bytes)
+_ALLOCATION_SLACK = 64 * 2**20
+
+
+def check_allocation(
+    model: nn.Module, config: AdapterConfig, directory: Path, config_file: Path
+) -> None:
+    """Refuse a config whose sizes (r, rank_pattern, num_experts, expert r, ...) would make
+    ``attach`` allocate far more than the adapter's files hold, before anything is allocated.
+
+    The layers are built on shape-only (meta) copies of the modules they would wrap, so the
+    count is exact and costs no memory. A real adapter's files hold all its tensors: twice
+    their size (plus 64 MiB) is an upper bound no honest file exceeds.
+
+    Raises:
+        ValueError: naming the file, the bytes asked for and the bytes the files hold.
+    """
+    held = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    _check_size_fields(config, held, config_file)
+    asked = 0
+    try:
+        for path, module in config.select(model):
+            layer = config.create_layer(path, _stand_in(_module_spec(module)))
+            asked += sum(t.numel() * t.element_size() for t in layer.adapter_state().values())
+            if asked > 2 * held + _ALLOCATION_SLACK:
+                break
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{config_file}: adapter does not fit this model ({e})") from e
+    if asked > 2 * held + _ALLOCATION_SLACK:
+        raise ValueError(
+            f"{config_file}: its sizes (r, rank_pattern, num_experts, ...) ask for more than "
+            f"{asked / 2**20:,.0f} MiB of adapter tensors on this model, but {directory} holds "
+            f"{held / 2**20:,.1f} MiB; refused before allocating"
+        )
+
+
+# fields that set a rank (values per row) and fields that set a number of sub-modules
+_RANK_FIELDS = ("r", "expert_r", "top_k")
+_COUNT_FIELDS = ("num_experts", "num_branches")
+_MAX_SUBMODULES = 65536
+
+
+def _check_size_fields(config: AdapterConfig, held: int, config_file: Path) -> None:
+    """Each unit of a size field stands for at least one stored value (>= 2 bytes) of the
+    file, and each expert/branch for a few: bigger sizes are refused before even the
+    shape-only layers are built (a million experts are a million Python objects)."""
+    sizes = {f: getattr(config, f, None) for f in _RANK_FIELDS + _COUNT_FIELDS}
+    for key in ("rank_pattern",):
+        for k, v in (getattr(config, key, None) or {}).items():
+            sizes[f"{key}[{k}]"] = v
+    for i, v in enumerate(getattr(config, "link_ranks", None) or []):
+        sizes[f"link_ranks[{i}]"] = v
+    for field, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        bound = min(held // 8, _MAX_SUBMODULES) if field in _COUNT_FIELDS else held // 2
+        if value > bound:
+            raise ValueError(
+                f"{config_file}: {field}={value:,} is more than the adapter's files "
+                f"({held:,} bytes) can hold (at most {bound:,}); refused before allocating"
+            )
 
 
 def check_same_output_fields(
@@ -478,19 +566,63 @@ def _lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
             raise ValueError(f"{file}: {key}={meta[key]!r} is not supported (only {ok!r})")
     if meta.get("layers_to_transform") or meta.get("layer_replication"):
         raise ValueError(f"{file}: layers_to_transform/layer_replication are not supported")
+    check_json_ints(meta, ("r",), file)
     try:
         target = meta.get("target_modules") or ["q_proj", "v_proj"]
+        alpha_pattern = meta.get("alpha_pattern") or {}
+        if not isinstance(alpha_pattern, dict):
+            raise ValueError(f"alpha_pattern must be a mapping, got {alpha_pattern!r}")
+        use_rslora = meta.get("use_rslora", False)
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora must be true or false, got {use_rslora!r}")
+        # no int()/float() coercion: `r: 4.7` or `r: "4"` is a broken file, not a rank of 4
         return LoRAConfig(
-            r=int(meta.get("r", 8)),
-            alpha=float(meta.get("lora_alpha", 8)),
-            dropout=float(meta.get("lora_dropout", 0.0) or 0.0),
-            use_rslora=bool(meta.get("use_rslora", False)),
+            r=meta.get("r", 8),
+            alpha=_number(meta.get("lora_alpha", 8), "lora_alpha"),
+            dropout=_number(meta.get("lora_dropout", 0.0) or 0.0, "lora_dropout"),
+            use_rslora=use_rslora,
             target_modules=sorted(target) if isinstance(target, (list, tuple)) else target,
             rank_pattern=dict(meta.get("rank_pattern") or {}),
-            alpha_pattern={k: float(v) for k, v in (meta.get("alpha_pattern") or {}).items()},
+            alpha_pattern={k: _number(v, f"alpha_pattern[{k}]") for k, v in alpha_pattern.items()},
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{file}: invalid LoRA config ({e})") from e
+
+
+def check_json_ints(meta: Mapping[str, Any], keys: tuple[str, ...], file: Path) -> None:
+    """Fields of a JSON config that must be integers (``a.b``: key ``b`` of mapping ``a``),
+    where present: ``4.7``, ``"4"`` or ``true`` is a broken file, not the integer 4.
+
+    Raises:
+        ValueError: naming the file, the field and the value.
+    """
+    for key in keys:
+        node: Any = meta
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and (isinstance(node, bool) or not isinstance(node, int)):
+            raise ValueError(f"{file}: {key} must be an integer, got {node!r}")
+
+
+def _json_str(meta: Mapping[str, Any], key: str, file: Path) -> str | None:
+    value = meta.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{file}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _json_str_list(meta: Mapping[str, Any], key: str, file: Path) -> list[str]:
+    value = meta.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{file}: {key} must be a list of module names, got {value!r}")
+    return list(value)
+
+
+def _number(value: Any, field: str) -> float:
+    """A JSON number (an int is fine) as float; strings, booleans and the rest are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be a number, got {value!r}")
+    return float(value)
 
 
 def _peft_tensors(
@@ -651,14 +783,19 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
         raise ValueError(f"{directory / NATIVE_CONFIG}: invalid adapter config ({e})") from e
     from .adapters.base import AdapterLayer
 
+    modules = meta.get("modules") or {}
+    if not isinstance(modules, dict):
+        raise ValueError(f"{directory / NATIVE_CONFIG}: modules must be a mapping")
+    _check_size_fields(config, (directory / WEIGHTS).stat().st_size, directory / NATIVE_CONFIG)
     out = {}
-    for module, spec in (meta.get("modules") or {}).items():
+    for module, spec in modules.items():
         state = {
             k[len(f"adapter.{module}.") :]: v
             for k, v in tensors.items()
             if k.startswith(f"adapter.{module}.")
         }
         try:
+            _check_spec(config, module, spec, state)
             layer: AdapterLayer = _layer_from_state(config, module, spec, state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{directory / WEIGHTS}: cannot rebuild {module} ({e})") from e

@@ -55,7 +55,7 @@ from .adapters.base import AdapterLayer
 from .adapters.lora import LoRALinear
 from .adapters.mixlora import FFN_PROJECTIONS, MixLoRAConfig, MixLoRAFFN, ffn_activation_name
 from .inject import adapter_config, adapter_names, iter_adapters
-from .io import _rollback_on_error, attach_for_loading
+from .io import _rollback_on_error, attach_for_loading, check_json_ints
 from .utils import ADAPTER_FILES, atomic_directory, check_replaceable
 
 __all__ = ["save_mixlora", "load_mixlora", "read_mixlora_factors"]
@@ -250,6 +250,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def _config_from_json(meta: dict[str, Any], file: Path) -> MixLoRAConfig:
+    check_json_ints(meta, ("num_experts", "top_k", "r", "expert_lora.r"), file)
     try:
         targets = meta["target_modules"]
         if isinstance(targets, dict):  # MoE-PEFT also writes {name: bool}

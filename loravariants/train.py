@@ -17,12 +17,15 @@ same rows as a 1-process run at batch 8.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +38,7 @@ from tqdm.auto import tqdm
 from .adapters.base import check_range
 from .inject import adapter_config, adapter_names, on_step_end
 from .inject import aux_loss as adapters_aux_loss
-from .utils import atomic_directory
+from .utils import atomic_directory, make_dirs, output_lock, recover_folder
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "lr_factor"]
 
@@ -83,21 +86,30 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
+        # YAML 1.1 reads `2e-4` (no dot) as a string: take it as the number it spells
+        for key in ("lr", "weight_decay", "max_grad_norm"):
+            setattr(self, key, _number(key, getattr(self, key)))
+        if not isinstance(self.betas, (list, tuple)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(_number(f"betas[{i}]", b) for i, b in enumerate(self.betas))
         check_range("max_steps", self.max_steps, low=1, integer=True)
         check_range("batch_size", self.batch_size, low=1, integer=True)
         check_range("grad_accum", self.grad_accum, low=1, integer=True)
         check_range("lr", self.lr, low=0, low_open=True)
         check_range("weight_decay", self.weight_decay, low=0)
-        self.betas = tuple(self.betas)  # YAML gives a list
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         for i, b in enumerate(self.betas):
             check_range(f"betas[{i}]", b, low=0, high=1, high_open=True)
         check_range("warmup_steps", self.warmup_steps, low=0, integer=True)
-        if self.schedule not in SCHEDULES:
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(
+                f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}"
+            )
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         check_range("max_grad_norm", self.max_grad_norm, low=0)
-        if self.mixed_precision not in PRECISIONS:
+        if not isinstance(self.mixed_precision, str) or self.mixed_precision not in PRECISIONS:
             raise ValueError(
                 f"mixed_precision must be one of {list(PRECISIONS)}, got {self.mixed_precision!r}"
             )
@@ -105,6 +117,16 @@ class TrainConfig:
         check_range("save_every", self.save_every, low=0, integer=True)
         check_range("keep_last", self.keep_last, low=1, integer=True)
         check_range("log_every", self.log_every, low=1, integer=True)
+
+
+def _number(name: str, value: Any) -> Any:
+    """A float field given as a string that spells a number (YAML 1.1's ``2e-4``) -> float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    return value
 
 
 @dataclass
@@ -125,7 +147,8 @@ class TrainResult:
 
 
 class TrainingDiverged(ValueError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, a gradient or a trainable weight became NaN or infinite; the checkpoints
+    written before (all finite) are kept."""
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -198,11 +221,17 @@ def _collate(dataset, rows: Sequence[int]) -> dict[str, torch.Tensor]:
 
 def _accelerator(config: TrainConfig, has_sparse_layers: bool):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
 
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
+    # accelerate keeps its settings in process-wide singletons: a second train() in one process
+    # (a notebook, compare) with another mixed_precision would be refused. The per-run part is
+    # reset; PartialState (the process group of a distributed launch) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     # MixLoRA experts can receive no token in a step; DDP must then not wait for their grads.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=has_sparse_layers)]
     # cpu=True without CUDA: accelerate only recognises a torchrun/`accelerate launch` CPU job
@@ -243,20 +272,34 @@ def train(
         A :class:`TrainResult`.
 
     Raises:
-        TrainingDiverged: the loss became NaN/inf (checkpoints written before stay).
-        ValueError: an empty dataset, no trainable parameters, or save_every without a
-            directory.
+        TrainingDiverged: the loss, a gradient or a trainable weight became NaN/inf (the
+            checkpoints written before stay; every one of them is finite).
+        ValueError: an empty dataset, one without a label token, no trainable parameters,
+            save_every without a directory, or ``output_dir`` in use by another process.
     """
+    with contextlib.ExitStack() as stack:
+        return _train(model, dataset, config, output_dir, resume, progress, stack)
+
+
+def _train(model, dataset, config, output_dir, resume, progress, stack) -> TrainResult:
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
     if config.save_every and output_dir is None:
         raise ValueError("save_every > 0 needs an output directory")
+    if not any(label_count(torch.as_tensor(dataset[i]["labels"])) for i in range(len(dataset))):
+        raise ValueError(
+            "the training dataset has no label token (every label is -100 or rows are one token "
+            "long): the loss would be 0 and nothing would train"
+        )
     names = adapter_names(model)
     sparse = any(not layer.mergeable for _, layer in _layers(model))
     seed_everything(config.seed)
     accelerator = _accelerator(config, sparse)
     world, rank = accelerator.num_processes, accelerator.process_index
     out = Path(output_dir) if output_dir is not None else None
+    if out is not None and accelerator.is_main_process:
+        # one writer per folder: a second run there would interleave checkpoints and metrics
+        stack.enter_context(output_lock(make_dirs(out)))
 
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -282,8 +325,13 @@ def train(
 
     result = TrainResult()
     start_step = 0
+    if out is not None and accelerator.is_main_process:
+        _clean_checkpoint_leftovers(out)
+    accelerator.wait_for_everyone()
     if out is not None and resume:
-        start_step = _resume(out, inner, optimizer, scheduler, cycle, result, rank, config, world)
+        start_step = _resume(
+            out, inner, optimizer, scheduler, cycle, result, rank, config, world, accelerator
+        )
         result.resumed_from = start_step or None
         result.steps = start_step
     elif out is not None and accelerator.is_main_process:
@@ -347,8 +395,12 @@ def train(
             )
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        # a NaN gradient can come with a finite loss, and a finite update can overflow the
+        # weights (lr=1e6): neither may reach a checkpoint
+        _check_finite(params, "gradient", step, out, bar, grads=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _check_finite(params, "trainable weight", step, out, bar)
         reset = on_step_end(inner, step + 1, optimizer)
         if reset and restart_lr:
             cycle["start"] = step + 1
@@ -399,6 +451,21 @@ def train(
     return result
 
 
+def _check_finite(params, what: str, step: int, out: Path | None, bar, grads: bool = False):
+    tensors = [p.grad for p in params if p.grad is not None] if grads else list(params)
+    if not tensors:
+        return
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+    if bool(bad):
+        bar.close()
+        where = _latest_checkpoint(out) if out is not None else None
+        raise TrainingDiverged(
+            f"a {what} became NaN or infinite at step {step + 1}; stopped before it was "
+            "saved. "
+            + (f"Last good checkpoint: {where}" if where else "No checkpoint was written.")
+        )
+
+
 class _null:
     def __enter__(self):
         return self
@@ -423,12 +490,47 @@ def _checkpoint_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
+def _checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints (``step-*`` holding ``trainer_state.pt``), oldest first."""
     root = _checkpoint_dir(out)
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    done = _checkpoints(out)
     return done[-1] if done else None
+
+
+def _clean_checkpoint_leftovers(out: Path) -> None:
+    """Folders a killed run left in ``checkpoints/``: unfinished ``.step-*.tmp-*`` (and any
+    ``.old-*``) of dead processes, and the per-step ``.rng-*`` staging folders."""
+    root = _checkpoint_dir(out)
+    if not root.is_dir():
+        return
+    recover_folder(root)
+    for p in root.glob(".rng-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint_file(file: Path) -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file and say why.
+
+    Raises:
+        ValueError: a truncated or corrupt file, or a pickle holding more than tensors and
+            plain data (refused unread: loading it could run arbitrary code).
+    """
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{file}: refused to load: it holds Python objects other than tensors and plain "
+            f"data, which could run code when unpickled (weights_only=True; {first})"
+        ) from e
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"{file}: truncated or corrupt checkpoint file ({e})") from e
 
 
 def _rng_state() -> dict[str, Any]:
@@ -452,6 +554,9 @@ def _as_tuple(x):
 def _save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, config, accelerator):
     from .io import save_adapter
 
+    for n, p in trainable_named_parameters(model):  # the loop checks each step; never save one
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingDiverged(f"{n} is not finite at step {step}; checkpoint not written")
     rank = accelerator.process_index
     target = _checkpoint_dir(out) / f"step-{step:07d}"
     # every rank writes its own RNG state; the main process writes the rest
@@ -474,6 +579,8 @@ def _save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, conf
                     "tokens": result.tokens,
                     "config": asdict(config),
                     "world": accelerator.num_processes,
+                    # fp16's loss scale: without it a resumed fp16 run scales differently
+                    "scaler": _scaler_state(accelerator),
                 },
                 tmp / "trainer_state.pt",
             )
@@ -483,6 +590,7 @@ def _save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, conf
         done = sorted(p for p in _checkpoint_dir(out).glob("step-*"))
         for old in done[: -config.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        recover_folder(_checkpoint_dir(out))  # e.g. a swapped-out old step folder
     accelerator.wait_for_everyone()
 
 
@@ -490,13 +598,32 @@ def _save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, conf
 _RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every"}
 
 
-def _resume(out, model, optimizer, scheduler, cycle, result, rank, config, world) -> int:
+def _scaler_state(accelerator) -> dict[str, Any] | None:
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler.state_dict() if scaler is not None else None
+
+
+def _readable_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | tuple[None, None]:
+    """The newest checkpoint whose trainer state reads; a broken one (a disk that lost the
+    file's end) is skipped with a warning naming it."""
+    for ckpt in reversed(_checkpoints(out)):
+        try:
+            return ckpt, load_checkpoint_file(ckpt / "trainer_state.pt")
+        except ValueError as e:
+            if "refused to load" in str(e):
+                raise  # not an accident: do not fall back silently past a tampered file
+            warnings.warn(f"{e}; resuming from the checkpoint before it", stacklevel=3)
+    return None, None
+
+
+def _resume(
+    out, model, optimizer, scheduler, cycle, result, rank, config, world, accelerator
+) -> int:
     from .io import load_adapter
 
-    ckpt = _latest_checkpoint(out)
+    ckpt, state = _readable_checkpoint(out)
     if ckpt is None:
         return 0
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     saved = {**state.get("config", {}), "processes": state.get("world", world)}
     now = {**asdict(config), "processes": world}
     differ = [
@@ -518,9 +645,12 @@ def _resume(out, model, optimizer, scheduler, cycle, result, rank, config, world
     result.losses = list(state["losses"])
     result.aux_losses = list(state["aux_losses"])
     result.tokens = int(state["tokens"])
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     rng_file = ckpt / f"rng-{rank}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _set_rng_state(load_checkpoint_file(rng_file))
     return int(state["step"])
 
 
@@ -529,9 +659,30 @@ def _plain(value):
 
 
 def _truncate_metrics(file: Path, keep_until_step: int) -> None:
-    """Drop metric lines past the resumed step (they belong to the run that was cut off)."""
+    """Drop metric lines past the resumed step (they belong to the run that was cut off).
+
+    A cut last line (a kill, a full disk, a power loss mid-write) is dropped too; a broken
+    line before the end is an error naming the file and line. Rewritten atomically.
+
+    Raises:
+        ValueError: a line other than the last is not JSON.
+    """
     if not file.is_file():
         return
-    lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
-    file.write_text("".join(ln + "\n" for ln in kept))
+    text = file.read_text(errors="replace")
+    lines = text.splitlines()
+    kept = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break  # the partial line of a cut-off write
+            raise ValueError(f"{file}, line {i + 1}: not a JSON metrics line ({e})") from e
+        if isinstance(record, dict) and record.get("step", 0) <= keep_until_step:
+            kept.append(ln)
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, file)

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "check_replaceable", "ADAPTER_FILES"]
+__all__ = [
+    "atomic_directory",
+    "check_replaceable",
+    "recover_directory",
+    "recover_folder",
+    "output_lock",
+    "make_dirs",
+    "ADAPTER_FILES",
+]
 
 # what an adapter folder of any of our formats may hold and still be replaced by a save
 # (native, peft and MixLoRA file names; peft also writes a README)
@@ -22,13 +35,126 @@ ADAPTER_FILES = {
 }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p`` (the umask applies, as for any folder a user creates)."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A new empty hidden folder ``.<name>.<kind>-<pid>-<random>`` beside ``target``.
+
+    The pid tells a later save or load whether its writer is still alive (see
+    :func:`recover_directory`). ``mkdtemp`` makes it 0700; it gets the umask's mode instead, so
+    the folder renamed into place has the permissions a plain ``mkdir`` would give.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the system or file system cannot (the caller then falls back to two
+    renames, whose window :func:`recover_directory` repairs).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except (OverflowError, ValueError):
+        return False  # not a possible pid
+    return True
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^.]+$")
+
+
+def _leftovers(folder: Path, name: str | None = None) -> dict[str, dict[str, list[Path]]]:
+    """``{target name: {"tmp"|"old": [folders]}}`` left in ``folder`` by dead writers, newest
+    first (``name``: that target only)."""
+    found: dict[str, dict[str, list[Path]]] = {}
+    if not folder.is_dir():
+        return found
+    pattern = f".{glob.escape(name)}.*-*" if name is not None else ".*-*"
+    for p in folder.glob(pattern):
+        m = _LEFTOVER.match(p.name)
+        if not m or (name is not None and m["name"] != name) or _pid_alive(int(m["pid"])):
+            continue
+        found.setdefault(m["name"], {"tmp": [], "old": []})[m["kind"]].append(p)
+    for kinds in found.values():
+        for paths in kinds.values():
+            paths.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    return found
+
+
+def _recover(folder: Path, name: str | None) -> None:
+    try:
+        for target_name, kinds in _leftovers(folder, name).items():
+            olds, target = kinds["old"], folder / target_name
+            if olds and not target.exists():
+                os.replace(olds.pop(0), target)
+            for p in olds + kinds["tmp"]:
+                shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def recover_folder(folder: str | os.PathLike) -> None:
+    """:func:`recover_directory` for every target in ``folder`` at once."""
+    _recover(Path(folder), None)
+
+
+def recover_directory(path: str | os.PathLike) -> None:
+    """Repair what a killed :func:`atomic_directory` left beside ``path``.
+
+    A kill between the two renames of the fallback replace leaves ``path`` missing and the
+    previous (complete) directory as ``.<name>.old-<pid>-*``: it is moved back. Temporary
+    folders of dead writers (``.tmp-*``: unfinished, or the old directory after an atomic
+    swap) and remaining ``.old-*`` folders are deleted. Folders of live processes are left
+    alone. Best effort: a read-only parent leaves everything as it is.
+    """
+    target = Path(path)
+    _recover(target.parent, target.name)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Write a directory atomically: yield a temporary sibling, rename it into place on success.
+    """Write a directory atomically: yield a temporary sibling, swap it into place on success.
 
-    A failure (or a killed process) inside the block leaves ``path`` as it was: either the old
-    directory or nothing. The temporary directory sits next to ``path`` so the final rename
-    stays on one file system.
+    A failure (or a killed process) at any point leaves ``path`` as the old directory or the
+    new one, complete, never missing or mixed: the switch is one atomic exchange of the two
+    folders where the system has it (Linux), else two renames whose gap
+    :func:`recover_directory` (run by the next save or load) repairs. The temporary folder
+    sits next to ``path`` so the switch stays on one file system; leftovers of killed writers
+    are cleaned by the next save.
 
     Args:
         path: the directory to create or replace.
@@ -38,25 +164,59 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
         FileExistsError: ``path`` exists and ``overwrite`` is False, or it is a file.
     """
     target = Path(path)
+    recover_directory(target)
     if target.exists() and (not overwrite or not target.is_dir()):
         raise FileExistsError(f"{target} already exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    make_dirs(target.parent)
+    tmp = _sibling(target, "tmp")
     try:
         yield tmp
-        if target.exists():
-            # Two renames: the old directory is moved aside before the new one takes its
-            # place, so a reader never sees a mix of old and new files.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        if not target.exists():
+            os.replace(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        else:
+            old = _sibling(target, "old")
             old.rmdir()
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class OutputLocked(ValueError):
+    """Another process writes to this output folder."""
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on an existing folder: one writer per output folder.
+
+    An ``flock`` on the folder itself: no lock file to leave behind, and the lock goes with
+    the process (a killed run never leaves a stale lock). No-op where ``fcntl`` is missing.
+
+    Raises:
+        OutputLocked: another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputLocked(
+                f"{folder} is in use by another loravariants process; wait for it to finish, "
+                "or choose another output folder"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_replaceable(path: str | os.PathLike, own_files: set[str], what: str) -> None:

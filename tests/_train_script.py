@@ -1,21 +1,49 @@
-"""Run by tests/test_train.py: a tiny training run, alone or under torch.distributed.run.
+"""Run by the tests: a tiny training run, alone or under torch.distributed.run.
 
 python tests/_train_script.py OUT_DIR BATCH_SIZE [STEPS]
+    (tests/test_train.py) train and write the losses and adapter tensors.
+python tests/_train_script.py fault VARIANT OUT_DIR KILL [--no-exchange] [--steps N]
+        [--reference]
+    (tests/test_faults.py) train VARIANT with a checkpoint every step into OUT_DIR/train
+    (resuming what is there) and export the adapter to OUT_DIR/adapter after every step; SIGKILL
+    this process at KILL = ``<point>:<n>[:cut]``, the n-th time it reaches ``point``, or ``-``
+    for never. Points: ``torch_save`` (a checkpoint file written; ``:cut`` writes half of it),
+    ``save_file`` (an adapter's safetensors written), ``replace`` (just before a folder is
+    switched into place), ``rename_gap`` (between the two renames of the fallback replace),
+    ``step_end`` (an optimizer step done, before its checkpoint), ``any`` (the n-th of them
+    all). ``--no-exchange`` forces the two-rename replace. Writes OUT_DIR/final.safetensors
+    (every model tensor, the frozen weights included) and OUT_DIR/ticks.json at the end;
+    ``--reference`` then trains the same run uninterrupted in this process and writes
+    OUT_DIR/reference.safetensors.
+python tests/_train_script.py fault-compare OUT_DIR KILL
+    (tests/test_faults.py) the same kill points in a two-row comparison (LoRA and COLA) into
+    OUT_DIR, resuming what is there.
+
+The kill hook lives here, in the test's process only: the library has no switch for it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import sys
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file as save_file_plain
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import make_tiny_llama  # noqa: E402
 
 import loravariants as lv  # noqa: E402
-from loravariants.adapters import LoRAConfig  # noqa: E402
+from loravariants.adapters import (  # noqa: E402
+    COLAConfig,
+    LoRAConfig,
+    MixLoRAConfig,
+    MultiLoRAConfig,
+)
 from loravariants.train import TrainConfig, train  # noqa: E402
 
 
@@ -54,5 +82,183 @@ def main() -> None:
     torch.save(state, os.path.join(out, f"adapter-rank{rank}.pt"))
 
 
+VARIANTS = {
+    "lora": lambda: LoRAConfig(r=2, dropout=0.0),
+    # knots at 2 and 4: two links folded into the frozen weight before the end
+    "cola": lambda: COLAConfig(r=2, dropout=0.0, knots=[2, 4]),
+    "multilora": lambda: MultiLoRAConfig(num_branches=2, r=2, dropout=0.0),
+    "mixlora": lambda: MixLoRAConfig(num_experts=2, top_k=1, r=2, dropout=0.0),
+}
+
+
+class _Killer:
+    """Counts the points a run reaches and SIGKILLs the process at the chosen one."""
+
+    def __init__(self, spec: str) -> None:
+        parts = spec.split(":")
+        self.point = None if spec == "-" else parts[0]
+        self.n = int(parts[1]) if len(parts) > 1 else 0
+        self.cut = len(parts) > 2 and parts[2] == "cut"
+        self.counts: dict[str, int] = {}
+        self.ticks = 0
+
+    def due(self, point: str) -> bool:
+        self.ticks += 1
+        self.counts[point] = self.counts.get(point, 0) + 1
+        if self.point == "any":
+            return self.ticks == self.n
+        return point == self.point and self.counts[point] == self.n
+
+    def tick(self, point: str) -> None:
+        if self.due(point):
+            self.kill()
+
+    @staticmethod
+    def kill() -> None:
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_state(model, file: Path) -> None:
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file_plain(state, str(file))
+
+
+def fault_main(argv: list[str]) -> None:
+    import loravariants.io as lv_io
+    import loravariants.train as lv_train
+    import loravariants.utils as lv_utils
+
+    variant, out, spec = argv[0], Path(argv[1]), argv[2]
+    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 8
+    killer = _Killer(spec)
+    torch.set_num_threads(1)
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if killer.due("torch_save"):
+            if killer.cut:  # a disk that lost the end of the file
+                buf = io.BytesIO()
+                real_save(obj, buf, *args, **kwargs)
+                Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+            else:
+                real_save(obj, f, *args, **kwargs)
+            killer.kill()
+        real_save(obj, f, *args, **kwargs)
+
+    real_save_file = lv_io.save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        real_save_file(tensors, filename, *args, **kwargs)
+        killer.tick("save_file")
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        killer.tick("replace")
+        real_replace(src, dst)
+        if ".old-" in Path(dst).name:
+            killer.tick("rename_gap")
+
+    real_exchange = lv_utils._exchange
+
+    def exchange(a, b):
+        if "--no-exchange" in argv:
+            return False
+        killer.tick("replace")
+        return real_exchange(a, b)
+
+    model = lv.attach(make_tiny_llama(), VARIANTS[variant]())
+    real_step_end = lv_train.on_step_end
+
+    def on_step_end(inner, step, optimizer):
+        reset = real_step_end(inner, step, optimizer)
+        killer.tick("step_end")
+        lv.save_adapter(inner, out / "adapter")  # a live export, replaced every step
+        (out / "adapter.written").touch()
+        return reset
+
+    torch.save = save
+    lv_io.save_file = save_file
+    lv_utils.os.replace = replace  # the os module: every rename of the run
+    lv_utils._exchange = exchange
+    lv_train.on_step_end = on_step_end
+    out.mkdir(parents=True, exist_ok=True)
+    config = TrainConfig(
+        max_steps=steps, batch_size=2, lr=1e-2, warmup_steps=0, seed=3, save_every=1
+    )
+    train(model, random_blocks(n=16), config, output_dir=out / "train", progress=False)
+    torch.save = real_save
+    os.replace = real_replace
+    lv_train.on_step_end = real_step_end
+    _save_state(model, out / "final.safetensors")
+    if "--reference" in argv:  # the same run uninterrupted, in this process, to compare with
+        fresh = lv.attach(make_tiny_llama(), VARIANTS[variant]())
+        train(fresh, random_blocks(n=16), config, out / "reference", resume=False, progress=False)
+        _save_state(fresh, out / "reference.safetensors")
+    (out / "ticks.json").write_text(json.dumps({"ticks": killer.ticks, "counts": killer.counts}))
+
+
+def fault_compare_main(argv: list[str]) -> None:
+    """``fault-compare OUT_DIR KILL``: a two-row comparison (LoRA, and COLA with a folded
+    link) under the same kill points; resumes what OUT_DIR holds."""
+    from test_compare import _tiny_env
+
+    import loravariants.io as lv_io
+    import loravariants.utils as lv_utils
+    from loravariants.compare import compare
+    from loravariants.config import experiment_from_dict
+
+    out, killer = Path(argv[0]), _Killer(argv[1])
+    torch.set_num_threads(1)
+    real_save, real_save_file, real_replace = torch.save, lv_io.save_file, os.replace
+    real_exchange = lv_utils._exchange
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        killer.tick("torch_save")
+
+    def save_file(tensors, filename, *args, **kwargs):
+        real_save_file(tensors, filename, *args, **kwargs)
+        killer.tick("save_file")
+
+    def replace(src, dst):
+        killer.tick("replace")
+        real_replace(src, dst)
+
+    def exchange(a, b):
+        killer.tick("replace")
+        return real_exchange(a, b)
+
+    torch.save, lv_io.save_file, lv_utils.os.replace = save, save_file, replace
+    lv_utils._exchange = exchange
+    config = experiment_from_dict(
+        {
+            "output_dir": str(out),
+            "context": {"target_length": 64},
+            "train": {"max_steps": 3, "batch_size": 2, "warmup_steps": 0, "lr": 0.01},
+            "eval": {"max_tokens": 128, "lengths": [32]},
+            "seeds": [0],
+            "runs": [
+                {"name": "lora", "adapter": "lora", "overrides": {"r": 2, "dropout": 0.0}},
+                {
+                    "name": "cola",
+                    "adapter": "cola",
+                    "overrides": {"r": 2, "dropout": 0.0, "chain_length": 3},
+                },
+            ],
+        }
+    )
+    config.train.save_every = 1
+    compare(config, progress=False, log=lambda s: None, env=_tiny_env())
+    (out / "ticks.json").write_text(json.dumps({"ticks": killer.ticks, "counts": killer.counts}))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "fault":
+        fault_main(sys.argv[2:])
+    elif sys.argv[1] == "fault-compare":
+        fault_compare_main(sys.argv[2:])
+    else:
+        main()

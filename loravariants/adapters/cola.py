@@ -443,10 +443,23 @@ class COLALinear(AdapterLayer):
                 _resize_in_place(p, torch.empty(t.shape, dtype=p.dtype, device=p.device))
             p.copy_(t)
         if not self.shares_base:
-            self._fold(1.0, 0, self.chain_A.shape[0])
+            # link by link, as training folded them: one product over the whole chain rounds
+            # differently, and a resumed run would drift from an uninterrupted one
+            for start, stop in self._link_bounds():
+                self._fold(1.0, start, stop)
             self.folded_rank = self.chain_A.shape[0]
         if was_merged:
             self.merge()
+
+    def _link_bounds(self) -> list[tuple[int, int]]:
+        """``[(start, stop)]`` of each folded link in the chain buffers (one span when the
+        saved ranks do not follow this config's ``link_ranks``)."""
+        total, bounds, start = self.chain_A.shape[0], [], 0
+        for j in range(int(self.link_index)):
+            stop = start + self.config.link_rank(j, self.first_r)
+            bounds.append((start, stop))
+            start = stop
+        return bounds if start == total else [(0, total)]
 
     @torch.no_grad()
     def on_detach(self) -> None:
