@@ -392,6 +392,7 @@ def test_train_run_exits_1_when_its_run_failed_even_with_an_old_adapter(
     assert "the run failed" in capsys.readouterr().err
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling runs on CUDA only")
 def test_fp16_resume_restores_the_loss_scale(tmp_path):
     """The GradScaler's scale and growth tracker are checkpointed: an fp16 resume is exact."""
