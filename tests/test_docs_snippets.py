@@ -113,11 +113,29 @@ def _namespace(file: Path, root: Path) -> dict:
     }
 
 
+def _real_extra_installed() -> bool:
+    from loravariants.real_models import REAL_MODELS, MissingExtraError, find_gguf
+
+    try:
+        find_gguf(REAL_MODELS["smollm2-135m"])
+    except MissingExtraError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("file", [f for f in FILES if _blocks(f)], ids=lambda f: f.name)
 def test_every_python_snippet_runs(file, data):
+    from loravariants.real_models import MissingExtraError
+
     for i, block in enumerate(_blocks(file)):
         namespace = _namespace(file, data)
         try:
             exec(compile(block, f"{file.name}[python block {i}]", "exec"), namespace)
+        except MissingExtraError as e:
+            # a snippet of the real model, run without its optional extra: what the reader sees
+            # must be the one line with the install command (with the extra, it must run)
+            if _real_extra_installed():
+                pytest.fail(f"{file.name}, python block {i}: {e} although the extra is installed")
+            assert "pip install" in str(e) and "\n" not in str(e)
         except Exception as e:
             pytest.fail(f"{file.name}, python block {i}:\n{block}\n-> {type(e).__name__}: {e}")
