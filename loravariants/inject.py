@@ -182,6 +182,17 @@ def _guard_save_pretrained(model: nn.Module) -> None:
         model.__dict__.pop("save_pretrained", None)
 
 
+def _remove_from_host(model: nn.Module, path: str, host: AdapterHost, name: str) -> None:
+    """Drop adapter ``name`` from the host at ``path``; a host left empty gives its frozen
+    module back to the model."""
+    del host.adapters[name]
+    host._tell_shared()
+    if not host.adapters:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, host.base_layer)
+
+
 def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove adapter ``name`` (unmerging it first); a host left empty gives its module back."""
     name = _resolve_name(model, name)
@@ -192,12 +203,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         if layer.merged:
             layer.unmerge()
         layer.on_detach()
-        del host.adapters[name]
-        host._tell_shared()
-        if not host.adapters:
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, child, host.base_layer)
+        _remove_from_host(model, path, host, name)
     del _configs(model)[name]
     _refresh_requires_grad(model)
     _guard_save_pretrained(model)
@@ -321,12 +327,7 @@ def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
                 layer.on_detach()  # W back to W0 (COLA takes its folded links out)
                 W = layer.base.weight
                 W += delta.to(device=W.device, dtype=W.dtype)
-                del host.adapters[n]
-                host._tell_shared()
-                if not host.adapters:
-                    parent_path, _, child = path.rpartition(".")
-                    parent = model.get_submodule(parent_path) if parent_path else model
-                    setattr(parent, child, host.base_layer)
+                _remove_from_host(model, path, host, n)
             del _configs(model)[n]
     _refresh_requires_grad(model)
     _guard_save_pretrained(model)

@@ -125,18 +125,24 @@ def test_top_k_all_with_uniform_router_is_mean_of_experts():
     assert stats["tokens_per_expert"].tolist() == [5, 5, 5, 5] and stats["num_tokens"] == 5
 
 
-def test_balance_loss_hand_computed():
-    """E=2, k=1, hidden 2: tokens [1,0], [1,0], [0,1] go to experts 0, 0, 1."""
+def _two_expert_layer(coef: float) -> MixLoRAFFN:
+    """E=2, k=1 on a hidden-2 FFN; router rows (2, 0) and (0, 1)."""
     ffn = nn.Module()
     ffn.gate_proj, ffn.up_proj = nn.Linear(2, 4, bias=False), nn.Linear(2, 4, bias=False)
     ffn.down_proj, ffn.act_fn = nn.Linear(4, 2, bias=False), nn.SiLU()
-    coef = 0.01
     layer = MixLoRAFFN(
         ffn,
         MixLoRAConfig(num_experts=2, top_k=1, router_aux_loss_coef=coef, target_modules=["q"]),
     )
     with torch.no_grad():
         layer.router.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    return layer
+
+
+def test_balance_loss_hand_computed():
+    """E=2, k=1, hidden 2: tokens [1,0], [1,0], [0,1] go to experts 0, 0, 1."""
+    coef = 0.01
+    layer = _two_expert_layer(coef)
     assert layer.aux_loss() is None and layer.router_stats() is None
     layer(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
     p_a = math.exp(2) / (math.exp(2) + 1)  # token [1,0]: logits (2, 0)
@@ -150,16 +156,8 @@ def test_balance_loss_hand_computed():
 
 def test_balance_loss_hand_computed_without_padding():
     """The same three tokens plus a padded fourth: the mask takes it out of f, P and the stats."""
-    ffn = nn.Module()
-    ffn.gate_proj, ffn.up_proj = nn.Linear(2, 4, bias=False), nn.Linear(2, 4, bias=False)
-    ffn.down_proj, ffn.act_fn = nn.Linear(4, 2, bias=False), nn.SiLU()
     coef = 0.01
-    layer = MixLoRAFFN(
-        ffn,
-        MixLoRAConfig(num_experts=2, top_k=1, router_aux_loss_coef=coef, target_modules=["q"]),
-    )
-    with torch.no_grad():
-        layer.router.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    layer = _two_expert_layer(coef)
     x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 5.0]]])  # (1, 4, 2)
     with token_mask(torch.tensor([[1, 1, 1, 0]])):
         out_masked = layer(x)
