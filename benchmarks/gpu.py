@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import subprocess
@@ -364,16 +363,9 @@ def part_mixlora(args, size, found: dict) -> str:
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
     with tempfile.TemporaryDirectory() as tmp:
-        lv.save_adapter(ours, tmp, format="mixlora")
-        cfg_file = Path(tmp) / "adapter_config.json"
-        cfg = json.loads(cfg_file.read_text())
-        # what the package's loader insists on (issue 14 makes our defaults satisfy it)
-        for section in (cfg, cfg.get("expert_lora") or {}):
-            if "lora_alpha" in section:
-                section["lora_alpha"] = int(section["lora_alpha"])
-        cfg["base_model_name_or_path"] = cfg.get("base_model_name_or_path") or "in-memory"
-        cfg.setdefault("act_fn", "silu")
-        cfg_file.write_text(json.dumps(cfg))
+        # our export as it is: the package's loader needs only the base path, which a model
+        # built from a config does not have
+        lv.save_adapter(ours, tmp, format="mixlora", base_model_name_or_path="in-memory")
         config, weights = load_adapter_weights(tmp, device=str(DEVICE))
     theirs = copy.deepcopy(base)
     inject_adapter_in_model(theirs, config, weights)
