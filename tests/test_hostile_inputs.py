@@ -135,14 +135,19 @@ def _cases():
                 yield pytest.param(fmt, field, value, id=f"{fmt}-{field}-{value!r}")
 
 
-@pytest.mark.parametrize("fmt, field, value", list(_cases()))
-def test_hostile_adapter_field(saved, tmp_path, fmt, field, value):
+def _copy_of(saved, tmp_path, fmt):
+    """A copy of the saved ``fmt`` adapter: its folder, config file and parsed config."""
     folder = tmp_path / fmt
     folder.mkdir()
     for f in (saved / fmt).iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     config_file = folder / CONFIG_FILES[fmt]
-    meta = json.loads(config_file.read_text())
+    return folder, config_file, json.loads(config_file.read_text())
+
+
+@pytest.mark.parametrize("fmt, field, value", list(_cases()))
+def test_hostile_adapter_field(saved, tmp_path, fmt, field, value):
+    folder, config_file, meta = _copy_of(saved, tmp_path, fmt)
     _set(meta, field, value)
     config_file.write_text(json.dumps(meta))
     before = _tree_digest(folder)
@@ -166,12 +171,7 @@ def test_hostile_adapter_field(saved, tmp_path, fmt, field, value):
 @pytest.mark.parametrize("fmt", ["native", "peft", "mixlora"])
 def test_hostile_adapter_files_read_factors(saved, tmp_path, fmt):
     """read_factors (analysis without a model) refuses huge sizes too."""
-    folder = tmp_path / fmt
-    folder.mkdir()
-    for f in (saved / fmt).iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    config_file = folder / CONFIG_FILES[fmt]
-    meta = json.loads(config_file.read_text())
+    folder, config_file, meta = _copy_of(saved, tmp_path, fmt)
     if fmt == "native":
         module = next(iter(meta["modules"]))
         meta["modules"][module]["in"] = HUGE
