@@ -499,10 +499,8 @@ def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> dict[str
     ours = {
         path: layer.factors() for path, _, layer in iter_adapters(model, name) if layer.mergeable
     }
-    reference = read_factors(reference_dir)  # loaded on the CPU
-    if ours:  # it follows the model's device (a CUDA model meets CPU-loaded factors)
-        device = next(iter(ours.values()))[0].device
-        reference = {k: tuple(t.to(device) for t in pair) for k, pair in reference.items()}
+    # loaded on the CPU; subspace_similarity computes on our factors' device (the model's)
+    reference = read_factors(reference_dir)
     left, random_left = factor_similarity(ours, reference, "left")
     right, _ = factor_similarity(ours, reference, "right")
     return {
