@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .adapters.base import VARIANTS, AdapterConfig
 from .config import ExperimentConfig, RunSpec, load_adapter_spec
 from .inject import (
     adapter_names,
@@ -120,12 +121,6 @@ class PeakMemory:
 # parameter matching
 # ---------------------------------------------------------------------------------------------
 
-RANK_FIELDS = {
-    "lora": ("r",),
-    "cola": ("r",),
-    "multilora": ("r",),
-    "mixlora": ("r", "expert_r"),
-}
 MATCH_TOLERANCE = 0.10
 
 
@@ -135,16 +130,6 @@ def count_adapter_params(model_factory: Callable[[], nn.Module], adapter_config)
     return sum(
         p.numel() for n, p in model.named_parameters() if p.requires_grad and ".adapters." in n
     )
-
-
-def _with_rank(adapter_config, r: int) -> dict[str, Any]:
-    """Overrides that set every rank field of the variant (and any per-module ranks) to ``r``."""
-    fields = {f: r for f in RANK_FIELDS[adapter_config.variant]}
-    if getattr(adapter_config, "link_ranks", None):
-        fields["link_ranks"] = [r] * len(adapter_config.link_ranks)
-    if getattr(adapter_config, "rank_pattern", None):
-        fields["rank_pattern"] = {k: r for k in adapter_config.rank_pattern}
-    return fields
 
 
 def match_rank(
@@ -158,11 +143,11 @@ def match_rank(
 ) -> tuple[dict[str, Any], int]:
     """The rank whose adapter's parameter count is closest to ``target``.
 
-    One value ``r`` is set on every rank field of the variant (MixLoRA: the attention LoRA's
-    ``r`` and the experts' ``expert_r``; COLA's ``link_ranks`` and any ``rank_pattern`` entries
-    too), so parameters that do not depend on a rank (MixLoRA's router) are the only fixed
-    cost. Counts grow monotonically with ``r``, so a bisection finds the crossing; the nearer
-    of its two neighbours wins.
+    One value ``r`` is set on every rank field of the variant (``AdapterConfig.with_rank``;
+    MixLoRA: the attention LoRA's ``r`` and the experts' ``expert_r``; COLA's ``link_ranks``
+    and any ``rank_pattern`` entries too), so parameters that do not depend on a rank
+    (MixLoRA's router) are the only fixed cost. Counts grow monotonically with ``r``, so a
+    bisection finds the crossing; the nearer of its two neighbours wins.
 
     Args:
         model_factory: builds a fresh base model.
@@ -180,14 +165,14 @@ def match_rank(
             than ``tolerance`` (e.g. a target below the rank-1 adapter's size).
     """
     config = load_adapter_spec(spec, overrides, spec_dir)
-    if config.variant not in RANK_FIELDS:
-        raise ValueError(f"match_params: no rank field known for variant {config.variant!r}")
+    if not config.rank_fields:
+        raise ValueError(f"match_params: variant {config.variant!r} has no rank field")
 
     counts: dict[int, int] = {}
 
     def count(r: int) -> int:
         if r not in counts:
-            adapter = load_adapter_spec(spec, {**overrides, **_with_rank(config, r)}, spec_dir)
+            adapter = load_adapter_spec(spec, {**overrides, **config.with_rank(r)}, spec_dir)
             counts[r] = count_adapter_params(model_factory, adapter)
         return counts[r]
 
@@ -207,7 +192,7 @@ def match_rank(
     achieved = count(best)
     miss = abs(achieved - target) / target
     if tolerance is not None and miss > tolerance:
-        fields = "/".join(RANK_FIELDS[config.variant])
+        fields = "/".join(config.rank_fields)
         reach = (
             f"rank 1 already has {count(1):,}"
             if best == 1
@@ -220,7 +205,7 @@ def match_rank(
             f"({reach}: {achieved / target - 1:+.0%}); set match_params to a reachable count "
             f"or match_params_tolerance: {math.ceil(miss * 100) / 100:g} to accept the miss"
         )
-    return {**overrides, **_with_rank(config, best)}, achieved
+    return {**overrides, **config.with_rank(best)}, achieved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +350,12 @@ def _evaluate(
         )
     if name is not None:
         metric("svd", lambda: _svd_summary(model, env, seed, name))
-        metric("router_tokens_per_expert", lambda: _router_stats(model, name) or None)
+        try:
+            stats = _layer_stats(model, name)
+        except Exception as e:  # keep the run; report the statistics as failed
+            stats, errors["layer_stats"] = {}, f"{type(e).__name__}: {e}"
+        for key, by_layer in stats.items():  # MixLoRA: router_tokens_per_expert
+            metric(key, lambda by_layer=by_layer: by_layer)
     if errors:
         record["metric_errors"] = errors
     return record
@@ -458,13 +448,13 @@ def _run_concurrent(
     return records
 
 
-def _router_stats(model: nn.Module, name: str | None = None) -> dict[str, list[int]]:
-    out = {}
+def _layer_stats(model: nn.Module, name: str | None = None) -> dict[str, dict[str, Any]]:
+    """``{statistic: {module: value}}`` from every layer's ``report_stats()`` (the last
+    training step's)."""
+    out: dict[str, dict[str, Any]] = {}
     for path, _, layer in iter_adapters(model, name):
-        if hasattr(layer, "router_stats"):
-            stats = layer.router_stats()  # routing of the last training step
-            if stats is not None:
-                out[path] = [int(x) for x in stats["tokens_per_expert"].flatten().tolist()]
+        for key, value in layer.report_stats().items():
+            out.setdefault(key, {})[path] = value
     return out
 
 
@@ -962,29 +952,17 @@ PARAM_MATCH_TOLERANCE = 0.10
 def describe_rank(adapter_config: dict[str, Any] | None) -> str:
     """A short description of an adapter's rank(s), e.g. ``r=8 x3 links`` or ``8 exp. r=8``."""
     c = adapter_config or {}
-    variant = c.get("variant")
-    r = c.get("r")
-    if variant == "cola":
-        links = c.get("link_ranks")
-        n = c.get("chain_length") or (len(c["knots"]) + 1 if c.get("knots") else None)
-        text = f"r={'/'.join(map(str, links))}" if links else f"r={r}"
-        return text + (f" x{n} links" if n else "")
-    if variant == "multilora":
-        return f"{c.get('num_branches')} x r={r}"
-    if variant == "mixlora":
-        expert_r = c.get("expert_r") or r
-        return f"attn r={r}; {c.get('num_experts')} experts r={expert_r} top-{c.get('top_k')}"
-    return f"r={r}" if r is not None else "—"
+    return _variant_of(c).describe_rank(c)
 
 
 def _targets(adapter_config: dict[str, Any] | None) -> str:
     c = adapter_config or {}
-    targets = c.get("target_modules")
-    if isinstance(targets, (list, tuple)):
-        targets = ",".join(targets)
-    if c.get("variant") == "mixlora":
-        targets = f"{targets or '—'}; FFN {','.join(c.get('ffn_projections') or [])}"
-    return targets or "—"
+    return _variant_of(c).describe_targets(c)
+
+
+def _variant_of(fields: dict[str, Any]) -> type[AdapterConfig]:
+    """The registered class of a saved config; the base class for an unknown variant."""
+    return VARIANTS.get(fields.get("variant"), AdapterConfig)
 
 
 def per_seed(results: dict[str, dict[str, Any]], row: str, metric: str) -> dict[int, float]:

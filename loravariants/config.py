@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .adapters.base import AdapterConfig, check_range
+from .adapters.base import VARIANTS, AdapterConfig, check_range
 from .train import TrainConfig
 
 __all__ = [
@@ -345,18 +345,17 @@ class ExperimentConfig:
                     raise ValueError(f"runs[{row.name}]: {e}") from e
 
     def adapter_overrides(self, row: RunSpec) -> dict[str, Any]:
-        """The row's adapter overrides, plus what the run itself decides: a COLA chain given
-        by ``chain_length`` is spread over this experiment's ``train.max_steps`` (unless the
-        row sets ``total_steps`` or ``knots``)."""
+        """The row's adapter overrides, plus what the run itself decides
+        (:meth:`AdapterConfig.run_overrides`: a COLA chain given by ``chain_length`` is spread
+        over this experiment's ``train.max_steps``)."""
         overrides = dict(row.overrides)
         spec = read_yaml(resolve_spec_path(row.adapter, self.spec_dir))
-        chain = overrides.get("chain_length", spec.get("chain_length"))
-        if (
-            spec.get("variant") == "cola"
-            and chain is not None
-            and not ({"total_steps", "knots"} & set(overrides))
-        ):
-            overrides["total_steps"] = self.train.max_steps
+        name = spec.get("variant")
+        # an unknown or malformed name: load_adapter_spec names it when the row is built
+        variant = VARIANTS.get(name) if isinstance(name, str) else None
+        if variant is not None:
+            values = {**spec, **overrides}
+            overrides.update(variant.run_overrides(values, overrides, self.train.max_steps))
         return overrides
 
     def builtin_base(self):

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import __version__
 from .adapters.base import AdapterConfig
-from .adapters.lora import LoRAConfig, LoRALinear
+from .adapters.lora import LoRAConfig, lora_scaling
 from .inject import (
     _restore_trainable_modules,
     adapter_config,
@@ -96,6 +96,11 @@ def save_adapter(
     if not adapter_names(model):
         raise ValueError("the model has no adapters to save; call loravariants.attach first")
     config = adapter_config(model, name)
+    if format not in config.formats:
+        raise ValueError(
+            f"format {format!r} cannot hold a {config.variant} adapter; "
+            f"save it as one of {list(config.formats)}"
+        )
     name = name or adapter_names(model)[0]
     if format == "mixlora":
         from .io_mixlora import save_mixlora
@@ -169,21 +174,14 @@ def _peft_payload(model: nn.Module, name: str, config: AdapterConfig):
                 f"{type(layer).__name__} at {path} has no peft LoRA form; "
                 'save it with format="native" or format="mixlora"'
             )
-        if isinstance(layer, LoRALinear):
-            # written as trained: same A, B and scaling, so peft continues training it exactly
-            B, A = layer.lora_B.detach(), layer.lora_A.detach()
-            ranks[path], alphas[path] = layer.r, layer.alpha
-        else:
-            # COLA chain / MultiLoRA: the exact low-rank factors with the scaling folded into B;
-            # alpha = r makes peft's scaling 1.
-            B, A = layer.factors()
-            ranks[path], alphas[path] = A.shape[0], float(A.shape[0])
+        # LoRA as trained; COLA chain / MultiLoRA: their exact factors with alpha = r
+        B, A, ranks[path], alphas[path] = layer.peft_factors()
         tensors[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = B.contiguous().cpu()
     tensors.update(_extra_tensors(model, _PEFT_PREFIX))
-    use_rslora = bool(getattr(config, "use_rslora", False)) and isinstance(config, LoRAConfig)
-    if type(config) is not LoRAConfig:
-        use_rslora = False
+    # only plain LoRA is written as trained (with its own scaling rule); the others' factors
+    # carry their scaling already
+    use_rslora = type(config) is LoRAConfig and config.use_rslora
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # most common rank
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     meta = {
@@ -227,23 +225,6 @@ def _module_spec(module: nn.Module) -> dict[str, Any]:
     return {"type": type(module).__name__, "linears": children}
 
 
-class _StandInFFN(nn.Module):
-    """Shape-only FFN (meta tensors) for rebuilding a saved FFN adapter layer."""
-
-    def __init__(self, linears: Mapping[str, Mapping[str, int]]) -> None:
-        super().__init__()
-        for child, shape in linears.items():
-            setattr(self, child, nn.Linear(shape["in"], shape["out"], bias=False, device="meta"))
-        self.act_fn = nn.SiLU()
-
-
-def _stand_in(spec: Mapping[str, Any]) -> nn.Module:
-    """A shape-only (meta) frozen module from :func:`_module_spec`."""
-    if spec.get("type") == "linear":
-        return nn.Linear(spec["in"], spec["out"], bias=False, device="meta")
-    return _StandInFFN(spec.get("linears", {}))
-
-
 def _check_spec(config: AdapterConfig, path: str, spec: Any, state) -> None:
     """The shapes a saved module spec implies, checked on meta tensors against the saved
     tensors before a real layer is built (a spec of 10^9 features would allocate)."""
@@ -254,7 +235,7 @@ def _check_spec(config: AdapterConfig, path: str, spec: Any, state) -> None:
         dims += [shape.get("in"), shape.get("out")] if isinstance(shape, Mapping) else [None]
     if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dims):
         raise ValueError(f"module spec sizes must be positive integers, got {spec!r}")
-    layer = config.create_layer(path, _stand_in(spec))
+    layer = config.create_layer(path, config.stand_in(spec))
     asked = sum(t.numel() for t in layer.adapter_state().values())
     held = sum(t.numel() for t in state.values())
     if asked > 2 * held + 2**20:
@@ -263,7 +244,7 @@ def _check_spec(config: AdapterConfig, path: str, spec: Any, state) -> None:
 
 def _layer_from_state(config: AdapterConfig, path: str, spec: Mapping[str, Any], state):
     """Rebuild one adapter layer from saved tensors on a shape-only stand-in base module."""
-    layer = config.create_layer(path, _stand_in(spec))
+    layer = config.create_layer(path, config.stand_in(spec))
     layer.to_empty(device="cpu")
     layer.load_adapter_state(state)
     return layer
@@ -484,7 +465,7 @@ def check_allocation(
     asked = 0
     try:
         for path, module in config.select(model):
-            layer = config.create_layer(path, _stand_in(_module_spec(module)))
+            layer = config.create_layer(path, config.stand_in(_module_spec(module)))
             asked += sum(t.numel() * t.element_size() for t in layer.adapter_state().values())
             if asked > 2 * held + _ALLOCATION_SLACK:
                 break
@@ -769,8 +750,7 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
         tensors, config = _peft_tensors(tensors, config, directory / WEIGHTS, True)
         out = {}
         for module in config.target_modules:
-            r, alpha = config.rank_for(module)
-            scale = alpha / r**0.5 if config.use_rslora else alpha / r
+            scale = lora_scaling(*config.rank_for(module), config.use_rslora)
             A = tensors[f"{_PEFT_PREFIX}{module}.lora_A"].float()
             B = tensors[f"{_PEFT_PREFIX}{module}.lora_B"].float()
             out[module] = (B * scale, A)
@@ -799,10 +779,5 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
             layer: AdapterLayer = _layer_from_state(config, module, spec, state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{directory / WEIGHTS}: cannot rebuild {module} ({e})") from e
-        if layer.mergeable:
-            out[module] = layer.factors()
-        else:
-            for proj, pairs in layer.expert_factors().items():
-                for e, pair in enumerate(pairs):
-                    out[f"{module}.{proj}.experts.{e}"] = pair
+        out.update({module + suffix: pair for suffix, pair in layer.named_factors().items()})
     return out

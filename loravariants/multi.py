@@ -131,7 +131,7 @@ def train_concurrent(
                 s - cycle["start"], cfg.warmup_steps, cfg.max_steps - cycle["start"], cfg.schedule
             ),
         )
-        restart_lr = bool(getattr(adapter_config(model, job.adapter), "restart_lr_schedule", False))
+        restart_lr = adapter_config(model, job.adapter).restarts_lr_schedule()
         state[job.adapter] = dict(
             params=params,
             opt=opt,

@@ -292,7 +292,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
             "long): the loss would be 0 and nothing would train"
         )
     names = adapter_names(model)
-    sparse = any(not layer.mergeable for _, layer in _layers(model))
+    sparse = any(layer.sparse_gradients for _, layer in _layers(model))
     seed_everything(config.seed)
     accelerator = _accelerator(config, sparse)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -321,7 +321,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
-    restart_lr = any(getattr(adapter_config(inner, n), "restart_lr_schedule", False) for n in names)
+    restart_lr = any(adapter_config(inner, n).restarts_lr_schedule() for n in names)
 
     result = TrainResult()
     start_step = 0

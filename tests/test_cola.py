@@ -207,34 +207,6 @@ def test_restart_refuses_merged_link():
         layer.restart()
 
 
-@pytest.mark.parametrize(
-    "fields, named",
-    [
-        ({"knots": [3, 2]}, "knots"),
-        ({"knots": [0]}, "knots[0]"),
-        ({"chain_length": 0, "total_steps": 5}, "chain_length"),
-        ({"chain_length": 2}, "total_steps"),
-        ({"chain_length": 3, "total_steps": 2}, "total_steps"),
-        ({"knots": [2], "chain_length": 2, "total_steps": 4}, "chain_length"),
-        ({"knots": [5], "total_steps": 5}, "knots"),
-        ({"link_ranks": [4, 2]}, "link_ranks[0]"),
-        ({"r": 8, "link_ranks": [8, 0]}, "link_ranks[1]"),
-        ({"r": 8, "link_ranks": [8, 4, 2], "knots": [3]}, "link_ranks"),
-        ({"reset_optimizer": "yes"}, "reset_optimizer"),
-        ({"restart_lr_schedule": 1}, "restart_lr_schedule"),
-        ({"r": 0}, "r"),
-    ],
-)
-def test_bad_config_names_field(fields, named):
-    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
-        COLAConfig(**fields)
-
-
-def test_yaml_round_trip():
-    config = COLAConfig(knots=[10, 20], link_ranks=[8, 4], r=8)
-    assert COLAConfig.from_dict(config.to_dict()) == config
-
-
 def test_new_link_draw_is_reproducible_and_per_module():
     """A new link's A depends on the seed, module and link index, not on the RNG's history."""
     draws = []

@@ -45,6 +45,7 @@ __all__ = [
     "route_rows",
     "rows_by_adapter",
     "register_variant",
+    "variant_class",
     "VARIANTS",
 ]
 
@@ -53,11 +54,35 @@ VARIANTS: dict[str, type[AdapterConfig]] = {}
 
 
 def register_variant(cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Class decorator: make a config class known by its ``variant`` name (for I/O and YAML)."""
+    """Class decorator: make a config class known by its ``variant`` name (for I/O and YAML).
+
+    Registration is explicit (``adapters/__init__.py`` imports every built-in variant; a
+    variant of your own is registered when its module is imported).
+
+    Raises:
+        TypeError: ``cls`` sets no ``variant`` name, or another class already holds the name.
+    """
     if not cls.variant:
         raise TypeError(f"{cls.__name__} must set the class attribute `variant`")
+    held = VARIANTS.get(cls.variant)
+    if held is not None and held.__qualname__ != cls.__qualname__:
+        # the same class re-registered (a module reloaded) is fine; two classes are not
+        raise TypeError(
+            f"variant name {cls.variant!r} is already registered by {held.__qualname__}"
+        )
     VARIANTS[cls.variant] = cls
     return cls
+
+
+def variant_class(variant: str) -> type[AdapterConfig]:
+    """The config class registered as ``variant``.
+
+    Raises:
+        ValueError: no such variant (the message lists the registered ones).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return VARIANTS[variant]
 
 
 def check_range(
@@ -114,12 +139,19 @@ class AdapterConfig:
         target_modules: module names to wrap (peft rules: exact suffix list, or one regex).
     """
 
+    # -- the variant contract: class attributes and hooks a variant may override -------------
+    # (everything else in the package reads these; no code outside the variant's own module
+    # names a variant. docs/adding-a-variant.md walks through them.)
     variant: ClassVar[str] = ""
     # a variant that wraps more than target_modules (MixLoRA: the FFN) may take an empty list
     empty_targets_ok: ClassVar[bool] = False
     # fields that change the adapter's output but show in no tensor shape: loading a file
     # into an attached adapter requires them to agree (io.check_same_output_fields)
     output_fields: ClassVar[tuple[str, ...]] = ()
+    # the fields compare's `match_params` sets to one rank value (empty: cannot be matched)
+    rank_fields: ClassVar[tuple[str, ...]] = ("r",)
+    # save formats that can hold this variant ("native" holds every variant)
+    formats: ClassVar[tuple[str, ...]] = ("native",)
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:
@@ -163,6 +195,71 @@ class AdapterConfig:
         A no-op by default; MixLoRA uses it to average its balance loss over its layers.
         """
 
+    # -- run-level needs (compare, train) -------------------------------------------------------
+    def with_rank(self, r: int) -> dict[str, Any]:
+        """Overrides that give this adapter rank ``r`` everywhere (``match_params``).
+
+        The default sets every :attr:`rank_fields` entry and every ``rank_pattern`` entry; a
+        variant with more per-module or per-stage ranks (COLA's ``link_ranks``) extends it.
+        """
+        fields: dict[str, Any] = {f: r for f in self.rank_fields}
+        if getattr(self, "rank_pattern", None):
+            fields["rank_pattern"] = {k: r for k in self.rank_pattern}
+        return fields
+
+    @classmethod
+    def run_overrides(
+        cls, values: Mapping[str, Any], overrides: Mapping[str, Any], max_steps: int
+    ) -> dict[str, Any]:
+        """Fields a run sets on this adapter beyond the user's overrides (none by default).
+
+        Args:
+            values: the spec's fields with the row's overrides applied (not yet validated).
+            overrides: the row's own overrides.
+            max_steps: the run's optimizer steps.
+
+        Returns:
+            Extra overrides; COLA places a chain given by ``chain_length`` over ``max_steps``.
+        """
+        return {}
+
+    def restarts_lr_schedule(self) -> bool:
+        """Whether the LR schedule starts a new cycle after every restart that
+        :meth:`AdapterLayer.on_step_end` reports (COLA's ``restart_lr_schedule``)."""
+        return False
+
+    @classmethod
+    def describe_rank(cls, fields: Mapping[str, Any]) -> str:
+        """The rank column of the report for a saved config (:meth:`to_dict` output)."""
+        r = fields.get("r")
+        return f"r={r}" if r is not None else "—"
+
+    @classmethod
+    def describe_targets(cls, fields: Mapping[str, Any]) -> str:
+        """The targets column of the report for a saved config (:meth:`to_dict` output)."""
+        targets = fields.get("target_modules")
+        if isinstance(targets, (list, tuple)):
+            targets = ",".join(targets)
+        return targets or "—"
+
+    def stand_in(self, spec: Mapping[str, Any]) -> nn.Module:
+        """A shape-only (meta-device) frozen module for a saved module spec.
+
+        ``spec`` is what io records per wrapped module: ``{"type": "linear", "in", "out"}``
+        or ``{"type": <class>, "linears": {child: {"in", "out"}}}``. Loading and
+        :func:`~loravariants.io.read_factors` build layers on it without the real model; a
+        variant that needs more than the linear children (MixLoRA: the FFN's activation)
+        overrides this.
+        """
+        if spec.get("type") == "linear":
+            return nn.Linear(spec["in"], spec["out"], bias=False, device="meta")
+        module = nn.Module()
+        for child, shape in (spec.get("linears") or {}).items():
+            module.add_module(
+                child, nn.Linear(shape["in"], shape["out"], bias=False, device="meta")
+            )
+        return module
+
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """All fields plus ``variant``, JSON/YAML-ready."""
@@ -183,9 +280,7 @@ class AdapterConfig:
         variant = data.pop("variant", cls.variant)
         target_cls = cls
         if cls is AdapterConfig or (variant and variant != cls.variant):
-            if variant not in VARIANTS:
-                raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-            target_cls = VARIANTS[variant]
+            target_cls = variant_class(variant)
         names = {f.name for f in dataclasses.fields(target_cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -235,6 +330,9 @@ class AdapterLayer(nn.Module):
 
     #: whether the update is a fixed matrix that can be folded into the base weight.
     mergeable: ClassVar[bool] = True
+    #: whether a step may leave some parameters without a gradient (MixLoRA's unrouted
+    #: experts): distributed training must then look for unused parameters.
+    sparse_gradients: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
@@ -297,6 +395,26 @@ class AdapterLayer(nn.Module):
             ``B`` of shape ``(out, k)`` and ``A`` of shape ``(k, in)``, detached, fp32.
         """
         raise NotImplementedError(f"{type(self).__name__} has no single low-rank update")
+
+    def named_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every low-rank component of the update, by a suffix to the module name.
+
+        ``{"": factors()}`` for a mergeable layer; a layer with several components (MixLoRA:
+        ``".<proj>.experts.<e>"``) lists them all. Analysis of saved files reads this.
+        """
+        return {"": self.factors()}
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """``(B, A, r, lora_alpha)`` for peft's LoRA format (peft scales ``B @ A`` by
+        ``lora_alpha / r``). The default writes :meth:`factors` (scaling folded into ``B``)
+        with ``lora_alpha = r``: exact for the merged update of any mergeable layer."""
+        B, A = self.factors()
+        return B, A, A.shape[0], float(A.shape[0])
+
+    def report_stats(self) -> dict[str, Any]:
+        """Per-layer statistics of the last training step for the comparison's record
+        (``{record key: JSON-ready value}``); none by default (MixLoRA: tokens per expert)."""
+        return {}
 
     # -- merging ------------------------------------------------------------------------------
     def _check_mergeable(self) -> nn.Linear:

@@ -186,6 +186,35 @@ class COLAConfig(LoRAConfig):
         r, alpha = self.rank_for(path)
         return COLALinear(module, self, r=r, alpha=alpha, path=path)
 
+    # -- the variant contract -----------------------------------------------------------------
+    def with_rank(self, r: int) -> dict[str, Any]:
+        fields = super().with_rank(r)
+        if self.link_ranks:
+            fields["link_ranks"] = [r] * len(self.link_ranks)
+        return fields
+
+    @classmethod
+    def run_overrides(
+        cls, values: Mapping[str, Any], overrides: Mapping[str, Any], max_steps: int
+    ) -> dict[str, Any]:
+        """A chain given by ``chain_length`` is spread over the run's ``max_steps`` (unless
+        the row sets ``total_steps`` or ``knots`` itself)."""
+        if values.get("chain_length") is not None and not {"total_steps", "knots"} & set(overrides):
+            return {"total_steps": max_steps}
+        return {}
+
+    def restarts_lr_schedule(self) -> bool:
+        return self.restart_lr_schedule
+
+    @classmethod
+    def describe_rank(cls, fields: Mapping[str, Any]) -> str:
+        """``r=8 x3 links`` (``r=8/4/2`` with ``link_ranks``)."""
+        links = fields.get("link_ranks")
+        knots = fields.get("knots")
+        n = fields.get("chain_length") or (len(knots) + 1 if knots else None)
+        text = f"r={'/'.join(map(str, links))}" if links else f"r={fields.get('r')}"
+        return text + (f" x{n} links" if n else "")
+
 
 def _resize_in_place(param: nn.Parameter, value: torch.Tensor) -> None:
     """Give ``param`` the shape and values of ``value`` while keeping the Python object.

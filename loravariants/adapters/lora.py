@@ -56,6 +56,7 @@ class LoRAConfig(AdapterConfig):
 
     variant: ClassVar[str] = "lora"
     output_fields: ClassVar[tuple[str, ...]] = ("alpha", "use_rslora", "alpha_pattern")
+    formats: ClassVar[tuple[str, ...]] = ("native", "peft")
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -162,6 +163,11 @@ class LoRALinear(AdapterLayer):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s · B, A)``: ``(out, r)`` and ``(r, in)``, detached fp32."""
         return (self.lora_B.detach().float() * self.scaling, self.lora_A.detach().float())
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """Written as trained: the same ``B``, ``A``, rank and alpha, so peft continues
+        training it exactly."""
+        return self.lora_B.detach(), self.lora_A.detach(), self.r, self.alpha
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"

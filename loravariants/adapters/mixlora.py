@@ -121,6 +121,9 @@ class MixLoRAConfig(AdapterConfig):
     variant: ClassVar[str] = "mixlora"
     empty_targets_ok: ClassVar[bool] = True
     output_fields: ClassVar[tuple[str, ...]] = ("alpha", "expert_lora_alpha", "top_k")
+    # match_params sets the attention LoRA's and the experts' rank alike
+    rank_fields: ClassVar[tuple[str, ...]] = ("r", "expert_r")
+    formats: ClassVar[tuple[str, ...]] = ("native", "mixlora")
     target_modules: list[str] | str = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -263,6 +266,31 @@ class MixLoRAConfig(AdapterConfig):
         for layer in moe:
             layer.aux_loss_weight = 1.0 / len(moe)
             layer._group = group
+
+    # -- the variant contract -----------------------------------------------------------------
+    @classmethod
+    def describe_rank(cls, fields: Mapping[str, Any]) -> str:
+        """``attn r=8; 8 experts r=8 top-2``."""
+        r = fields.get("r")
+        expert_r = fields.get("expert_r") or r
+        return (
+            f"attn r={r}; {fields.get('num_experts')} experts r={expert_r} "
+            f"top-{fields.get('top_k')}"
+        )
+
+    @classmethod
+    def describe_targets(cls, fields: Mapping[str, Any]) -> str:
+        """The attention targets, then the FFN projections given experts."""
+        targets = super().describe_targets(fields)
+        return f"{targets}; FFN {','.join(fields.get('ffn_projections') or [])}"
+
+    def stand_in(self, spec: Mapping[str, Any]) -> nn.Module:
+        """A saved FFN's shape-only stand-in also needs an ``act_fn`` (never run: the
+        layer built on it only holds tensors)."""
+        module = super().stand_in(spec)
+        if spec.get("type") != "linear":
+            module.act_fn = nn.SiLU()
+        return module
 
 
 def check_ffn(module: nn.Module, path: str = "") -> None:
@@ -478,6 +506,8 @@ class MixLoRAFFN(AdapterLayer):
     """
 
     mergeable: ClassVar[bool] = False
+    # a step may route no token to some expert: those get no gradient
+    sparse_gradients: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, config: MixLoRAConfig) -> None:
         super().__init__(base, config)
@@ -643,6 +673,15 @@ class MixLoRAFFN(AdapterLayer):
     def on_skipped_forward(self) -> None:
         self._balance = None  # the last forward did not route through this adapter
 
+    def report_stats(self) -> dict[str, Any]:
+        """``{"router_tokens_per_expert": [tokens routed to each expert]}`` of the last
+        training step's forward (empty before any forward)."""
+        stats = self.router_stats()
+        if stats is None:
+            return {}
+        counts = stats["tokens_per_expert"].flatten().tolist()
+        return {"router_tokens_per_expert": [int(x) for x in counts]}
+
     def router_stats(self) -> dict[str, Any] | None:
         """Routing of the last forward over its real tokens (padding excluded, see
         :func:`token_mask`): ``{"tokens_per_expert": (E,) long, "num_tokens": T}``.
@@ -663,6 +702,14 @@ class MixLoRAFFN(AdapterLayer):
                 for ex in self.experts
             ]
             for proj in self.projections
+        }
+
+    def named_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every expert's ``(s · B_e, A_e)`` as ``".<proj>.experts.<e>"``."""
+        return {
+            f".{proj}.experts.{e}": pair
+            for proj, pairs in self.expert_factors().items()
+            for e, pair in enumerate(pairs)
         }
 
     def delta_weight(self) -> torch.Tensor:

@@ -23,6 +23,7 @@ branches (the scales are folded into ``B`` first, an ``n·out·r`` product per f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +59,7 @@ class MultiLoRAConfig(AdapterConfig):
 
     variant: ClassVar[str] = "multilora"
     output_fields: ClassVar[tuple[str, ...]] = ("alpha",)
+    formats: ClassVar[tuple[str, ...]] = ("native", "peft")
     num_branches: int = 4
     r: int = 8
     alpha: float = 16.0
@@ -84,6 +86,11 @@ class MultiLoRAConfig(AdapterConfig):
 
     def create_layer(self, path: str, module: nn.Module) -> MultiLoRALinear:
         return MultiLoRALinear(module, self)
+
+    @classmethod
+    def describe_rank(cls, fields: Mapping[str, Any]) -> str:
+        """``4 x r=8``: branches and their rank."""
+        return f"{fields.get('num_branches')} x r={fields.get('r')}"
 
 
 class MultiLoRALinear(AdapterLayer):

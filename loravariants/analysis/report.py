@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io import read_factors
 from .svd import (
     amplification_factor,
     effective_rank,
@@ -127,12 +128,9 @@ def collect_updates(source: Any) -> list[Update]:
 
 def _updates_from_object(obj: Any, name: str) -> list[Update]:
     variant = getattr(getattr(obj, "config", None), "variant", "")
-    if hasattr(obj, "expert_factors"):
-        return [
-            Update(f"{name}.{proj}.experts.{e}", pair, variant)
-            for proj, pairs in obj.expert_factors().items()
-            for e, pair in enumerate(pairs)
-        ]
+    if hasattr(obj, "named_factors"):  # an adapter layer: each component (MixLoRA: experts)
+        pairs = obj.named_factors().items()
+        return [Update(name + suffix, pair, variant) for suffix, pair in pairs]
     if hasattr(obj, "factors"):
         return [Update(name, obj.factors(), variant)]
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
@@ -168,10 +166,6 @@ def _updates_from_directory(directory: Path) -> list[Update]:
         raise ValueError(f"{directory}: not a directory")
     variant = _variant_from_files(directory)
     try:
-        from ..io import read_factors
-    except (ImportError, AttributeError):  # pragma: no cover - io without read_factors
-        read_factors = _read_peft_factors
-    try:
         factors = read_factors(directory)
     except KeyError as e:  # a config file without a required entry
         raise ValueError(f"{directory}: incomplete adapter config (missing {e})") from e
@@ -196,54 +190,10 @@ def _variant_from_files(directory: Path) -> str:
         return str((_read_json(native).get("config") or {}).get("variant", ""))
     peft = directory / "adapter_config.json"
     if peft.is_file():
-        peft_type = _read_json(peft).get("peft_type")
-        return {"LORA": "lora", "MIXLORA": "mixlora"}.get(peft_type, str(peft_type).lower())
+        # a foreign format holds one variant: the one registered under its lower-cased
+        # peft_type (peft's "LORA" is our "lora", MixLoRA's "MIXLORA" our "mixlora")
+        return str(_read_json(peft).get("peft_type")).lower()
     raise ValueError(f"{directory}: not an adapter directory (no adapter_config.json)")
-
-
-def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _read_peft_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module: (s·B, A)}`` from a peft LoRA directory, from its files only.
-
-    Keys ``base_model.model.<module>.lora_{A,B}.weight``; ``s = lora_alpha / r`` (rsLoRA:
-    ``lora_alpha / sqrt(r)``), with ``rank_pattern`` / ``alpha_pattern`` overrides per module.
-    The fallback when :func:`loravariants.io.read_factors` is unavailable.
-    """
-    from safetensors import safe_open
-
-    directory = Path(path)
-    meta = _read_json(directory / "adapter_config.json")
-    if meta.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{directory}: peft_type {meta.get('peft_type')!r} is not LORA")
-    weights = directory / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: adapter weights not found")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{weights}: not a valid safetensors file ({e})") from e
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    out = {}
-    r0, alpha0 = int(meta.get("r", 8)), float(meta.get("lora_alpha", 8))
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{weights}: {module} lacks lora_A or lora_B")
-        r = int(_pattern_value(meta.get("rank_pattern") or {}, module, r0))
-        alpha = float(_pattern_value(meta.get("alpha_pattern") or {}, module, alpha0))
-        scale = alpha / math.sqrt(r) if meta.get("use_rslora") else alpha / r
-        out[module] = (ab["B"].float() * scale, ab["A"].float())
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
