@@ -3,9 +3,8 @@
 The public API is re-exported here; see README.md and docs/.
 """
 
-__version__ = "0.1.0"
-
-from . import longlora  # noqa: F401,E402  (registers the "s2_attn" attention implementation)
+from . import longlora  # noqa: F401  (registers the "s2_attn" attention implementation)
+from ._version import __version__
 from .adapters.base import route_rows
 from .inject import (
     TrainableSummary,

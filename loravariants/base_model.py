@@ -18,20 +18,19 @@ version (the stdlib is the data) change. ``docs/data.md`` records its time, loss
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .adapters.base import check_range
+from .utils import default_cache_dir
 
 __all__ = [
     "BaseModelConfig",
@@ -42,7 +41,6 @@ __all__ = [
     "pretrain",
     "resolve_base_model",
     "load_base_model",
-    "pretrain_base_main",
 ]
 
 #: the sentinel that names the built-in base model
@@ -148,7 +146,7 @@ class BaseModelConfig:
     def key(self) -> str:
         """A short hash of everything that determines the weights: this config, the data
         pipeline and library versions, and the Python version (whose stdlib is the data)."""
-        from . import __version__
+        from ._version import __version__
         from .data import DATA_PIPELINE_VERSION
 
         blob = json.dumps(
@@ -179,14 +177,6 @@ class BaseModelConfig:
             eos_token_id=1,
             pad_token_id=2,
         )
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/loravariants`` when XDG_CACHE_HOME is set, else
-    ``~/.cache/loravariants``."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    root = Path(xdg) if xdg else Path(os.path.expanduser("~")) / ".cache"
-    return root / "loravariants"
 
 
 def base_model_path(config: BaseModelConfig, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -340,7 +330,7 @@ def build_base_model(
         force: rebuild even when cached.
         progress: show a progress bar.
     """
-    from . import __version__
+    from ._version import __version__
     from .utils import atomic_directory
 
     config = config or BaseModelConfig()
@@ -426,41 +416,11 @@ def load_base_model(
     return model.eval(), tokenizer
 
 
-def pretrain_base_main(argv: Sequence[str]) -> int:
-    """``loravariants pretrain-base [--config FILE] [--cache-dir DIR] [--force] [--quiet]
-    [key.sub=value ...]``: print the path. ``--config`` takes an experiment YAML and builds the
-    base its ``base_model_config`` describes."""
-    parser = argparse.ArgumentParser(
-        prog="loravariants pretrain-base",
-        description="Build (or reuse) the built-in base model and print its folder.",
-    )
-    parser.add_argument(
-        "--cache-dir", default=None, help=f"cache root (default {default_cache_dir()})"
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--config", default=None, help="experiment YAML (its base_model_config)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value for the experiment YAML")
-    args = parser.parse_args(argv)
-    config = BaseModelConfig()
-    if args.config:
-        from .config import load_experiment
+def __getattr__(name: str):
+    # `pretrain_base_main` moved to loravariants.cli (the CLI owns every entry point); the old path
+    # still resolves, on use: importing the CLI here would make this module depend on it
+    if name == "pretrain_base_main":
+        import importlib
 
-        config = load_experiment(args.config, args.overrides).builtin_base()
-        if config is None:
-            raise ValueError(f"{args.config}: base_model is not the built-in one")
-    elif args.overrides:
-        raise ValueError("key=value overrides need --config")
-    cached = (base_model_path(config, args.cache_dir) / "build_info.json").is_file()
-    if not cached or args.force:
-        print("pretraining the base model (a few minutes on a CPU) ...", file=sys.stderr)
-    path = build_base_model(config, args.cache_dir, force=args.force, progress=not args.quiet)
-    metrics = json.loads((path / "build_info.json").read_text())["metrics"]
-    print(
-        f"{'reused' if cached and not args.force else 'built'}: final train loss "
-        f"{metrics['final_train_loss']:.3f}, validation perplexity "
-        f"{metrics['validation_perplexity']:.2f}, {metrics['train_seconds']:.0f} s training",
-        file=sys.stderr,
-    )
-    print(path)
-    return 0
+        return importlib.import_module("loravariants.cli").pretrain_base_main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

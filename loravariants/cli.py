@@ -1,7 +1,9 @@
 """The ``loravariants`` command.
 
-Each subcommand is a function ``main(argv) -> exit status`` living next to the code it drives;
-this file only dispatches. A user error (bad config value, missing file) prints one line and
+Each subcommand is a function ``<name>_main(argv) -> exit status`` here: it parses the
+arguments and calls the library. The library's modules are imported inside those functions,
+on use, so that ``loravariants --help`` stays fast and a missing optional piece (an extra)
+only affects its own command. A user error (bad config value, missing file) prints one line and
 exits with status 2; a bug still shows its traceback.
 """
 
@@ -12,7 +14,9 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from ._version import __version__
 from .real_models import MissingExtraError
 
 # subcommand -> (module, function, one-line help); modules are imported on use so that
@@ -39,12 +43,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "perplexity at several lengths (+ passkey) of a base model with an optional adapter",
     ),
     "pretrain-base": (
-        "loravariants.base_model",
+        "loravariants.cli",
         "pretrain_base_main",
         "build (or reuse) the small default Llama-architecture base model",
     ),
     "analyze": (
-        "loravariants.analysis.report",
+        "loravariants.cli",
         "analyze_main",
         "SVD analysis of a saved adapter directory (ours or any peft LoRA)",
     ),
@@ -52,9 +56,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _print_summary(out) -> int:
-    import json
-    from pathlib import Path
-
     report = Path(out) / "report.md"
     data = json.loads((Path(out) / "results.json").read_text())
     failed = [r for r in data["runs"] if r.get("status") != "ok"]
@@ -194,17 +195,16 @@ def eval_main(argv: Sequence[str]) -> int:
     extension (applied before the adapter is loaded; an adapter trained with another
     extension is refused) and evaluation settings.
     """
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM
 
     from .base_model import resolve_base_model
+    from .compare.plan import eval_lengths
     from .config import DataConfig, EvalConfig, ExperimentConfig, RunSpec, load_experiment
     from .data import load_validation_tokens
     from .evaluate import passkey_accuracy, perplexity_at_lengths
     from .io import load_adapter
-    from .longlora.context import extend_context
+    from .longlora.context import describe_extension, extend_context
 
     parser = argparse.ArgumentParser(prog="loravariants eval")
     parser.add_argument(
@@ -240,15 +240,11 @@ def eval_main(argv: Sequence[str]) -> int:
         )
     if args.adapter:
         load_adapter(model, args.adapter)  # applies the context extension it was trained with
-        from .longlora.context import describe_extension
-
         extension = describe_extension(model)
         if extension and not (target and target > native):  # evaluate up to its context too
             config.context.target_length = extension["target_length"]
             native = extension["original_length"]
-    from .compare import _eval_lengths
-
-    lengths = args.lengths or _eval_lengths(config, native)
+    lengths = args.lengths or eval_lengths(config, native)
     tokens = load_validation_tokens(config.data, tokenizer, config.eval.max_tokens)
     ppl = perplexity_at_lengths(
         model, tokens, lengths, stride_ratio=config.eval.stride_ratio, progress=True
@@ -259,6 +255,99 @@ def eval_main(argv: Sequence[str]) -> int:
         pk = passkey_accuracy(model, tokenizer, passkey, config.eval.passkey_trials)
         result["passkey"] = {n: r.accuracy for n, r in pk.items()}
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def pretrain_base_main(argv: Sequence[str]) -> int:
+    """``loravariants pretrain-base [--config FILE] [--cache-dir DIR] [--force] [--quiet]
+    [key.sub=value ...]``: print the path. ``--config`` takes an experiment YAML and builds the
+    base its ``base_model_config`` describes."""
+    from .base_model import (
+        BaseModelConfig,
+        base_model_path,
+        build_base_model,
+        default_cache_dir,
+    )
+    from .config import load_experiment
+
+    parser = argparse.ArgumentParser(
+        prog="loravariants pretrain-base",
+        description="Build (or reuse) the built-in base model and print its folder.",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help=f"cache root (default {default_cache_dir()})"
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--config", default=None, help="experiment YAML (its base_model_config)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value for the experiment YAML")
+    args = parser.parse_args(argv)
+    config = BaseModelConfig()
+    if args.config:
+        config = load_experiment(args.config, args.overrides).builtin_base()
+        if config is None:
+            raise ValueError(f"{args.config}: base_model is not the built-in one")
+    elif args.overrides:
+        raise ValueError("key=value overrides need --config")
+    cached = (base_model_path(config, args.cache_dir) / "build_info.json").is_file()
+    if not cached or args.force:
+        print("pretraining the base model (a few minutes on a CPU) ...", file=sys.stderr)
+    path = build_base_model(config, args.cache_dir, force=args.force, progress=not args.quiet)
+    metrics = json.loads((path / "build_info.json").read_text())["metrics"]
+    print(
+        f"{'reused' if cached and not args.force else 'built'}: final train loss "
+        f"{metrics['final_train_loss']:.3f}, validation perplexity "
+        f"{metrics['validation_perplexity']:.2f}, {metrics['train_seconds']:.0f} s training",
+        file=sys.stderr,
+    )
+    print(path)
+    return 0
+
+
+def analyze_main(argv: Sequence[str] | None = None) -> int:
+    """``loravariants analyze PATH [--base MODEL] [--out DIR]``.
+
+    Prints one line per update and the means per layer type; with ``--out`` also writes
+    ``analysis.csv``, ``analysis.json``, ``spectra.png`` and ``effective_rank.png``. A missing
+    or corrupt adapter prints one line and returns 2.
+    """
+    from .analysis.plots import plot_effective_rank, plot_spectra
+    from .analysis.report import analyze
+
+    parser = argparse.ArgumentParser(
+        prog="loravariants analyze",
+        description="SVD analysis of a saved adapter (ours or any peft LoRA directory).",
+    )
+    parser.add_argument("path", help="adapter directory")
+    parser.add_argument("--base", help="local base model path, for amplification and intruders")
+    parser.add_argument("--out", help="directory for analysis.csv/.json and plots")
+    parser.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.max_rows is not None and args.max_rows < 1:
+        print(
+            f"loravariants analyze: error: --max-rows must be >= 1, got {args.max_rows}",
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_file() or any(p.is_file() for p in out.parents)):
+        print(f"loravariants analyze: error: --out {out}: a file is in the way", file=sys.stderr)
+        return 2
+    try:
+        report = analyze(args.path, base=args.base)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"loravariants analyze: error: {e}", file=sys.stderr)
+        return 2
+    print(report.table(args.max_rows))
+    print()
+    print(report.type_table())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        report.to_csv(out / "analysis.csv")
+        report.to_json(out / "analysis.json")
+        plot_spectra({Path(args.path).name: report}, out / "spectra.png")
+        plot_effective_rank({Path(args.path).name: report}, out / "effective_rank.png")
+        print(f"\nwritten: {out}/analysis.csv, analysis.json, spectra.png, effective_rank.png")
     return 0
 
 
@@ -288,8 +377,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     if argv[0] == "--version":
-        from . import __version__
-
         print(__version__)
         return 0
     command, rest = argv[0], argv[1:]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,11 @@ from .train import (
     TrainConfig,
     TrainingDiverged,
     TrainResult,
-    _collate,
+    advance_schedule,
+    collate,
     global_rows,
     label_count,
-    lr_factor,
+    make_optimizer,
     token_share,
 )
 
@@ -102,35 +104,13 @@ def train_concurrent(
         ValueError: unknown adapter, duplicate jobs, differing grad_accum, or extra trainable
             modules (embeddings/norms would be shared between jobs).
     """
-    names = [job.adapter for job in jobs]
-    if not jobs:
-        raise ValueError("train_concurrent needs at least one job")
-    if len(set(names)) != len(names):
-        raise ValueError(f"each adapter may have one job only, got {names}")
-    unknown = sorted(set(names) - set(adapter_names(model)))
-    if unknown:
-        raise ValueError(f"no adapter named {unknown} attached; attached: {adapter_names(model)}")
-    if len({job.config.grad_accum for job in jobs}) != 1:
-        raise ValueError("all jobs must use the same grad_accum")
-    if extra_trainable_modules(model):
-        raise ValueError(
-            "concurrent training cannot share trainable base modules "
-            f"{extra_trainable_modules(model)} between jobs; train them sequentially"
-        )
-    device = next(model.parameters()).device
+    _check_jobs(model, jobs)
     grad_accum = jobs[0].config.grad_accum
     state = {}
     for job in jobs:
         cfg = job.config
         params = _job_params(model, job.adapter)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        cycle = {"start": 0}
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s, cfg=cfg, cycle=cycle: lr_factor(
-                s - cycle["start"], cfg.warmup_steps, cfg.max_steps - cycle["start"], cfg.schedule
-            ),
-        )
+        opt, sched, cycle = make_optimizer(params, cfg)
         restart_lr = adapter_config(model, job.adapter).restarts_lr_schedule()
         state[job.adapter] = dict(
             params=params,
@@ -158,7 +138,7 @@ def train_concurrent(
         # each job's micro-batches of this step, read once
         micro_batches = {
             job.adapter: [
-                _collate(job.dataset, _micro_rows(job, step, m, grad_accum))
+                collate(job.dataset, _micro_rows(job, step, m, grad_accum))
                 for m in range(grad_accum)
             ]
             for job in running
@@ -169,45 +149,10 @@ def train_concurrent(
             for adapter, batches in micro_batches.items()
         }
         for micro in range(grad_accum):
-            batches, rows_of, offset = [], {}, 0
-            for job in running:
-                bs = job.config.batch_size
-                batches.append(micro_batches[job.adapter][micro])
-                rows_of[job.adapter] = slice(offset, offset + bs)
-                offset += bs
-            merged = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
-            labels = merged.pop("labels")
-            with route_rows(rows_of):
-                logits = model(**merged).logits
-            total = torch.zeros((), device=device)
-            for job in running:
-                rows = rows_of[job.adapter]
-                n_micro = label_count(labels[rows])
-                lm = causal_lm_loss(logits[rows], labels[rows])
-                lm_part = token_share(lm, logits[rows], n_micro, step_tokens[job.adapter])
-                aux = aux_loss(model, job.adapter).to(device)
-                total = total + lm_part + aux / grad_accum
-                losses[job.adapter] += lm_part.item()
-                auxes[job.adapter] += aux.item() / grad_accum
-                state[job.adapter]["result"].tokens += n_micro
-            total.backward()
+            batches = [micro_batches[job.adapter][micro] for job in running]
+            _fused_micro_batch(model, running, batches, step_tokens, state, losses, auxes)
         for job in running:
-            s, cfg = state[job.adapter], job.config
-            if not (math.isfinite(losses[job.adapter]) and math.isfinite(auxes[job.adapter])):
-                raise TrainingDiverged(
-                    f"adapter {job.adapter!r}: loss became {losses[job.adapter]} at step {step + 1}"
-                )
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(s["params"], cfg.max_grad_norm)
-            s["opt"].step()
-            s["opt"].zero_grad(set_to_none=True)
-            reset = run_step_end_hooks(model, step + 1, s["opt"], name=job.adapter)
-            if reset and s["restart_lr"]:
-                s["cycle"]["start"] = step + 1
-            s["sched"].step()  # after the hooks, as in `train`
-            s["result"].losses.append(losses[job.adapter])
-            s["result"].aux_losses.append(auxes[job.adapter])
-            s["result"].steps = step + 1
+            _job_step(model, job, state[job.adapter], step, losses[job.adapter], auxes[job.adapter])
         bar.update(1)
         bar.set_postfix({n: f"{losses[n]:.3f}" for n in losses})
     bar.close()
@@ -220,3 +165,65 @@ def train_concurrent(
         r.tokens_per_second = r.tokens / max(wall, 1e-9)
         results[name] = r
     return results
+
+
+def _fused_micro_batch(model, running, batches, step_tokens, state, losses, auxes) -> None:
+    """One micro-batch of every running job as one batch (each job's rows routed to its
+    adapter): one forward, each job's loss on its own rows, one backward of their sum.
+    Adds each job's loss parts to ``losses`` / ``auxes`` and its label tokens to its result."""
+    device = next(model.parameters()).device
+    grad_accum = running[0].config.grad_accum
+    rows_of, offset = {}, 0
+    for job in running:
+        rows_of[job.adapter] = slice(offset, offset + job.config.batch_size)
+        offset += job.config.batch_size
+    merged = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
+    labels = merged.pop("labels")
+    with route_rows(rows_of):
+        logits = model(**merged).logits
+    total = torch.zeros((), device=device)
+    for job in running:
+        rows = rows_of[job.adapter]
+        n_micro = label_count(labels[rows])
+        lm = causal_lm_loss(logits[rows], labels[rows])
+        lm_part = token_share(lm, logits[rows], n_micro, step_tokens[job.adapter])
+        aux = aux_loss(model, job.adapter).to(device)
+        total = total + lm_part + aux / grad_accum
+        losses[job.adapter] += lm_part.item()
+        auxes[job.adapter] += aux.item() / grad_accum
+        state[job.adapter]["result"].tokens += n_micro
+    total.backward()
+
+
+def _job_step(model, job, s: dict[str, Any], step: int, loss: float, aux: float) -> None:
+    """The optimizer step of one job (its own optimizer, schedule and hooks), as in `train`."""
+    if not (math.isfinite(loss) and math.isfinite(aux)):
+        raise TrainingDiverged(f"adapter {job.adapter!r}: loss became {loss} at step {step + 1}")
+    if job.config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(s["params"], job.config.max_grad_norm)
+    s["opt"].step()
+    s["opt"].zero_grad(set_to_none=True)
+    reset = run_step_end_hooks(model, step + 1, s["opt"], name=job.adapter)
+    advance_schedule(s["sched"], s["cycle"], step + 1, bool(reset) and s["restart_lr"])
+    s["result"].losses.append(loss)
+    s["result"].aux_losses.append(aux)
+    s["result"].steps = step + 1
+
+
+def _check_jobs(model: nn.Module, jobs: Sequence[Job]) -> None:
+    """Refuse jobs that cannot train together (the errors `train_concurrent` documents)."""
+    names = [job.adapter for job in jobs]
+    if not jobs:
+        raise ValueError("train_concurrent needs at least one job")
+    if len(set(names)) != len(names):
+        raise ValueError(f"each adapter may have one job only, got {names}")
+    unknown = sorted(set(names) - set(adapter_names(model)))
+    if unknown:
+        raise ValueError(f"no adapter named {unknown} attached; attached: {adapter_names(model)}")
+    if len({job.config.grad_accum for job in jobs}) != 1:
+        raise ValueError("all jobs must use the same grad_accum")
+    if extra_trainable_modules(model):
+        raise ValueError(
+            "concurrent training cannot share trainable base modules "
+            f"{extra_trainable_modules(model)} between jobs; train them sequentially"
+        )

@@ -32,6 +32,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .utils import default_cache_dir
+
 __all__ = [
     "REAL_MODELS",
     "RealModel",
@@ -157,8 +159,6 @@ def real_model_path(
     Raises:
         MissingExtraError: the extra is not installed (see :func:`find_gguf`).
     """
-    from .base_model import default_cache_dir
-
     spec = REAL_MODELS[name]
     source = source or _source_id(find_gguf(spec))
     blob = json.dumps({"source": source, "conversion": CONVERSION_VERSION}, sort_keys=True)
@@ -263,7 +263,7 @@ def build_real_model(
     import torch
     import transformers
 
-    from . import __version__
+    from ._version import __version__
     from .utils import atomic_directory
 
     spec = REAL_MODELS[name]

@@ -21,13 +21,11 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import time
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +34,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters.base import check_range
+from .checkpoint import (
+    TrainingDiverged,
+    checkpoint_dir,
+    clean_checkpoint_leftovers,
+    latest_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from .inject import adapter_config, adapter_names, on_step_end
 from .inject import aux_loss as adapters_aux_loss
-from .utils import atomic_directory, make_dirs, output_lock, recover_folder
+from .utils import (
+    make_dirs,
+    output_lock,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "lr_factor"]
 
@@ -146,11 +156,6 @@ class TrainResult:
         return self.losses[-1] if self.losses else float("nan")
 
 
-class TrainingDiverged(ValueError):
-    """The loss, a gradient or a trainable weight became NaN or infinite; the checkpoints
-    written before (all finite) are kept."""
-
-
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Multiplier of the peak LR at optimizer step ``step`` (0-based) of a ``total``-step cycle.
 
@@ -165,6 +170,41 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(
+    params: Sequence[nn.Parameter], config: TrainConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, dict[str, int]]:
+    """AdamW over ``params`` and its schedule (:func:`lr_factor` of ``config``), for
+    :func:`train` and :func:`~loravariants.multi.train_concurrent` alike.
+
+    Returns:
+        ``(optimizer, scheduler, cycle)``: the schedule counts from ``cycle["start"]``, the
+        step of the last restart (:func:`advance_schedule`); checkpoints save it.
+    """
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    cycle = {"start": 0}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s - cycle["start"],
+            config.warmup_steps,
+            config.max_steps - cycle["start"],
+            config.schedule,
+        ),
+    )
+    return optimizer, scheduler, cycle
+
+
+def advance_schedule(scheduler, cycle: dict[str, int], step: int, restart: bool) -> None:
+    """After optimizer step ``step`` and the adapters' step-end hooks: start a new LR cycle
+    when an adapter restarted and asks for it (COLA's ``restart_lr_schedule``), then step the
+    schedule, so that the restart already sets the next step's LR."""
+    if restart:
+        cycle["start"] = step
+    scheduler.step()
 
 
 def seed_everything(seed: int) -> None:
@@ -214,7 +254,7 @@ def token_share(
     return mean_loss * (n_tokens / step_tokens)
 
 
-def _collate(dataset, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+def collate(dataset, rows: Sequence[int]) -> dict[str, torch.Tensor]:
     items = [dataset[i] for i in rows]
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
@@ -281,7 +321,7 @@ def train(
         return _train(model, dataset, config, output_dir, resume, progress, stack)
 
 
-def _train(model, dataset, config, output_dir, resume, progress, stack) -> TrainResult:
+def _check_inputs(dataset, config: TrainConfig, output_dir) -> None:
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
     if config.save_every and output_dir is None:
@@ -291,11 +331,18 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
             "the training dataset has no label token (every label is -100 or rows are one token "
             "long): the loss would be 0 and nothing would train"
         )
+
+
+# The loop stays one function on purpose (about 100 lines, as nanoGPT's): setup, loop,
+# checkpoint, done, readable top to bottom; its parts with a name of their own are _start
+# (resume or clean), _accumulate (micro-batches), _update (the optimizer step).
+def _train(model, dataset, config, output_dir, resume, progress, stack) -> TrainResult:
+    _check_inputs(dataset, config, output_dir)
     names = adapter_names(model)
     sparse = any(layer.sparse_gradients for _, layer in _layers(model))
     seed_everything(config.seed)
     accelerator = _accelerator(config, sparse)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and accelerator.is_main_process:
         # one writer per folder: a second run there would interleave checkpoints and metrics
@@ -306,46 +353,22 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     params = [p for _, p in trainable_named_parameters(model)]
     if not params:
         raise ValueError("the model has no trainable parameters; attach an adapter first")
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-    )
-    cycle = {"start": 0}  # the LR schedule restarts here (COLA with restart_lr_schedule)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(
-            s - cycle["start"],
-            config.warmup_steps,
-            config.max_steps - cycle["start"],
-            config.schedule,
-        ),
-    )
+    optimizer, scheduler, cycle = make_optimizer(params, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     restart_lr = any(adapter_config(inner, n).restarts_lr_schedule() for n in names)
 
     result = TrainResult()
-    start_step = 0
-    if out is not None and accelerator.is_main_process:
-        _clean_checkpoint_leftovers(out)
-    accelerator.wait_for_everyone()
-    if out is not None and resume:
-        start_step = _resume(
-            out, inner, optimizer, scheduler, cycle, result, rank, config, world, accelerator
-        )
-        result.resumed_from = start_step or None
-        result.steps = start_step
-    elif out is not None and accelerator.is_main_process:
-        # a fresh run: an older run's checkpoints would otherwise outlive ours in the rotation
-        # and be what the next resume picks up
-        shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)
-    accelerator.wait_for_everyone()
+    start_step = _start(
+        out, resume, inner, optimizer, scheduler, cycle, result, config, accelerator
+    )
 
     micro_rows = config.batch_size * world  # rows per micro-batch over all processes
     per_step = micro_rows * config.grad_accum
     metrics_file = out / "metrics.jsonl" if out is not None else None
     if metrics_file is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_file, start_step)
+        truncate_metrics(metrics_file, start_step)
 
     model.train()
     bar = tqdm(
@@ -362,50 +385,21 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
         rows = global_rows(len(dataset), config.seed, step * per_step, per_step)
         # the step's loss is the mean over all its label tokens, every process's included
         step_label_tokens = max(label_tokens(dataset, rows), 1)
-        lm_total = torch.zeros((), device=accelerator.device)
-        aux_total = torch.zeros((), device=accelerator.device)
-        step_tokens = 0
-        for micro in range(config.grad_accum):
-            chunk = rows[micro * micro_rows : (micro + 1) * micro_rows]
-            batch = _collate(
-                dataset, chunk[rank * config.batch_size : (rank + 1) * config.batch_size]
-            )
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            n_micro = label_count(batch["labels"])
-            step_tokens += n_micro
-            last = micro == config.grad_accum - 1
-            # Gradient all-reduce only on the last micro-batch: the others accumulate locally.
-            sync = accelerator.no_sync(model) if (world > 1 and not last) else _null()
-            with sync, accelerator.autocast():
-                output = model(**batch)
-                lm_part = token_share(output.loss, output.logits, n_micro, step_label_tokens)
-                aux = adapters_aux_loss(inner).to(lm_part.device)
-                # DDP averages gradients over processes: hence the factor `world`
-                accelerator.backward(lm_part * world + aux / config.grad_accum)
-            lm_total += lm_part.detach()
-            aux_total += aux.detach() / config.grad_accum
+        lm_total, aux_total, step_tokens = _accumulate(
+            model, inner, dataset, rows, step_label_tokens, config, accelerator
+        )
         lm_mean = accelerator.reduce(lm_total, reduction="sum").item()
         aux_mean = accelerator.reduce(aux_total, reduction="mean").item()
         if not math.isfinite(lm_mean) or not math.isfinite(aux_mean):
             bar.close()
-            where = _latest_checkpoint(out) if out is not None else None
+            where = latest_checkpoint(out) if out is not None else None
             raise TrainingDiverged(
                 f"loss became {lm_mean} at step {step + 1}; stopped. "
                 + (f"Last good checkpoint: {where}" if where else "No checkpoint was written.")
             )
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        # a NaN gradient can come with a finite loss, and a finite update can overflow the
-        # weights (lr=1e6): neither may reach a checkpoint
-        _check_finite(params, "gradient", step, out, bar, grads=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _check_finite(params, "trainable weight", step, out, bar)
+        _update(params, optimizer, accelerator, config, step, out, bar)
         reset = on_step_end(inner, step + 1, optimizer)
-        if reset and restart_lr:
-            cycle["start"] = step + 1
-        # after the hooks: a COLA restart at this step must set the next step's LR already
-        scheduler.step()
+        advance_schedule(scheduler, cycle, step + 1, bool(reset) and restart_lr)
 
         tokens = int(
             accelerator.reduce(
@@ -426,19 +420,13 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
             and accelerator.is_main_process
             and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps)
         ):
-            line = {
-                "step": step + 1,
-                "loss": lm_mean,
-                "aux_loss": aux_mean,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": result.tokens,
-                "tokens_per_s": tps,
-                "elapsed_s": elapsed,
-            }
+            line = {"step": step + 1, "loss": lm_mean, "aux_loss": aux_mean}
+            line.update(lr=scheduler.get_last_lr()[0], tokens=result.tokens)
+            line.update(tokens_per_s=tps, elapsed_s=elapsed)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(line) + "\n")
         if out is not None and config.save_every and (step + 1) % config.save_every == 0:
-            _save_checkpoint(
+            save_checkpoint(
                 out, inner, optimizer, scheduler, cycle, result, step + 1, config, accelerator
             )
     bar.close()
@@ -451,6 +439,69 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     return result
 
 
+def _start(out, resume, inner, optimizer, scheduler, cycle, result, config, accelerator) -> int:
+    """The step to start from: the last checkpoint's with ``resume`` (model, optimizer,
+    schedule, RNG and result restored), else 0 with the folder's old checkpoints removed."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    start_step = 0
+    if out is not None and accelerator.is_main_process:
+        clean_checkpoint_leftovers(out)
+    accelerator.wait_for_everyone()
+    if out is not None and resume:
+        start_step = resume_checkpoint(
+            out, inner, optimizer, scheduler, cycle, result, rank, config, world, accelerator
+        )
+        result.resumed_from = start_step or None
+        result.steps = start_step
+    elif out is not None and accelerator.is_main_process:
+        # a fresh run: an older run's checkpoints would otherwise outlive ours in the rotation
+        # and be what the next resume picks up
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return start_step
+
+
+def _update(params, optimizer, accelerator, config, step, out, bar) -> None:
+    """Clip, step and clear the gradients, refusing non-finite gradients or weights."""
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    # a NaN gradient can come with a finite loss, and a finite update can overflow the
+    # weights (lr=1e6): neither may reach a checkpoint
+    _check_finite(params, "gradient", step, out, bar, grads=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _check_finite(params, "trainable weight", step, out, bar)
+
+
+def _accumulate(model, inner, dataset, rows, step_label_tokens, config, accelerator):
+    """Forward and backward of one optimizer step's micro-batches (this process's share of
+    ``rows``); gradients accumulate. Returns ``(lm loss, aux loss, label tokens)`` of the
+    step on this process, the losses as 0-d tensors."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_rows = config.batch_size * world  # rows per micro-batch over all processes
+    lm_total = torch.zeros((), device=accelerator.device)
+    aux_total = torch.zeros((), device=accelerator.device)
+    step_tokens = 0
+    for micro in range(config.grad_accum):
+        chunk = rows[micro * micro_rows : (micro + 1) * micro_rows]
+        batch = collate(dataset, chunk[rank * config.batch_size : (rank + 1) * config.batch_size])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        n_micro = label_count(batch["labels"])
+        step_tokens += n_micro
+        last = micro == config.grad_accum - 1
+        # Gradient all-reduce only on the last micro-batch: the others accumulate locally.
+        sync = accelerator.no_sync(model) if (world > 1 and not last) else _null()
+        with sync, accelerator.autocast():
+            output = model(**batch)
+            lm_part = token_share(output.loss, output.logits, n_micro, step_label_tokens)
+            aux = adapters_aux_loss(inner).to(lm_part.device)
+            # DDP averages gradients over processes: hence the factor `world`
+            accelerator.backward(lm_part * world + aux / config.grad_accum)
+        lm_total += lm_part.detach()
+        aux_total += aux.detach() / config.grad_accum
+    return lm_total, aux_total, step_tokens
+
+
 def _check_finite(params, what: str, step: int, out: Path | None, bar, grads: bool = False):
     tensors = [p.grad for p in params if p.grad is not None] if grads else list(params)
     if not tensors:
@@ -458,7 +509,7 @@ def _check_finite(params, what: str, step: int, out: Path | None, bar, grads: bo
     bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
     if bool(bad):
         bar.close()
-        where = _latest_checkpoint(out) if out is not None else None
+        where = latest_checkpoint(out) if out is not None else None
         raise TrainingDiverged(
             f"a {what} became NaN or infinite at step {step + 1}; stopped before it was "
             "saved. "
@@ -478,211 +529,3 @@ def _layers(model: nn.Module):
     from .inject import iter_adapters
 
     return [(p, layer) for p, _, layer in iter_adapters(model)]
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints: adapters (native format, so variant hooks restore e.g. COLA's folded links),
-# optimizer, scheduler, RNG, losses so far. Written atomically; the newest K kept.
-# ---------------------------------------------------------------------------------------------
-
-
-def _checkpoint_dir(out: Path) -> Path:
-    return out / "checkpoints"
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """Finished checkpoints (``step-*`` holding ``trainer_state.pt``), oldest first."""
-    root = _checkpoint_dir(out)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    done = _checkpoints(out)
-    return done[-1] if done else None
-
-
-def _clean_checkpoint_leftovers(out: Path) -> None:
-    """Folders a killed run left in ``checkpoints/``: unfinished ``.step-*.tmp-*`` (and any
-    ``.old-*``) of dead processes, and the per-step ``.rng-*`` staging folders."""
-    root = _checkpoint_dir(out)
-    if not root.is_dir():
-        return
-    recover_folder(root)
-    for p in root.glob(".rng-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def load_checkpoint_file(file: Path) -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file and say why.
-
-    Raises:
-        ValueError: a truncated or corrupt file, or a pickle holding more than tensors and
-            plain data (refused unread: loading it could run arbitrary code).
-    """
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{file}: refused to load: it holds Python objects other than tensors and plain "
-            f"data, which could run code when unpickled (weights_only=True; {first})"
-        ) from e
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise ValueError(f"{file}: truncated or corrupt checkpoint file ({e})") from e
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
-
-
-def _save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, config, accelerator):
-    from .io import save_adapter
-
-    for n, p in trainable_named_parameters(model):  # the loop checks each step; never save one
-        if not bool(torch.isfinite(p).all()):
-            raise TrainingDiverged(f"{n} is not finite at step {step}; checkpoint not written")
-    rank = accelerator.process_index
-    target = _checkpoint_dir(out) / f"step-{step:07d}"
-    # every rank writes its own RNG state; the main process writes the rest
-    rng_dir = _checkpoint_dir(out) / f".rng-{step:07d}"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), rng_dir / f"rng-{rank}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_directory(target) as tmp:
-            for name in adapter_names(model):
-                save_adapter(model, tmp / "adapters" / name, format="native", name=name)
-            torch.save(
-                {
-                    "step": step,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "cycle_start": cycle["start"],
-                    "losses": result.losses,
-                    "aux_losses": result.aux_losses,
-                    "tokens": result.tokens,
-                    "config": asdict(config),
-                    "world": accelerator.num_processes,
-                    # fp16's loss scale: without it a resumed fp16 run scales differently
-                    "scaler": _scaler_state(accelerator),
-                },
-                tmp / "trainer_state.pt",
-            )
-            for f in rng_dir.iterdir():
-                shutil.copy(f, tmp / f.name)
-        shutil.rmtree(rng_dir, ignore_errors=True)
-        done = sorted(p for p in _checkpoint_dir(out).glob("step-*"))
-        for old in done[: -config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        recover_folder(_checkpoint_dir(out))  # e.g. a swapped-out old step folder
-    accelerator.wait_for_everyone()
-
-
-# may change between a run and its resumption (a longer budget, other bookkeeping)
-_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every"}
-
-
-def _scaler_state(accelerator) -> dict[str, Any] | None:
-    scaler = getattr(accelerator, "scaler", None)
-    return scaler.state_dict() if scaler is not None else None
-
-
-def _readable_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | tuple[None, None]:
-    """The newest checkpoint whose trainer state reads; a broken one (a disk that lost the
-    file's end) is skipped with a warning naming it."""
-    for ckpt in reversed(_checkpoints(out)):
-        try:
-            return ckpt, load_checkpoint_file(ckpt / "trainer_state.pt")
-        except ValueError as e:
-            if "refused to load" in str(e):
-                raise  # not an accident: do not fall back silently past a tampered file
-            warnings.warn(f"{e}; resuming from the checkpoint before it", stacklevel=3)
-    return None, None
-
-
-def _resume(
-    out, model, optimizer, scheduler, cycle, result, rank, config, world, accelerator
-) -> int:
-    from .io import load_adapter
-
-    ckpt, state = _readable_checkpoint(out)
-    if ckpt is None:
-        return 0
-    saved = {**state.get("config", {}), "processes": state.get("world", world)}
-    now = {**asdict(config), "processes": world}
-    differ = [
-        f"{k}: {_plain(saved.get(k))} -> {_plain(v)}"
-        for k, v in now.items()
-        if k not in _RESUMABLE_CHANGES and _plain(saved.get(k)) != _plain(v)
-    ]
-    if differ:
-        raise ValueError(
-            f"{ckpt}: cannot resume, the run was started with other settings "
-            f"({'; '.join(differ)}); use another output directory, or resume=False to start "
-            "over (deletes its checkpoints)"
-        )
-    for name in adapter_names(model):
-        load_adapter(model, ckpt / "adapters" / name, name=name)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    cycle["start"] = state["cycle_start"]
-    result.losses = list(state["losses"])
-    result.aux_losses = list(state["aux_losses"])
-    result.tokens = int(state["tokens"])
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    rng_file = ckpt / f"rng-{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(load_checkpoint_file(rng_file))
-    return int(state["step"])
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _truncate_metrics(file: Path, keep_until_step: int) -> None:
-    """Drop metric lines past the resumed step (they belong to the run that was cut off).
-
-    A cut last line (a kill, a full disk, a power loss mid-write) is dropped too; a broken
-    line before the end is an error naming the file and line. Rewritten atomically.
-
-    Raises:
-        ValueError: a line other than the last is not JSON.
-    """
-    if not file.is_file():
-        return
-    text = file.read_text(errors="replace")
-    lines = text.splitlines()
-    kept = []
-    for i, ln in enumerate(lines):
-        if not ln.strip():
-            continue
-        try:
-            record = json.loads(ln)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break  # the partial line of a cut-off write
-            raise ValueError(f"{file}, line {i + 1}: not a JSON metrics line ({e})") from e
-        if isinstance(record, dict) and record.get("step", 0) <= keep_until_step:
-            kept.append(ln)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, file)

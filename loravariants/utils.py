@@ -11,10 +11,13 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "config_differences",
+    "default_cache_dir",
     "atomic_directory",
     "check_replaceable",
     "recover_directory",
@@ -240,3 +243,36 @@ def check_replaceable(path: str | os.PathLike, own_files: set[str], what: str) -
             f"{target} holds files that are not {what} ({foreign[:5]}); it would be replaced "
             "as a whole: save into a new or empty folder"
         )
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/loravariants`` when XDG_CACHE_HOME is set, else
+    ``~/.cache/loravariants``."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    root = Path(xdg) if xdg else Path(os.path.expanduser("~")) / ".cache"
+    return root / "loravariants"
+
+
+def config_differences(
+    saved: Mapping[str, Any],
+    now: Mapping[str, Any],
+    may_change: Collection[str],
+    normalize: Callable[[Any], Any] = lambda value: value,
+    show: Callable[[Any], str] = str,
+) -> list[str]:
+    """``"key: old -> new"`` for every setting of ``now`` that differs from ``saved``.
+
+    The one check behind resuming a training run and resuming a comparison: settings in
+    ``may_change`` (a longer budget, more seeds) are left out.
+
+    Args:
+        saved, now: the settings then and now.
+        may_change: keys allowed to differ.
+        normalize: applied to both values before comparing and showing them.
+        show: how a value is written in the message.
+    """
+    return [
+        f"{k}: {show(normalize(saved.get(k)))} -> {show(normalize(v))}"
+        for k, v in now.items()
+        if k not in may_change and normalize(saved.get(k)) != normalize(v)
+    ]

@@ -17,7 +17,6 @@ from loravariants.analysis import (
     AnalysisReport,
     amplification_factor,
     analyze,
-    analyze_main,
     components,
     effective_rank,
     energy,
@@ -32,6 +31,7 @@ from loravariants.analysis import (
     svd,
     top_singular,
 )
+from loravariants.cli import analyze_main
 
 D64 = torch.float64
 

@@ -14,9 +14,9 @@ from loravariants.base_model import (
     build_base_model,
     default_cache_dir,
     load_base_model,
-    pretrain_base_main,
     resolve_base_model,
 )
+from loravariants.cli import pretrain_base_main
 
 
 @pytest.fixture(scope="module")

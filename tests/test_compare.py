@@ -11,7 +11,7 @@ from _train_script import random_blocks
 from conftest import make_tiny_llama
 
 from loravariants.cli import main
-from loravariants.compare import PeakMemory, compare, match_rank, mean_ci
+from loravariants.compare import Environment, PeakMemory, compare, match_rank, mean_ci
 from loravariants.config import experiment_from_dict
 from loravariants.train import TrainConfig  # noqa: F401  (fields used in the YAML below)
 
@@ -79,15 +79,14 @@ def test_quickstart_quick_end_to_end(tmp_path, monkeypatch, capsys):
 def _tiny_env():
     """A synthetic environment: tiny random model and data, no base-model build."""
     tokens = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(0))
-    return {
-        "base_path": "tiny",
-        "tokenizer": None,
-        "device": torch.device("cpu"),
-        "load_model": lambda: make_tiny_llama(max_position_embeddings=32),
-        "train_blocks": lambda n: random_blocks(n=16, length=n),
-        "val_tokens": tokens,
-        "lora_reference": {},
-    }
+    return Environment(
+        base_path="tiny",
+        tokenizer=None,
+        device=torch.device("cpu"),
+        load_model=lambda: make_tiny_llama(max_position_embeddings=32),
+        train_blocks=lambda n: random_blocks(n=16, length=n),
+        val_tokens=tokens,
+    )
 
 
 def _experiment(tmp_path, runs, **extra):
@@ -145,7 +144,7 @@ def test_forced_nan_run_is_reported_and_the_others_finish(tmp_path):
         seeds=[0],
     )
     env = _tiny_env()
-    good_loader = env["load_model"]
+    good_loader = env.load_model
     calls = {"n": 0}
 
     def loader():
@@ -156,7 +155,7 @@ def test_forced_nan_run_is_reported_and_the_others_finish(tmp_path):
                 model.lm_head.weight.fill_(float("nan"))
         return model
 
-    env["load_model"] = loader
+    env.load_model = loader
     compare(config, progress=False, log=lambda s: None, env=env)
     runs = {
         r["row"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
@@ -330,11 +329,11 @@ def test_output_dir_under_a_file_is_one_clear_error(tmp_path):
 def test_quiet_compare_silences_transformers_bars_only_while_it_runs(tmp_path, monkeypatch):
     from transformers.utils import logging as hf_logging
 
-    import loravariants.compare as compare_module
+    import loravariants.compare.run as compare_run
 
     seen = []
     monkeypatch.setattr(
-        compare_module, "_compare", lambda *a: seen.append(hf_logging.is_progress_bar_enabled())
+        compare_run, "_compare", lambda *a: seen.append(hf_logging.is_progress_bar_enabled())
     )
     config = _experiment(tmp_path, [{"name": "base", "adapter": "none"}])
     hf_logging.enable_progress_bar()

@@ -18,10 +18,11 @@ from torch.utils._pytree import tree_leaves
 
 import loravariants as lv
 import loravariants.io
-from loravariants import compare as compare_module
 from loravariants.adapters import LoRAConfig
 from loravariants.analysis import subspace_similarity
 from loravariants.analysis.svd import amplification_factor, subspace_similarity_grid
+from loravariants.compare import compare
+from loravariants.compare import measure as compare_measure
 
 #: what :class:`Elsewhere` tensors report as their device
 OTHER = torch.device("meta")
@@ -116,16 +117,16 @@ def test_similarity_to_lora_moves_the_loaded_reference_to_the_models_device(tmp_
 
     reference, model = adapted(0), adapted(1)
     lv.save_adapter(reference, tmp_path / "ref")
-    want = compare_module._similarity_to(model, tmp_path / "ref", "default")
+    want = compare_measure._similarity_to(model, tmp_path / "ref", "default")
     assert all(0 < want[k] <= 1 + 1e-9 for k in ("similarity_to_lora", "similarity_to_lora_right"))
 
     real = loravariants.io.read_factors
     monkeypatch.setattr(
-        loravariants.io,
+        compare_measure,
         "read_factors",
         lambda path: {k: tuple(elsewhere(t) for t in v) for k, v in real(path).items()},
     )
-    got = compare_module._similarity_to(model, tmp_path / "ref", "default")
+    got = compare_measure._similarity_to(model, tmp_path / "ref", "default")
     assert got == pytest.approx(want)
 
 
@@ -137,14 +138,14 @@ def test_a_failed_metric_keeps_the_run_and_a_rerun_computes_it(tmp_path, monkeyp
     config = _experiment(
         tmp_path, [{"name": "lora", "adapter": "lora", "overrides": {"r": 2}}], seeds=[0]
     )
-    real = compare_module._svd_summary
+    real = compare_measure._svd_summary
 
     def broken(*args, **kwargs):
         raise RuntimeError("Expected all tensors to be on the same device")
 
-    monkeypatch.setattr(compare_module, "_svd_summary", broken)
+    monkeypatch.setattr(compare_measure, "_svd_summary", broken)
     logs: list[str] = []
-    out = compare_module.compare(config, progress=False, log=logs.append, env=_tiny_env())
+    out = compare(config, progress=False, log=logs.append, env=_tiny_env())
     (record,) = json.loads((out / "results.json").read_text())["runs"]
     assert record["status"] == "ok"
     assert record["final_loss"] > 0 and set(record["ppl"]) == {"32", "64"}
@@ -157,9 +158,9 @@ def test_a_failed_metric_keeps_the_run_and_a_rerun_computes_it(tmp_path, monkeyp
     assert "metric(s) failed" in capsys.readouterr().out
 
     # the rerun keeps the training and computes only the failed metric again
-    monkeypatch.setattr(compare_module, "_svd_summary", real)
+    monkeypatch.setattr(compare_measure, "_svd_summary", real)
     logs.clear()
-    compare_module.compare(config, progress=False, log=logs.append, env=_tiny_env())
+    compare(config, progress=False, log=logs.append, env=_tiny_env())
     (again,) = json.loads((out / "results.json").read_text())["runs"]
     assert "metric_errors" not in again
     assert again["final_loss"] == record["final_loss"] and again["ppl"] == record["ppl"]

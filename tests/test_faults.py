@@ -361,10 +361,10 @@ def test_a_second_compare_on_one_output_folder_is_refused(tmp_path, monkeypatch,
     """Item 5: one writer per output folder; the second gets one line and exit 2."""
     from test_compare import _tiny_env
 
-    import loravariants.compare as compare_mod
+    import loravariants.compare.run as compare_run
     from loravariants.cli import main
 
-    monkeypatch.setattr(compare_mod, "_environment", lambda config, progress: _tiny_env())
+    monkeypatch.setattr(compare_run, "load_environment", lambda config, progress: _tiny_env())
     file = _compare_yaml(tmp_path, "[{name: lora, adapter: lora, overrides: {r: 2}}]")
     (tmp_path / "out").mkdir()
     with utils.output_lock(tmp_path / "out"):
@@ -380,10 +380,10 @@ def test_train_run_exits_1_when_its_run_failed_even_with_an_old_adapter(
     """Item 5: a failed run must not look like success because an earlier adapter is there."""
     from test_compare import _tiny_env
 
-    import loravariants.compare as compare_mod
+    import loravariants.compare.run as compare_run
     from loravariants.cli import main
 
-    monkeypatch.setattr(compare_mod, "_environment", lambda config, progress: _tiny_env())
+    monkeypatch.setattr(compare_run, "load_environment", lambda config, progress: _tiny_env())
     file = _compare_yaml(
         tmp_path, "[{name: broken, adapter: lora, overrides: {target_modules: [nothing]}}]"
     )

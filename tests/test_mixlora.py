@@ -17,7 +17,7 @@ from torch.testing import assert_close
 import loravariants as lv
 from loravariants.adapters.lora import LoRALinear
 from loravariants.adapters.mixlora import MixLoRAConfig, MixLoRAFFN, token_mask
-from loravariants.io_mixlora import load_mixlora, read_mixlora_factors, save_mixlora
+from loravariants.io.mixlora import load_mixlora, read_mixlora_factors, save_mixlora
 
 ALL_PROJ = ["gate_proj", "up_proj", "down_proj"]
 

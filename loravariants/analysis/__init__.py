@@ -6,7 +6,7 @@ update (layer, ``(B, A)`` pair, dense matrix) and compute its SVD exactly from t
 See ``docs/analysis.md``.
 """
 
-from .report import AnalysisReport, LayerAnalysis, Update, analyze, analyze_main, collect_updates
+from .report import AnalysisReport, LayerAnalysis, Update, analyze, collect_updates
 from .svd import (
     IntruderResult,
     LowRankSVD,
@@ -35,7 +35,6 @@ __all__ = [
     "Update",
     "amplification_factor",
     "analyze",
-    "analyze_main",
     "collect_updates",
     "components",
     "effective_rank",
@@ -52,3 +51,13 @@ __all__ = [
     "svd",
     "top_singular",
 ]
+
+
+def __getattr__(name: str):
+    # `analyze_main` moved to loravariants.cli (the CLI owns every entry point); the old path
+    # still resolves, on use: importing the CLI here would make this module depend on it
+    if name == "analyze_main":
+        import importlib
+
+        return importlib.import_module("loravariants.cli").analyze_main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,10 +29,28 @@ __all__ = [
 _FORMATS = (".png", ".svg", ".pdf")
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+    """A matplotlib figure that is not registered with pyplot (no GUI, no global state)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height))
+
+
+def mean_spectrum(spectra: Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor | None:
+    """The mean of several spectra truncated to the shortest, each ``s_i / s_1`` when
+    ``normalize``; empty or all-zero spectra are left out (``None`` when none is left).
+
+    Args:
+        spectra: singular values, each of shape ``(k_j,)``, descending.
+
+    Returns:
+        Shape ``(min_j k_j,)``.
+    """
+    spectra = [s / s[0] if normalize else s for s in spectra if len(s) and s[0] > 0]
+    if not spectra:
+        return None
+    k = min(len(s) for s in spectra)
+    return torch.stack([torch.as_tensor(s[:k]) for s in spectra]).mean(0)
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -77,28 +95,28 @@ def plot_spectra(
         raise ValueError("nothing to plot: the reports are empty")
     cols = min(len(types), 4)
     rows = math.ceil(len(types) / cols)
-    fig = _figure(3.6 * cols, 3.0 * rows)
+    fig = figure(3.6 * cols, 3.0 * rows)
     for n, layer_type in enumerate(types):
         ax = fig.add_subplot(rows, cols, n + 1)
         for c, (label, report) in enumerate(reports.items()):  # one colour per adapter
             spectra = [la.singular_values for la in report.layers if la.layer_type == layer_type]
-            spectra = [s / s[0] if normalize else s for s in spectra if len(s) and s[0] > 0]
-            if not spectra:
+            mean = mean_spectrum(spectra, normalize)
+            if mean is None:
                 continue
-            k = min(len(s) for s in spectra)
-            mean = torch.stack([s[:k] for s in spectra]).mean(0)
-            ax.plot(range(1, k + 1), mean.tolist(), marker=".", label=label, color=f"C{c % 10}")
+            ax.plot(
+                range(1, len(mean) + 1), mean.tolist(), marker=".", label=label, color=f"C{c % 10}"
+            )
         ax.set_title(layer_type)
         ax.set_xlabel("index i")
         ax.set_ylabel("s_i / s_1" if normalize else "s_i")
         if log:
             ax.set_yscale("log")
-            _plain_log_ticks(ax.yaxis)
+            plain_log_ticks(ax.yaxis)
         ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def _plain_log_ticks(axis) -> None:
+def plain_log_ticks(axis) -> None:
     """Log-axis ticks at 1, 2, 5 x 10^k labelled as plain numbers (0.05, not 5 x 10^-2)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -112,7 +130,7 @@ def plot_effective_rank(
 ) -> Path:
     """Effective rank of every update, by module, one line per adapter and layer type."""
     reports = _as_reports(reports)
-    fig = _figure(8, 4)
+    fig = figure(8, 4)
     ax = fig.add_subplot(1, 1, 1)
     max_rank = 0
     for label, report in reports.items():
@@ -151,7 +169,7 @@ def plot_similarity_heatmap(
 ) -> Path:
     """A heatmap of values in [0, 1] (subspace similarities), annotated when small."""
     M = torch.as_tensor(matrix, dtype=torch.float64)
-    fig = _figure(1.2 + 0.45 * M.shape[1] if M.shape[1] > 8 else 5.5, 4.5)
+    fig = figure(1.2 + 0.45 * M.shape[1] if M.shape[1] > 8 else 5.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(M.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label="phi")
@@ -219,7 +237,7 @@ def plot_expert_similarity(
         else layer_or_experts
     )
     projs = list(experts)
-    fig = _figure(4.2 * len(projs), 4.0)
+    fig = figure(4.2 * len(projs), 4.0)
     for n, proj in enumerate(projs):
         pairs = experts[proj]
         k = i if i is not None else pairs[0][1].shape[0]

@@ -13,7 +13,6 @@ dimensions); pass ``base=`` a model, a ``{module name: weight}`` dict, or a loca
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -45,7 +44,6 @@ __all__ = [
     "AnalysisReport",
     "collect_updates",
     "analyze",
-    "analyze_main",
 ]
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -405,6 +403,17 @@ class AnalysisReport:
             lines.append(f"... {len(rows) - max_rows} more")
         return "\n".join(lines)
 
+    def type_table(self) -> str:
+        """The means per variant and layer type (:meth:`by_type`) as aligned text columns."""
+        rows = self.by_type()
+        cols = ["variant", "layer_type", "count", "effective_rank", "stable_rank"]
+        cols += [f"energy_top{k}" for k in self.energy_k]
+        cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+        return "\n".join(lines)
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -518,67 +527,3 @@ def _threads(n: int | None):
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-
-def analyze_main(argv: Sequence[str] | None = None) -> int:
-    """``loravariants analyze PATH [--base MODEL] [--out DIR]``.
-
-    Prints one line per update and the means per layer type; with ``--out`` also writes
-    ``analysis.csv``, ``analysis.json``, ``spectra.png`` and ``effective_rank.png``. A missing
-    or corrupt adapter prints one line and returns 2.
-    """
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="loravariants analyze",
-        description="SVD analysis of a saved adapter (ours or any peft LoRA directory).",
-    )
-    parser.add_argument("path", help="adapter directory")
-    parser.add_argument("--base", help="local base model path, for amplification and intruders")
-    parser.add_argument("--out", help="directory for analysis.csv/.json and plots")
-    parser.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.max_rows is not None and args.max_rows < 1:
-        print(
-            f"loravariants analyze: error: --max-rows must be >= 1, got {args.max_rows}",
-            file=sys.stderr,
-        )
-        return 2
-    out = Path(args.out) if args.out else None
-    if out is not None and (out.is_file() or any(p.is_file() for p in out.parents)):
-        print(f"loravariants analyze: error: --out {out}: a file is in the way", file=sys.stderr)
-        return 2
-    try:
-        report = analyze(args.path, base=args.base)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"loravariants analyze: error: {e}", file=sys.stderr)
-        return 2
-    print(report.table(args.max_rows))
-    print()
-    print(_by_type_table(report))
-    if out is not None:
-        from .plots import plot_effective_rank, plot_spectra
-
-        out.mkdir(parents=True, exist_ok=True)
-        report.to_csv(out / "analysis.csv")
-        report.to_json(out / "analysis.json")
-        plot_spectra({Path(args.path).name: report}, out / "spectra.png")
-        plot_effective_rank({Path(args.path).name: report}, out / "effective_rank.png")
-        print(f"\nwritten: {out}/analysis.csv, analysis.json, spectra.png, effective_rank.png")
-    return 0
-
-
-def _by_type_table(report: AnalysisReport) -> str:
-    rows = report.by_type()
-    cols = ["variant", "layer_type", "count", "effective_rank", "stable_rank"]
-    cols += [f"energy_top{k}" for k in report.energy_k]
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)

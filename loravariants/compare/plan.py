@@ -1,0 +1,217 @@
+"""Plan a comparison: the (row, seed) runs, each row's adapter overrides (parameter matching
+included), the evaluation lengths, and whether an output folder's finished runs belong to this
+experiment (resumption).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import ExperimentConfig, RunSpec, load_adapter_spec
+from ..inject import attach
+from ..utils import config_differences
+
+MATCH_TOLERANCE = 0.10
+
+
+def count_adapter_params(model_factory: Callable[[], nn.Module], adapter_config) -> int:
+    """Trainable adapter parameters ``adapter_config`` adds to a fresh model."""
+    model = attach(model_factory(), adapter_config)
+    return sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and ".adapters." in n
+    )
+
+
+def match_rank(
+    model_factory: Callable[[], nn.Module],
+    spec: str,
+    overrides: dict[str, Any],
+    target: int,
+    spec_dir: str | None,
+    max_rank: int = 512,
+    tolerance: float | None = MATCH_TOLERANCE,
+) -> tuple[dict[str, Any], int]:
+    """The rank whose adapter's parameter count is closest to ``target``.
+
+    One value ``r`` is set on every rank field of the variant (``AdapterConfig.with_rank``;
+    MixLoRA: the attention LoRA's ``r`` and the experts' ``expert_r``; COLA's ``link_ranks``
+    and any ``rank_pattern`` entries too), so parameters that do not depend on a rank
+    (MixLoRA's router) are the only fixed cost. Counts grow monotonically with ``r``, so a
+    bisection finds the crossing; the nearer of its two neighbours wins.
+
+    Args:
+        model_factory: builds a fresh base model.
+        spec, overrides, spec_dir: the row's adapter spec and its overrides.
+        target: wanted adapter parameter count.
+        max_rank: largest rank tried.
+        tolerance: largest accepted relative miss ``|achieved - target| / target``; ``None``
+            accepts any miss.
+
+    Returns:
+        ``(overrides with the rank fields set, achieved parameter count)``.
+
+    Raises:
+        ValueError: the variant has no rank field, or the best rank misses ``target`` by more
+            than ``tolerance`` (e.g. a target below the rank-1 adapter's size).
+    """
+    config = load_adapter_spec(spec, overrides, spec_dir)
+    if not config.rank_fields:
+        raise ValueError(f"match_params: variant {config.variant!r} has no rank field")
+
+    counts: dict[int, int] = {}
+
+    def count(r: int) -> int:
+        if r not in counts:
+            adapter = load_adapter_spec(spec, {**overrides, **config.with_rank(r)}, spec_dir)
+            counts[r] = count_adapter_params(model_factory, adapter)
+        return counts[r]
+
+    lo, hi = 1, max_rank
+    if count(hi) < target:
+        best = hi
+    elif count(lo) >= target:
+        best = lo
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if count(mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        best = min((lo, hi), key=lambda r: abs(count(r) - target))
+    achieved = count(best)
+    miss = abs(achieved - target) / target
+    if tolerance is not None and miss > tolerance:
+        fields = "/".join(config.rank_fields)
+        reach = (
+            f"rank 1 already has {count(1):,}"
+            if best == 1
+            else f"rank {max_rank} has only {count(max_rank):,}"
+            if best == max_rank
+            else f"the nearest, {fields}={best}, has {achieved:,}"
+        )
+        raise ValueError(
+            f"match_params: {target:,} adapter parameters is out of reach for {spec!r} "
+            f"({reach}: {achieved / target - 1:+.0%}); set match_params to a reachable count "
+            f"or match_params_tolerance: {math.ceil(miss * 100) / 100:g} to accept the miss"
+        )
+    return {**overrides, **config.with_rank(best)}, achieved
+
+
+def eval_lengths(config: ExperimentConfig, native: int) -> list[int]:
+    if config.eval.lengths:
+        return list(config.eval.lengths)
+    target = config.context.target_length or native
+    if target < native:  # a long-context base trained on shorter blocks: score at that length
+        return [target]
+    lengths, n = [], native
+    while n <= target:
+        lengths.append(n)
+        n *= 2
+    return lengths
+
+
+def plan_runs(config: ExperimentConfig) -> list[tuple[RunSpec, int]]:
+    plan = []
+    for row in config.runs:
+        for seed in config.seeds if row.trains else config.seeds[:1]:
+            plan.append((row, seed))
+    return plan
+
+
+def run_key(row: RunSpec, seed: int) -> str:
+    return f"{row.name}/seed{seed}"
+
+
+# may differ between a comparison and its resumption: more seeds or rows, another folder
+_RESUMABLE_KEYS = {"seeds", "runs", "output_dir", "spec_dir"}
+
+
+def check_same_experiment(out: Path, saved: dict[str, Any], config: ExperimentConfig) -> None:
+    """Finished runs are reused only by the experiment that made them.
+
+    A rerun may add seeds or rows; any other change (budget, data, base model, a row's
+    adapter or overrides) would silently mix runs of two experiments in one table.
+
+    Raises:
+        ValueError: naming the first differences.
+    """
+    now = config_dict(config)
+    differ = config_differences(saved, now, _RESUMABLE_KEYS, show=json.dumps)
+    saved_rows = {r.get("name"): r for r in saved.get("runs") or []}
+    differ += [
+        f"runs[{r['name']}] changed"
+        for r in now["runs"]
+        if r["name"] in saved_rows and saved_rows[r["name"]] != r
+    ]
+    if differ:
+        raise ValueError(
+            f"{out} holds results of a different experiment ({'; '.join(differ[:3])}); "
+            "choose another output_dir, or move that folder away to start over"
+        )
+
+
+def load_results(out: Path, config: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """The finished runs in ``out``, checked to come from this experiment."""
+    file = out / "results.json"
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: corrupt results file ({e}); move it away to start over") from e
+    results = {r["key"]: r for r in data.get("runs", [])}
+    if results:
+        check_same_experiment(out, data.get("config") or {}, config)
+    return results
+
+
+def config_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The experiment as plain JSON values (as results.json records it)."""
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def matched_overrides(
+    config: ExperimentConfig,
+    load_model: Callable[[], nn.Module],
+    log: Callable[[str], None],
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every trained row's adapter overrides; with ``match_params``, its rank set to match.
+
+    Returns:
+        ``(overrides by row, match outcome by row)``; the outcome (``target``, ``achieved``,
+        ``deviation``) is empty without ``match_params``.
+    """
+    overrides = {row.name: config.adapter_overrides(row) for row in config.runs if row.trains}
+    matched: dict[str, dict[str, Any]] = {}
+    if not config.match_params:
+        return overrides, matched
+    tolerance = config.match_params_tolerance
+    for row in config.runs:
+        if row.trains:
+            overrides[row.name], achieved = match_rank(
+                load_model,
+                row.adapter,
+                overrides[row.name],
+                config.match_params,
+                config.spec_dir,
+                tolerance=MATCH_TOLERANCE if tolerance is None else tolerance,
+            )
+            matched[row.name] = {
+                "target": config.match_params,
+                "achieved": achieved,
+                "deviation": achieved / config.match_params - 1,
+            }
+            log(
+                f"match_params: {row.name} -> {overrides[row.name]} ({achieved:,} adapter "
+                f"parameters, {matched[row.name]['deviation']:+.1%} from "
+                f"{config.match_params:,})"
+            )
+    return overrides, matched

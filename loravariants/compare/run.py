@@ -1,0 +1,388 @@
+"""Run a comparison: every planned (row, seed) through the one training loop, on fresh copies
+of one base, then measured; results and the report rewritten after every run.
+
+    compare(config)
+      plan      rows x seeds, adapter overrides (match_params), resumption check   (plan.py)
+      env       base model, tokenizer and data, loaded once                        (env.py)
+      for each run not done yet:
+        fresh base -> extend context -> attach -> train (PeakMemory) -> save adapter
+        -> measure: perplexity, passkey, SVD, layer statistics, similarity      (measure.py)
+        -> write results.json / results.csv / report.md / plots                  (report.py)
+
+A run that fails is recorded with its reason and the others go on; finished runs are never
+redone: a rerun of the same command resumes the missing ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from ..config import ExperimentConfig, RunSpec, load_adapter_spec
+from ..inject import (
+    attach,
+    iter_adapters,
+    mark_trainable,
+    set_active_adapters,
+    trainable_parameters,
+)
+from ..io import load_adapter, save_adapter
+from ..longlora.context import extend_context, trainable_module_names
+from ..multi import Job, train_concurrent
+from ..train import TrainConfig, seed_everything, train
+from ..utils import output_lock
+from . import measure
+from .env import Environment, load_environment
+from .measure import PeakMemory, training_record
+from .plan import load_results, matched_overrides, plan_runs, run_key
+from .report import write_outputs
+
+
+def compare(
+    config: ExperimentConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    env: Environment | Mapping[str, Any] | None = None,
+    only: list[tuple[str, int]] | None = None,
+) -> Path:
+    """Run (or resume) the comparison; write results and the report after every run.
+
+    Args:
+        config: the experiment.
+        progress: tqdm bars (also transformers' own).
+        log: where one-line progress messages go.
+        env: a prepared :class:`Environment` (tests; a mapping of its fields also works);
+            default: load the base model and data.
+        only: run just these ``(row name, seed)`` pairs (``loravariants train``); the report
+            still covers the whole experiment.
+
+    Raises:
+        ValueError: ``output_dir`` holds results of a different experiment, or is a file, or
+            another process is writing to it (one writer per folder).
+
+    Returns:
+        The output directory.
+    """
+    with _transformers_progress_bars(progress), contextlib.ExitStack() as locks:
+        return _compare(config, progress, log, env, only, locks)
+
+
+def _lock(out: Path, locks: contextlib.ExitStack) -> None:
+    """Hold ``out`` for this process (once): a second compare or train there stops at once
+    with a clear message instead of redoing the runs and losing records."""
+    if not getattr(locks, "held", False):
+        locks.enter_context(output_lock(out))
+        locks.held = True
+
+
+@contextlib.contextmanager
+def _transformers_progress_bars(enabled: bool):
+    """``progress=False`` also silences transformers' own bars (weight loading), then restores."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _compare(
+    config: ExperimentConfig,
+    progress: bool,
+    log: Callable[[str], None],
+    env: Environment | Mapping[str, Any] | None,
+    only: list[tuple[str, int]] | None,
+    locks: contextlib.ExitStack,
+) -> Path:
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise ValueError(f"output_dir {out}: a parent of it is a file")
+    if out.is_dir():
+        _lock(out, locks)
+    results = load_results(out, config)
+    env = Environment.of(env) if env is not None else load_environment(config, progress)
+    out.mkdir(parents=True, exist_ok=True)  # after the base model and data loaded fine
+    _lock(out, locks)
+    # merge: what another process finished here before we held the folder is kept
+    results = {**load_results(out, config), **results}
+    overrides, matched = matched_overrides(config, env.load_model, log)
+    plan = plan_runs(config)
+    if only is not None:
+        plan = [(row, seed) for row, seed in plan if (row.name, seed) in set(only)]
+    if config.concurrent:
+        _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log)
+    for i, (row, seed) in enumerate(plan, 1):
+        key = run_key(row, seed)
+        run_dir = out / "runs" / row.name / f"seed{seed}"
+        where = f"[{i}/{len(plan)}] {key}"
+        if results.get(key, {}).get("status") == "ok" and results[key].get("metric_errors"):
+            log(f"{where}: trained earlier; computing its failed metrics again")
+            _retry_metrics(config, row, seed, env, run_dir, results[key], progress)
+            _log_metric_errors(results[key], log)
+            write_outputs(out, config, results, env)
+        elif config.concurrent and row.trains:
+            pass  # trained (or failed) with its seed's concurrent group above
+        elif results.get(key, {}).get("status") == "ok":
+            log(f"{where}: done earlier, kept")
+        else:
+            log(f"{where}: running")
+            record = _run_recorded(config, row, seed, env, run_dir, overrides, progress, log)
+            results[key] = _with_match(record, matched.get(row.name))
+            _log_metric_errors(record, log)
+            write_outputs(out, config, results, env)
+        if results[key].get("variant") == "lora" and results[key].get("status") == "ok":
+            env.lora_reference.setdefault(seed, run_dir / "adapter")
+    return out
+
+
+def _new_record(row: RunSpec, seed: int) -> dict[str, Any]:
+    """The fields every run's record starts with."""
+    return {
+        "key": run_key(row, seed),
+        "row": row.name,
+        "seed": seed,
+        "adapter": row.adapter,
+        "trainable": row.trainable,
+    }
+
+
+def _with_match(record: dict[str, Any], match: dict[str, Any] | None) -> dict[str, Any]:
+    if match:
+        record.update(matched_params=match["achieved"], match_params=match)
+    return record
+
+
+def _run_recorded(config, row, seed, env, run_dir, overrides, progress, log) -> dict[str, Any]:
+    """One run as a record: its measurements, or the reason it failed (the traceback goes to
+    ``run_dir/error.txt``); never raises, so one failed run does not stop the others."""
+    start = time.perf_counter()
+    record = _new_record(row, seed)
+    try:
+        record.update(
+            _run_one(config, row, seed, env, run_dir, overrides.get(row.name, {}), progress)
+        )
+        record["status"] = "ok"
+    except Exception as e:  # one failed run must not stop the others
+        record.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        log(f"    failed: {record['reason']}")
+    record["elapsed_s"] = time.perf_counter() - start
+    return record
+
+
+def _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log) -> None:
+    """``concurrent: true``: per seed, the trained rows not yet done run together."""
+    for seed in config.seeds:
+        rows = [
+            row
+            for row, s in plan
+            if s == seed
+            and row.trains
+            and results.get(run_key(row, seed), {}).get("status") != "ok"
+        ]
+        if not rows:
+            continue
+        log(f"seed {seed}: training {[r.name for r in rows]} concurrently on one base")
+        start = time.perf_counter()
+        try:
+            records = _run_concurrent(config, rows, seed, env, out, overrides, progress)
+            failure = None
+        except Exception as e:  # the group failed: record it for each of its rows
+            records, failure = {}, f"{type(e).__name__}: {e}"
+            log(f"    failed: {failure}")
+        for row in rows:
+            record = {**_new_record(row, seed), "elapsed_s": time.perf_counter() - start}
+            if failure is None:
+                record.update(records[row.name], status="ok")
+            else:
+                record.update(status="failed", reason=failure)
+            results[run_key(row, seed)] = _with_match(record, matched.get(row.name))
+            _log_metric_errors(record, log)
+        write_outputs(out, config, results, env)
+
+
+def _log_metric_errors(record: dict[str, Any], log: Callable[[str], None]) -> None:
+    for metric, error in record.get("metric_errors", {}).items():
+        log(f"    {record['key']}: metric {metric} failed (run kept): {error}")
+
+
+def _retry_metrics(
+    config: ExperimentConfig,
+    row: RunSpec,
+    seed: int,
+    env: Environment,
+    run_dir: Path,
+    record: dict[str, Any],
+    progress: bool,
+) -> None:
+    """Compute again the metrics a finished run failed; its training is kept as it is.
+
+    The model is rebuilt as the run built it and its saved adapter loaded. Metrics that
+    succeed replace their error; the others keep theirs.
+    """
+    failed = record["metric_errors"]
+    try:
+        model, _ = _prepare_model(config, row, seed, env)
+        name = None
+        if row.trains:  # the saved adapter carries its exact config (COLA: its whole chain)
+            name = "default"
+            load_adapter(model, run_dir / "adapter", name=name)
+        native = record["native_context"]
+        fresh = measure.evaluate_run(model, config, env, seed, native, name, progress)
+    except Exception as e:  # the run stays kept; the old errors stay
+        failed.update({m: f"{type(e).__name__}: {e} (retry)" for m in failed})
+        return
+    new_errors = fresh.pop("metric_errors", {})
+    for metric in list(failed):
+        if metric in fresh:
+            record[metric] = fresh[metric]
+            del failed[metric]
+        elif metric in new_errors:
+            failed[metric] = new_errors[metric]
+    if not failed:
+        del record["metric_errors"]
+
+
+def _prepare_model(config: ExperimentConfig, row: RunSpec, seed: int, env: Environment):
+    """Fresh base -> context extension (+ trainable embed/norm) -> training attention."""
+    seed_everything(seed)
+    model = env.load_model()
+    native = int(model.config.max_position_embeddings)
+    target = config.context.target_length
+    record: dict[str, Any] = {"native_context": native}
+    if row.extend_context and target and target > native:
+        extend_context(
+            model,
+            target,
+            method=config.context.method,
+            trainable=tuple(row.trainable),
+            factor_rounding=config.context.factor_rounding,
+        )
+        record["context"] = target
+    else:
+        if row.trainable:
+            mark_trainable(model, trainable_module_names(model, row.trainable))
+        # a target below the native context (a real base with 8k positions on a CPU budget)
+        # is the training length, with positions left as they are
+        record["context"] = min(target or native, native)
+    attention = row.attention or config.context.attention
+    model.config.s2_group_size_ratio = config.context.group_size_ratio
+    model.set_attn_implementation(attention)
+    record["attention"] = attention if row.trains else "sdpa (eval)"
+    return model, record
+
+
+def _attach_row(
+    model: nn.Module, config: ExperimentConfig, row: RunSpec, overrides: dict[str, Any], name: str
+) -> dict[str, Any]:
+    """Attach the row's adapter under ``name``; its parameter counts for the record."""
+    adapter = load_adapter_spec(row.adapter, overrides, config.spec_dir)
+    attach(model, adapter, name=name)
+    adapter_params = sum(
+        p.numel() for _, _, layer in iter_adapters(model, name) for p in layer.parameters()
+    )
+    extra = trainable_parameters(model).trainable - sum(
+        p.numel() for _, _, layer in iter_adapters(model) for p in layer.parameters()
+    )
+    return dict(
+        variant=adapter.variant,
+        adapter_config=adapter.to_dict(),
+        adapter_params=adapter_params,
+        trainable_params=adapter_params + extra,
+        total_params=trainable_parameters(model).total,
+    )
+
+
+def _run_one(
+    config: ExperimentConfig,
+    row: RunSpec,
+    seed: int,
+    env: Environment,
+    run_dir: Path,
+    overrides: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    model, record = _prepare_model(config, row, seed, env)
+    name = None
+    if row.trains:
+        name = "default"
+        record.update(_attach_row(model, config, row, overrides, name))
+        train_cfg = TrainConfig(**{**asdict(config.train), "seed": seed})
+        with PeakMemory(env.device) as mem:
+            result = train(
+                model.to(env.device),
+                env.train_blocks(record["context"]),
+                train_cfg,
+                output_dir=run_dir / "train",
+                progress=progress,
+            )
+        record.update(training_record(result, mem))
+        save_adapter(model, run_dir / "adapter", format="native")
+    else:
+        record.update(variant="none", trainable_params=0, adapter_params=0)
+    native = record["native_context"]
+    record.update(measure.evaluate_run(model, config, env, seed, native, name, progress))
+    return record
+
+
+def _run_concurrent(
+    config: ExperimentConfig,
+    rows: list[RunSpec],
+    seed: int,
+    env: Environment,
+    out: Path,
+    overrides: dict[str, dict[str, Any]],
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """All trained rows of one seed on one frozen base, trained together (ASPEN / m-LoRA).
+
+    Each row keeps its own data order, optimizer, schedule and hooks; each is evaluated with
+    only its adapter active. Rows must agree on context extension and attention and may not
+    train whole base modules (embeddings/norms would be shared).
+    """
+    # (rows that cannot share one base are refused when the config is built)
+    model, common = _prepare_model(config, rows[0], seed, env)
+    names = {row.name: f"row{i}" for i, row in enumerate(rows)}
+    records = {
+        row.name: {
+            **common,
+            **_attach_row(model, config, row, overrides[row.name], names[row.name]),
+        }
+        for row in rows
+    }
+    blocks = env.train_blocks(common["context"])
+    jobs = [
+        Job(names[row.name], blocks, TrainConfig(**{**asdict(config.train), "seed": seed}))
+        for row in rows
+    ]
+    with PeakMemory(env.device) as mem:
+        results = train_concurrent(model.to(env.device), jobs, progress=progress)
+    # the first LoRA row goes first: as in sequential runs, it is the reference subspace for
+    # the rows evaluated after it
+    lora_rows = [r for r in rows if records[r.name].get("variant") == "lora"]
+    for row in lora_rows[:1] + [r for r in rows if r not in lora_rows[:1]]:
+        name = names[row.name]
+        run_dir = out / "runs" / row.name / f"seed{seed}"
+        save_adapter(model, run_dir / "adapter", format="native", name=name)
+        records[row.name].update(training_record(results[name], mem), concurrent=True)
+        set_active_adapters(model, [name])
+        records[row.name].update(
+            measure.evaluate_run(model, config, env, seed, common["native_context"], name, progress)
+        )
+        if records[row.name].get("variant") == "lora":
+            env.lora_reference.setdefault(seed, run_dir / "adapter")
+    set_active_adapters(model, None)
+    return records

@@ -1,0 +1,206 @@
+"""Save and load adapters: our native format, peft's LoRA format, and (MixLoRA) its own format.
+
+One module per format, on what they share:
+
+* :mod:`.common` — file names, strict readers, pre-allocation checks, the rollback of a
+  failed load;
+* :mod:`.native` — ``loravariants_config.json`` + ``adapter_model.safetensors``, lossless for
+  every variant;
+* :mod:`.peft` — what ``peft.PeftModel.from_pretrained`` reads (the LoRA family);
+* :mod:`.mixlora` — the MixLoRA ecosystem's ``adapter_config.json`` + ``adapter_model.bin``.
+
+A variant says which formats hold it (``AdapterConfig.formats``). Every write goes to a
+temporary directory renamed into place. Reads never unpickle: safetensors, JSON, and
+``torch.load(weights_only=True)`` for MixLoRA's ``.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .._version import __version__
+from ..inject import adapter_config, adapter_names
+from ..longlora.context import apply_extension
+from ..utils import ADAPTER_FILES, atomic_directory, check_replaceable
+from .common import (
+    FORMATS,
+    NATIVE_CONFIG,
+    PEFT_CONFIG,
+    PEFT_PREFIX,
+    WEIGHTS,
+    attach_for_loading,
+    check_allocation,
+    check_json_ints,
+    check_same_output_fields,
+    config_name,
+    detect_format,
+    extra_candidates,
+    load_extra,
+    load_layers,
+    read_json,
+    read_safetensors,
+    rollback_on_error,
+    saved_extension,
+)
+from .mixlora import load_mixlora, read_mixlora_factors, save_mixlora
+from .native import (
+    EXTRA_PREFIX,
+    TENSOR_PREFIX,
+    native_payload,
+    read_native_config,
+    read_native_factors,
+)
+from .peft import peft_payload, peft_tensors, read_peft_config, read_peft_factors
+
+__all__ = [
+    "FORMATS",
+    "apply_saved_context",
+    "attach_for_loading",
+    "check_allocation",
+    "check_json_ints",
+    "check_same_output_fields",
+    "detect_format",
+    "load_adapter",
+    "read_factors",
+    "save_adapter",
+]
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "native",
+    name: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Save adapter ``name`` (the only one when None) of ``model`` to directory ``path``.
+
+    Args:
+        model: a model with adapters attached.
+        path: target directory; replaced atomically if it exists (only when it holds
+            nothing but adapter files).
+        format: ``"native"``, ``"peft"`` (LoRA family) or ``"mixlora"`` (MixLoRA).
+        name: adapter name.
+        base_model_name_or_path: written as the config's ``base_model_name_or_path`` (the
+            base model peft and the MixLoRA loaders load); ``None``: the model's own.
+
+    Returns:
+        The directory written.
+
+    Raises:
+        ValueError: unknown format, a variant the format cannot hold, or ``path`` is a
+            folder with other files in it.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    if not adapter_names(model):
+        raise ValueError("the model has no adapters to save; call loravariants.attach first")
+    config = adapter_config(model, name)
+    if format not in config.formats:
+        raise ValueError(
+            f"format {format!r} cannot hold a {config.variant} adapter; "
+            f"save it as one of {list(config.formats)}"
+        )
+    name = name or adapter_names(model)[0]
+    if format == "mixlora":
+        return save_mixlora(model, path, name=name, base_model_name_or_path=base_model_name_or_path)
+    check_replaceable(path, ADAPTER_FILES, "an adapter's")
+    if format == "peft":
+        tensors, meta = peft_payload(model, name, config)
+        config_file = PEFT_CONFIG
+    else:
+        tensors, meta = native_payload(model, name, config)
+        config_file = NATIVE_CONFIG
+    if base_model_name_or_path is not None:
+        meta["base_model_name_or_path"] = base_model_name_or_path
+    # provenance goes into the weights' metadata: peft warns about unknown config keys
+    provenance = {"format": "pt", "loravariants_version": __version__, "variant": config.variant}
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata=provenance)
+        (tmp / config_file).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Load an adapter directory written by :func:`save_adapter`, or any peft LoRA adapter.
+
+    If no adapter named ``name`` is attached, it is attached from the saved config first;
+    otherwise the saved weights replace the attached adapter's (shapes must agree).
+
+    Args:
+        model: the base model (with or without adapters).
+        path: the adapter directory.
+        name: adapter name (default: the saved name for native, else ``"default"``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        FileNotFoundError: missing directory or files (named).
+        ValueError: corrupt files, or weights that do not fit the model (file named).
+    """
+    directory = Path(path)
+    fmt = detect_format(directory)
+    if fmt == "mixlora":
+        return load_mixlora(model, directory, name=name or "default")
+    if fmt == "native":
+        meta, config, name, extra = read_native_config(directory, name)
+        prefix, extra_prefix = TENSOR_PREFIX, EXTRA_PREFIX
+    else:
+        meta, config, name, extra = read_peft_config(directory, name)
+        prefix, extra_prefix = PEFT_PREFIX, PEFT_PREFIX
+    weights_file = directory / WEIGHTS
+    tensors = read_safetensors(weights_file)
+    if fmt == "peft":
+        tensors, config = peft_tensors(tensors, config, weights_file)
+    extra_modules = extra_candidates(model, extra, fmt, weights_file)
+    extension = saved_extension(model, meta, fmt, directory / config_name(fmt))
+    with rollback_on_error(model, name, extra_modules):
+        attach_for_loading(model, name, config, directory, directory / config_name(fmt))
+        load_extra(model, tensors, extra_modules, extra_prefix, weights_file)
+        load_layers(model, name, tensors, prefix, weights_file)
+    if extension:
+        apply_extension(model, extension, str(directory))
+    return model
+
+
+def apply_saved_context(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Give ``model`` the context extension the adapter in ``path`` was trained with.
+
+    :func:`load_adapter` does this itself; call this before loading one of our peft-format
+    adapters with ``peft.PeftModel.from_pretrained``, which does not read the extension.
+
+    Raises:
+        ValueError: the model carries a different extension (one line saying what to do).
+    """
+    directory = Path(path)
+    fmt = detect_format(directory)
+    if fmt == "mixlora":
+        return model
+    meta = read_json(directory / config_name(fmt))
+    extension = saved_extension(model, meta, fmt, directory / config_name(fmt))
+    if extension:
+        apply_extension(model, extension, str(directory))
+    return model
+
+
+def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module name: (B, A)}`` with the scaling folded in (``dW = B @ A``), from files only.
+
+    Reads any directory :func:`save_adapter` writes and any peft LoRA directory, without
+    building a model. MixLoRA experts appear as ``"<ffn module>.<proj>.experts.<e>"``.
+    """
+    directory = Path(path)
+    readers = {
+        "native": read_native_factors,
+        "peft": read_peft_factors,
+        "mixlora": read_mixlora_factors,
+    }
+    return readers[detect_format(directory)](directory)

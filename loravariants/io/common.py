@@ -1,0 +1,417 @@
+"""What every adapter format shares: file names, strict JSON/safetensors readers, the checks a
+file passes before anything is allocated, and the rollback that keeps a failed load from
+changing the model.
+
+The format modules (:mod:`.native`, :mod:`.peft`, :mod:`.mixlora`) import from here, never from
+each other nor from the package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..adapters.base import AdapterConfig
+from ..inject import (
+    _restore_trainable_modules,
+    adapter_config,
+    adapter_names,
+    attach,
+    detach,
+    extra_trainable_modules,
+    iter_adapters,
+    mark_trainable,
+)
+from ..longlora.context import check_extension
+from ..longlora.context import describe_extension as _context_of
+from ..utils import recover_directory
+
+FORMATS = ("native", "peft", "mixlora")
+
+
+NATIVE_CONFIG = "loravariants_config.json"
+
+
+PEFT_CONFIG = "adapter_config.json"
+
+
+# the context extension an adapter was trained with, in adapter_config.json (peft ignores it)
+PEFT_CONTEXT_KEY = "loravariants_context_extension"
+
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a valid JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return data
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: adapter weights not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{file}: not a valid safetensors file ({e})") from e
+
+
+def json_str(meta: Mapping[str, Any], key: str, file: Path) -> str | None:
+    value = meta.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{file}: {key} must be a string, got {value!r}")
+    return value
+
+
+def json_str_list(meta: Mapping[str, Any], key: str, file: Path) -> list[str]:
+    value = meta.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{file}: {key} must be a list of module names, got {value!r}")
+    return list(value)
+
+
+def json_number(value: Any, field: str) -> float:
+    """A JSON number (an int is fine) as float; strings, booleans and the rest are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be a number, got {value!r}")
+    return float(value)
+
+
+def check_json_ints(meta: Mapping[str, Any], keys: tuple[str, ...], file: Path) -> None:
+    """Fields of a JSON config that must be integers (``a.b``: key ``b`` of mapping ``a``),
+    where present: ``4.7``, ``"4"`` or ``true`` is a broken file, not the integer 4.
+
+    Raises:
+        ValueError: naming the file, the field and the value.
+    """
+    for key in keys:
+        node: Any = meta
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and (isinstance(node, bool) or not isinstance(node, int)):
+            raise ValueError(f"{file}: {key} must be an integer, got {node!r}")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``"native"``, ``"peft"`` or ``"mixlora"`` for an adapter directory.
+
+    A save killed mid-replace is repaired first (:func:`~loravariants.utils.recover_directory`).
+    """
+    directory = Path(path)
+    recover_directory(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such adapter directory")
+    if (directory / NATIVE_CONFIG).is_file():
+        return "native"
+    if (directory / PEFT_CONFIG).is_file():
+        peft_type = read_json(directory / PEFT_CONFIG).get("peft_type")
+        if peft_type == "LORA":
+            return "peft"
+        if peft_type == "MIXLORA":
+            return "mixlora"
+        raise ValueError(
+            f"{directory / PEFT_CONFIG}: peft_type {peft_type!r} is not supported "
+            "(LORA and MIXLORA are)"
+        )
+    raise ValueError(f"{directory}: neither {NATIVE_CONFIG} nor {PEFT_CONFIG} found")
+
+
+def config_name(fmt: str) -> str:
+    return NATIVE_CONFIG if fmt == "native" else PEFT_CONFIG
+
+
+def extra_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for module_name in extra_trainable_modules(model):
+        for key, t in model.get_submodule(module_name).state_dict().items():
+            out[f"{prefix}{module_name}.{key}"] = t.detach().contiguous().cpu()
+    return out
+
+
+def base_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+
+
+def describe_extension(model: nn.Module) -> dict[str, Any] | None:
+    """The model's context extension, as saved with an adapter (None: not extended)."""
+    return _context_of(model)
+
+
+def module_spec(module: nn.Module) -> dict[str, Any]:
+    """Shape of a frozen module, enough to rebuild a stand-in for :func:`read_factors`."""
+    if isinstance(module, nn.Linear):
+        return {"type": "linear", "in": module.in_features, "out": module.out_features}
+    children = {
+        n: {"in": c.in_features, "out": c.out_features}
+        for n, c in module.named_children()
+        if isinstance(c, nn.Linear)
+    }
+    return {"type": type(module).__name__, "linears": children}
+
+
+def check_spec(config: AdapterConfig, path: str, spec: Any, state) -> None:
+    """The shapes a saved module spec implies, checked on meta tensors against the saved
+    tensors before a real layer is built (a spec of 10^9 features would allocate)."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"module spec must be a mapping, got {spec!r}")
+    dims = [spec.get("in"), spec.get("out")] if spec.get("type") == "linear" else []
+    for shape in (spec.get("linears") or {}).values() if not dims else ():
+        dims += [shape.get("in"), shape.get("out")] if isinstance(shape, Mapping) else [None]
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dims):
+        raise ValueError(f"module spec sizes must be positive integers, got {spec!r}")
+    layer = config.create_layer(path, config.stand_in(spec))
+    asked = sum(t.numel() for t in layer.adapter_state().values())
+    held = sum(t.numel() for t in state.values())
+    if asked > 2 * held + 2**20:
+        raise ValueError(f"module spec {spec!r} asks for {asked:,} values, the file holds {held:,}")
+
+
+def layer_from_state(config: AdapterConfig, path: str, spec: Mapping[str, Any], state):
+    """Rebuild one adapter layer from saved tensors on a shape-only stand-in base module."""
+    layer = config.create_layer(path, config.stand_in(spec))
+    layer.to_empty(device="cpu")
+    layer.load_adapter_state(state)
+    return layer
+
+
+def saved_extension(model: nn.Module, meta: Mapping[str, Any], fmt: str, file: Path):
+    """The saved context extension to apply to ``model`` (None: nothing to do).
+
+    Raises:
+        ValueError: the model carries another extension than the adapter was trained with.
+    """
+    key = "context_extension" if fmt == "native" else PEFT_CONTEXT_KEY
+    return check_extension(model, meta.get(key), str(file), recorded=key in meta)
+
+
+@contextlib.contextmanager
+def rollback_on_error(model: nn.Module, name: str, extra_modules: list[str]):
+    """A load that fails leaves the model as it was: no half-loaded adapter, no changed weights.
+
+    Saves (cloned) the state and merge status of adapter ``name`` if already attached, and the
+    state of the modules the file may overwrite; on any exception restores them (or detaches
+    an adapter attached inside the block).
+    """
+    attached_before = name in adapter_names(model)
+    layers_before = {}
+    if attached_before:
+        for path, _, layer in iter_adapters(model, name):
+            state = {k: t.clone() for k, t in layer.adapter_state().items()}
+            layers_before[path] = (state, layer.merged)
+    extra_before = {
+        m: {k: t.clone() for k, t in model.get_submodule(m).state_dict().items()}
+        for m in extra_modules
+    }
+    marked_before = extra_trainable_modules(model)
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for m, state in extra_before.items():
+                model.get_submodule(m).load_state_dict(state)
+            if not attached_before and name in adapter_names(model):
+                detach(model, name)
+            for path, _, layer in iter_adapters(model, name) if attached_before else ():
+                state, was_merged = layers_before[path]
+                if layer.merged:
+                    layer.unmerge()  # takes out the delta merged now, whatever it is
+                layer.load_adapter_state(state)
+                if was_merged:
+                    layer.merge()
+        _restore_trainable_modules(model, marked_before)
+        raise
+
+
+def attach_for_loading(
+    model: nn.Module, name: str, config: AdapterConfig, directory: Path, config_file: Path
+) -> None:
+    """Attach the saved config under ``name``, or check the attached one can take the file."""
+    if name in adapter_names(model):
+        check_same_output_fields(model, name, config, config_file)
+        return
+    check_allocation(model, config, directory, config_file)
+    try:
+        attach(model, config, name=name)
+    except ValueError as e:
+        raise ValueError(f"{directory}: adapter does not fit this model ({e})") from e
+
+
+# what a config may ask attach to allocate beyond what its adapter's files hold (bytes)
+_ALLOCATION_SLACK = 64 * 2**20
+
+
+def check_allocation(
+    model: nn.Module, config: AdapterConfig, directory: Path, config_file: Path
+) -> None:
+    """Refuse a config whose sizes (r, rank_pattern, num_experts, expert r, ...) would make
+    ``attach`` allocate far more than the adapter's files hold, before anything is allocated.
+
+    The layers are built on shape-only (meta) copies of the modules they would wrap, so the
+    count is exact and costs no memory. A real adapter's files hold all its tensors: twice
+    their size (plus 64 MiB) is an upper bound no honest file exceeds.
+
+    Raises:
+        ValueError: naming the file, the bytes asked for and the bytes the files hold.
+    """
+    held = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    check_size_fields(config, held, config_file)
+    asked = 0
+    try:
+        for path, module in config.select(model):
+            layer = config.create_layer(path, config.stand_in(module_spec(module)))
+            asked += sum(t.numel() * t.element_size() for t in layer.adapter_state().values())
+            if asked > 2 * held + _ALLOCATION_SLACK:
+                break
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{config_file}: adapter does not fit this model ({e})") from e
+    if asked > 2 * held + _ALLOCATION_SLACK:
+        raise ValueError(
+            f"{config_file}: its sizes (r, rank_pattern, num_experts, ...) ask for more than "
+            f"{asked / 2**20:,.0f} MiB of adapter tensors on this model, but {directory} holds "
+            f"{held / 2**20:,.1f} MiB; refused before allocating"
+        )
+
+
+# fields that set a rank (values per row) and fields that set a number of sub-modules
+_RANK_FIELDS = ("r", "expert_r", "top_k")
+
+
+_COUNT_FIELDS = ("num_experts", "num_branches")
+
+
+_MAX_SUBMODULES = 65536
+
+
+def check_size_fields(config: AdapterConfig, held: int, config_file: Path) -> None:
+    """Each unit of a size field stands for at least one stored value (>= 2 bytes) of the
+    file, and each expert/branch for a few: bigger sizes are refused before even the
+    shape-only layers are built (a million experts are a million Python objects)."""
+    sizes = {f: getattr(config, f, None) for f in _RANK_FIELDS + _COUNT_FIELDS}
+    for key in ("rank_pattern",):
+        for k, v in (getattr(config, key, None) or {}).items():
+            sizes[f"{key}[{k}]"] = v
+    for i, v in enumerate(getattr(config, "link_ranks", None) or []):
+        sizes[f"link_ranks[{i}]"] = v
+    for field, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        bound = min(held // 8, _MAX_SUBMODULES) if field in _COUNT_FIELDS else held // 2
+        if value > bound:
+            raise ValueError(
+                f"{config_file}: {field}={value:,} is more than the adapter's files "
+                f"({held:,} bytes) can hold (at most {bound:,}); refused before allocating"
+            )
+
+
+def check_same_output_fields(
+    model: nn.Module, name: str, config: AdapterConfig, file: Path
+) -> None:
+    """Loading into an attached adapter: the settings no tensor shape shows must agree.
+
+    ``alpha`` (or MixLoRA's ``top_k``) is not in the weights: a file trained with another
+    value would load without a shape error and compute something else.
+
+    Raises:
+        ValueError: another variant, or a differing field (named, both values).
+    """
+    current = adapter_config(model, name)
+    if type(current) is not type(config):
+        raise ValueError(
+            f"{file}: a {config.variant} adapter cannot load into {name!r}, a {current.variant}"
+        )
+    for field in type(current).output_fields:
+        mine, saved = getattr(current, field), getattr(config, field)
+        if mine != saved:
+            raise ValueError(
+                f"{file}: saved with {field}={saved!r}, but adapter {name!r} has {field}={mine!r}; "
+                "load into a model without it (the saved config is used) or match the field"
+            )
+
+
+def extra_candidates(model: nn.Module, extra: list[str], fmt: str, file: Path) -> list[str]:
+    """The model's modules a file's saved whole modules (embed/norm) may go into."""
+    names = {n for n, _ in model.named_modules() if n}
+    out: list[str] = []
+    for module_name in extra:
+        if fmt == "peft":
+            # peft's rule for modules_to_save: a plain suffix ("norm" also names
+            # "input_layernorm"); only modules the file has weights for are taken
+            out += [n for n in sorted(names) if n.endswith(module_name) and n not in out]
+        elif module_name not in names:
+            raise ValueError(
+                f"{file}: saved module {module_name!r} does not exist in {type(model).__name__}"
+            )
+        elif module_name not in out:
+            out.append(module_name)
+    return out
+
+
+def load_extra(model, tensors, candidates: list[str], prefix, file) -> None:
+    state_by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for full in candidates:
+        module = model.get_submodule(full)
+        state = {
+            k: tensors[f"{prefix}{full}.{k}"]
+            for k in module.state_dict()
+            if f"{prefix}{full}.{k}" in tensors
+        }
+        if state:
+            state_by_module[full] = state
+    for full, state in state_by_module.items():
+        module = model.get_submodule(full)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{file}: weights for {full} do not fit the model ({e})") from e
+    if state_by_module:
+        mark_trainable(model, list(state_by_module))
+
+
+def load_layers(model, name, tensors, prefix, file) -> None:
+    used: set[str] = set()
+    for path, _, layer in iter_adapters(model, name):
+        expected = layer.adapter_state()
+        state = {}
+        for key in expected:
+            full = f"{prefix}{path}.{key}"
+            if full not in tensors:
+                raise ValueError(f"{file}: missing tensor {full!r} for adapter {name!r}")
+            state[key] = tensors[full]
+            used.add(full)
+        try:
+            layer.load_adapter_state(state)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{file}: tensors for {path} do not fit ({e})") from e
+    leftover = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
+    leftover = [k for k in leftover if not _is_extra_key(model, k, prefix)]
+    if leftover:
+        raise ValueError(
+            f"{file}: {len(leftover)} tensor(s) match no adapter module of this model, "
+            f"e.g. {leftover[0]!r}"
+        )
+
+
+def _is_extra_key(model, key: str, prefix: str) -> bool:
+    """A tensor of a whole saved module (also a nested one: ``mlp.down_proj.weight``)."""
+    rest = key[len(prefix) :]
+    return any(rest.startswith(m + ".") for m in extra_trainable_modules(model))

@@ -1,0 +1,194 @@
+"""peft's LoRA format: what ``peft.PeftModel.from_pretrained`` reads.
+
+``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``, extra trainable modules
+through ``modules_to_save``. Each layer writes its :meth:`AdapterLayer.peft_factors`: LoRA as
+it was trained; COLA and MultiLoRA as the one LoRA of rank ``sum(r)`` their factors give
+(exact for the merged update).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.base import AdapterConfig
+from ..adapters.lora import LoRAConfig, lora_scaling
+from ..inject import extra_trainable_modules, iter_adapters
+from .common import (
+    PEFT_CONFIG,
+    PEFT_CONTEXT_KEY,
+    PEFT_PREFIX,
+    WEIGHTS,
+    base_name,
+    check_json_ints,
+    describe_extension,
+    extra_tensors,
+    json_number,
+    json_str_list,
+    read_json,
+    read_safetensors,
+)
+
+
+def peft_payload(model: nn.Module, name: str, config: AdapterConfig):
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, _, layer in iter_adapters(model, name):
+        if not layer.mergeable:
+            raise ValueError(
+                f"{type(layer).__name__} at {path} has no peft LoRA form; "
+                'save it with format="native" or format="mixlora"'
+            )
+        # LoRA as trained; COLA chain / MultiLoRA: their exact factors with alpha = r
+        B, A, ranks[path], alphas[path] = layer.peft_factors()
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A.contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B.contiguous().cpu()
+    tensors.update(extra_tensors(model, PEFT_PREFIX))
+    # only plain LoRA is written as trained (with its own scaling rule); the others' factors
+    # carry their scaling already
+    use_rslora = type(config) is LoRAConfig and config.use_rslora
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # most common rank
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    meta = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if hasattr(model, "generate") else None,
+        "base_model_name_or_path": base_name(model),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": float(getattr(config, "dropout", 0.0)),
+        "use_rslora": use_rslora,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {_anchor(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {_anchor(p): v for p, v in alphas.items() if v != alpha},
+        "modules_to_save": extra_trainable_modules(model) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+    extension = describe_extension(model)
+    if extension:  # an extra key: peft ignores it (with a warning) and loads the rest
+        meta[PEFT_CONTEXT_KEY] = extension
+    return tensors, meta
+
+
+def _anchor(module_path: str) -> str:
+    # peft matches pattern keys as `(.*\.)?key$`; an escaped full path matches that module only
+    return "^" + module_path.replace(".", r"\.")
+
+
+def lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
+    unsupported = {
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_qalora": False,
+    }
+    for key, ok in unsupported.items():
+        if meta.get(key, ok) not in (ok, None):
+            raise ValueError(f"{file}: {key}={meta[key]!r} is not supported (only {ok!r})")
+    if meta.get("layers_to_transform") or meta.get("layer_replication"):
+        raise ValueError(f"{file}: layers_to_transform/layer_replication are not supported")
+    check_json_ints(meta, ("r",), file)
+    try:
+        target = meta.get("target_modules") or ["q_proj", "v_proj"]
+        alpha_pattern = meta.get("alpha_pattern") or {}
+        if not isinstance(alpha_pattern, dict):
+            raise ValueError(f"alpha_pattern must be a mapping, got {alpha_pattern!r}")
+        use_rslora = meta.get("use_rslora", False)
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora must be true or false, got {use_rslora!r}")
+        # no int()/float() coercion: `r: 4.7` or `r: "4"` is a broken file, not a rank of 4
+        return LoRAConfig(
+            r=meta.get("r", 8),
+            alpha=json_number(meta.get("lora_alpha", 8), "lora_alpha"),
+            dropout=json_number(meta.get("lora_dropout", 0.0) or 0.0, "lora_dropout"),
+            use_rslora=use_rslora,
+            target_modules=sorted(target) if isinstance(target, (list, tuple)) else target,
+            rank_pattern=dict(meta.get("rank_pattern") or {}),
+            alpha_pattern={
+                k: json_number(v, f"alpha_pattern[{k}]") for k, v in alpha_pattern.items()
+            },
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: invalid LoRA config ({e})") from e
+
+
+def peft_tensors(
+    tensors: dict[str, torch.Tensor], config: LoRAConfig, file: Path, skip_embeddings=False
+):
+    """Rename peft keys to ours and target exactly the modules present in the file.
+
+    peft's ``target_modules`` may also match modules it skipped (e.g. ``layers_pattern``); the
+    weights file is the truth about which modules carry an adapter. Embedding LoRA
+    (``lora_embedding_A/B``) is refused, or with ``skip_embeddings`` left out with a warning.
+    """
+    embedding = sorted(
+        {
+            k.rsplit(".lora_embedding_", 1)[0][len(PEFT_PREFIX) :]
+            for k in tensors
+            if ".lora_embedding_" in k
+        }
+    )
+    if embedding:
+        message = (
+            f"{file}: embedding LoRA (lora_embedding_A/B on {embedding}) is not supported: "
+            "loravariants adapts nn.Linear layers only"
+        )
+        if not skip_embeddings:
+            raise ValueError(message)
+        warnings.warn(message + "; those modules are left out", stacklevel=3)
+        tensors = {k: v for k, v in tensors.items() if ".lora_embedding_" not in k}
+    out: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    for key, t in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"{file}: unexpected key {key!r} (expected {PEFT_PREFIX}...)")
+        rest = key[len(PEFT_PREFIX) :]
+        for part in ("lora_A", "lora_B"):
+            tail = f".{part}.weight"
+            if rest.endswith(tail):
+                module = rest[: -len(tail)]
+                out[f"{PEFT_PREFIX}{module}.{part}"] = t
+                if part == "lora_A":
+                    modules.append(module)
+                break
+        else:
+            out[key] = t  # modules_to_save tensor
+    if not modules:
+        raise ValueError(f"{file}: no lora_A/lora_B tensors found")
+    fields = config.to_dict()
+    fields.pop("variant")
+    fields["target_modules"] = sorted(modules)
+    return out, LoRAConfig(**fields)
+
+
+def read_peft_config(directory: Path, name: str | None) -> tuple[dict, LoRAConfig, str, list]:
+    """``(meta, config, adapter name, modules_to_save)`` from a peft LoRA directory."""
+    meta = read_json(directory / PEFT_CONFIG)
+    config = lora_config_from_peft(meta, directory / PEFT_CONFIG)
+    extra = json_str_list(meta, "modules_to_save", directory / PEFT_CONFIG)
+    return meta, config, name or "default", extra
+
+
+def read_peft_factors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (s·B, A)}`` with peft's scaling (``lora_scaling``: alpha / r, rsLoRA
+    alpha / sqrt(r), after ``rank_pattern`` / ``alpha_pattern``); embedding LoRA left out."""
+    tensors = read_safetensors(directory / WEIGHTS)
+    config = lora_config_from_peft(read_json(directory / PEFT_CONFIG), directory / PEFT_CONFIG)
+    tensors, config = peft_tensors(tensors, config, directory / WEIGHTS, True)
+    out = {}
+    for module in config.target_modules:
+        scale = lora_scaling(*config.rank_for(module), config.use_rslora)
+        A = tensors[f"{PEFT_PREFIX}{module}.lora_A"].float()
+        B = tensors[f"{PEFT_PREFIX}{module}.lora_B"].float()
+        out[module] = (B * scale, A)
+    return out
