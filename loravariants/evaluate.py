@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters.base import check_range
+from .data.passkey import passkey_prompt
 
 __all__ = ["windows", "perplexity", "perplexity_at_lengths", "passkey_accuracy", "PasskeyResult"]
 
@@ -227,8 +228,6 @@ def passkey_accuracy(
         trials: prompts per length (the key and its depth vary with the seed).
         seed: base seed for keys and positions.
     """
-    from .data.passkey import passkey_prompt
-
     check_range("trials", trials, low=1, integer=True)
     was_training = model.training
     model.eval()

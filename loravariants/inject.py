@@ -7,7 +7,9 @@ place; the model's own classes are never patched.
 
 from __future__ import annotations
 
+import copy
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -287,8 +289,6 @@ def merge(model: nn.Module, name: str | None = None, skip_unmergeable: bool = Fa
         }
     )
     if low:
-        import warnings
-
         warnings.warn(
             f"merging into {'/'.join(low)} weights rounds them: merge/unmerge cycles drift the "
             "frozen weights; keep a float32 copy, or use lv.save_merged for an export",
@@ -353,8 +353,6 @@ def save_merged(model: nn.Module, path, **save_kwargs):
     Raises:
         ValueError: an unmergeable adapter, or a model without ``save_pretrained``.
     """
-    import copy
-
     if not callable(getattr(type(model), "save_pretrained", None)):
         raise ValueError(f"{type(model).__name__} has no save_pretrained; use torch.save")
     _layers_to_merge(model, None, skip_unmergeable=False)

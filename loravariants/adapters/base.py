@@ -405,6 +405,12 @@ class AdapterLayer(nn.Module):
         """
         return {"": self.factors()}
 
+    def components(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The update's parts as ``{name: (B, A)}`` (scaling folded in), for analysis:
+        ``{"update": factors()}`` by default; MultiLoRA's branches, COLA's links, MixLoRA's
+        experts otherwise (:func:`loravariants.analysis.components`)."""
+        return {"update": self.factors()}
+
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """``(B, A, r, lora_alpha)`` for peft's LoRA format (peft scales ``B @ A`` by
         ``lora_alpha / r``). The default writes :meth:`factors` (scaling folded into ``B``)

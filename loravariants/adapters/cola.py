@@ -323,6 +323,24 @@ class COLALinear(AdapterLayer):
             self._fold(-1.0, 0, self.folded_rank)
             self.folded_rank = 0
 
+    def components(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{"link<j>": (B_j, A_j)}``: the folded links, then the current one (left out while
+        its ``B`` is still zero, right after a restart)."""
+        chain_B, chain_A = self.chain_B.float(), self.chain_A.float()
+        ranks = [self.config.link_rank(link, self.first_r) for link in range(int(self.link_index))]
+        if sum(ranks) != chain_A.shape[0]:
+            raise ValueError(
+                f"COLA chain of width {chain_A.shape[0]} does not split into links {ranks}"
+            )
+        out, start = {}, 0
+        for link, r in enumerate(ranks):
+            out[f"link{link}"] = (chain_B[:, start : start + r], chain_A[start : start + r])
+            start += r
+        B, A = self.link_factors()
+        if bool(B.any()):
+            out[f"link{len(ranks)}"] = (B, A)
+        return out
+
     def link_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current link alone: ``(s_j · B_j, A_j)``, detached fp32."""
         return self.lora_B.detach().float() * self.scaling, self.lora_A.detach().float()

@@ -707,6 +707,14 @@ class MixLoRAFFN(AdapterLayer):
             for proj in self.projections
         }
 
+    def components(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{"<proj>.expert<e>": (s · B_e, A_e)}`` for every expert of every projection."""
+        return {
+            f"{proj}.expert{e}": pair
+            for proj, pairs in self.expert_factors().items()
+            for e, pair in enumerate(pairs)
+        }
+
     def named_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every expert's ``(s · B_e, A_e)`` as ``".<proj>.experts.<e>"``."""
         return {

@@ -151,6 +151,16 @@ class MultiLoRALinear(AdapterLayer):
         h = self.dropout(x.to(A_cat.dtype))
         return (F.linear(F.linear(h, A_cat), B_cat) * self.scaling).to(x.dtype)
 
+    def components(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{"branch<b>": ((alpha/r) s_b ⊙ B_b, A_b)}``: the columns / rows of :meth:`factors`
+        that belong to each branch."""
+        B_cat, A_cat = self.factors()
+        r = A_cat.shape[0] // self.num_branches
+        return {
+            f"branch{b}": (B_cat[:, b * r : (b + 1) * r], A_cat[b * r : (b + 1) * r])
+            for b in range(self.num_branches)
+        }
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact rank ``n·r`` form: ``((alpha/r) B_cat, A_cat)``, detached fp32."""
         with torch.no_grad():

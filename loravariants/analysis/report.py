@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inject import adapter_config, adapter_names, iter_adapters
 from ..io import read_factors
 from .svd import (
     amplification_factor,
@@ -36,6 +37,8 @@ from .svd import (
     numerical_rank,
     spectrum,
     stable_rank,
+    svd,
+    top_singular,
 )
 
 __all__ = [
@@ -142,8 +145,6 @@ def _updates_from_object(obj: Any, name: str) -> list[Update]:
 
 
 def _updates_from_model(model: nn.Module) -> list[Update]:
-    from ..inject import adapter_config, adapter_names, iter_adapters
-
     names = adapter_names(model)
     variants = {n: adapter_config(model, n).variant for n in names}
     out = []
@@ -504,8 +505,6 @@ def analyze(
                 )
             la.amplification = amplification_factor(u.factors, W)
             if u.base_module not in base_svd_cache:
-                from .svd import svd, top_singular
-
                 base_svd_cache[u.base_module] = (
                     svd(W) if intruder_base_k is None else top_singular(W, intruder_base_k)
                 )

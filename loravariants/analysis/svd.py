@@ -439,7 +439,8 @@ def similarity_matrix(
 
 
 def components(layer: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The parts of one adapter layer, each as a ``(B, A)`` pair with its scaling folded in.
+    """The parts of one adapter layer, each as a ``(B, A)`` pair with its scaling folded in:
+    the layer's own :meth:`~loravariants.adapters.base.AdapterLayer.components`.
 
     * MultiLoRA: ``"branch0", "branch1", ...`` — ``(alpha/r) s_i ⊙ B_i`` and ``A_i``.
     * COLA: ``"link0", ...`` for the folded links, then the current link (skipped while its
@@ -447,37 +448,8 @@ def components(layer: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     * MixLoRA: ``"<proj>.expert<e>"`` for every expert of every FFN projection.
     * anything else with ``factors()``: ``{"update": factors()}``.
     """
-    if hasattr(layer, "expert_factors"):
-        return {
-            f"{proj}.expert{e}": pair
-            for proj, pairs in layer.expert_factors().items()
-            for e, pair in enumerate(pairs)
-        }
-    if hasattr(layer, "num_branches") and getattr(layer, "lora_A", None) is not None:
-        B_cat, A_cat = layer.factors()
-        n = layer.num_branches
-        r = A_cat.shape[0] // n
-        return {
-            f"branch{b}": (B_cat[:, b * r : (b + 1) * r], A_cat[b * r : (b + 1) * r])
-            for b in range(n)
-        }
-    if hasattr(layer, "chain_A") and hasattr(layer, "link_factors"):
-        chain_B, chain_A = layer.chain_B.float(), layer.chain_A.float()
-        ranks = [
-            layer.config.link_rank(link, layer.first_r) for link in range(int(layer.link_index))
-        ]
-        if sum(ranks) != chain_A.shape[0]:
-            raise ValueError(
-                f"COLA chain of width {chain_A.shape[0]} does not split into links {ranks}"
-            )
-        out, start = {}, 0
-        for link, r in enumerate(ranks):
-            out[f"link{link}"] = (chain_B[:, start : start + r], chain_A[start : start + r])
-            start += r
-        B, A = layer.link_factors()
-        if bool(B.any()):
-            out[f"link{len(ranks)}"] = (B, A)
-        return out
+    if hasattr(layer, "components"):
+        return layer.components()
     return {"update": layer.factors()}
 
 

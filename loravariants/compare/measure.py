@@ -23,7 +23,7 @@ from ..evaluate import passkey_accuracy, perplexity_at_lengths
 from ..inject import adapter_names, iter_adapters
 from ..io import read_factors
 from .env import Environment
-from .plan import eval_lengths
+from .plan import REFERENCE_VARIANT, eval_lengths
 
 
 def _rss_bytes() -> int:
@@ -262,7 +262,7 @@ def seed_to_seed_similarity(
         r.name
         for r in config.runs
         if any(
-            x["row"] == r.name and x.get("variant") == "lora" and x.get("status") == "ok"
+            x["row"] == r.name and x.get("variant") == REFERENCE_VARIANT and x.get("status") == "ok"
             for x in results.values()
         )
     ]

@@ -18,6 +18,9 @@ from ..config import ExperimentConfig, RunSpec, load_adapter_spec
 from ..inject import attach
 from ..utils import config_differences
 
+# the variant every row is compared with (subspace similarity, paired differences): the
+# report's reference, by design, whichever variants the experiment holds
+REFERENCE_VARIANT = "lora"
 MATCH_TOLERANCE = 0.10
 
 

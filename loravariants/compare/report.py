@@ -19,7 +19,7 @@ from .._version import __version__
 from ..config import ExperimentConfig
 from .env import Environment
 from .measure import seed_to_seed_similarity
-from .plan import config_dict
+from .plan import REFERENCE_VARIANT, config_dict
 from .plots import make_report_plots
 from .summary import (
     SHARED_WHEN_CONCURRENT,
@@ -227,7 +227,7 @@ def _similarity_section(summary: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in summary if any(k.startswith("sim.") for k in r)]
     if not rows:
         return []
-    lora = [r for r in rows if r.get("variant") == "lora"]
+    lora = [r for r in rows if r.get("variant") == REFERENCE_VARIANT]
     baseline = lora[0].get("sim.seed_to_seed_left") if lora else None
     head = (
         f"{_fmt(baseline, '{:.3f}')} ({lora[0]['row']} at one seed vs another)"

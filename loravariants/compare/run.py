@@ -42,7 +42,7 @@ from ..utils import output_lock
 from . import measure
 from .env import Environment, load_environment
 from .measure import PeakMemory, training_record
-from .plan import load_results, matched_overrides, plan_runs, run_key
+from .plan import REFERENCE_VARIANT, load_results, matched_overrides, plan_runs, run_key
 from .report import write_outputs
 
 
@@ -142,7 +142,7 @@ def _compare(
             results[key] = _with_match(record, matched.get(row.name))
             _log_metric_errors(record, log)
             write_outputs(out, config, results, env)
-        if results[key].get("variant") == "lora" and results[key].get("status") == "ok":
+        if results[key].get("variant") == REFERENCE_VARIANT and results[key].get("status") == "ok":
             env.lora_reference.setdefault(seed, run_dir / "adapter")
     return out
 
@@ -372,7 +372,7 @@ def _run_concurrent(
         results = train_concurrent(model.to(env.device), jobs, progress=progress)
     # the first LoRA row goes first: as in sequential runs, it is the reference subspace for
     # the rows evaluated after it
-    lora_rows = [r for r in rows if records[r.name].get("variant") == "lora"]
+    lora_rows = [r for r in rows if records[r.name].get("variant") == REFERENCE_VARIANT]
     for row in lora_rows[:1] + [r for r in rows if r not in lora_rows[:1]]:
         name = names[row.name]
         run_dir = out / "runs" / row.name / f"seed{seed}"
@@ -382,7 +382,7 @@ def _run_concurrent(
         records[row.name].update(
             measure.evaluate_run(model, config, env, seed, common["native_context"], name, progress)
         )
-        if records[row.name].get("variant") == "lora":
+        if records[row.name].get("variant") == REFERENCE_VARIANT:
             env.lora_reference.setdefault(seed, run_dir / "adapter")
     set_active_adapters(model, None)
     return records

@@ -10,6 +10,7 @@ from typing import Any
 from ..adapters.base import VARIANTS, AdapterConfig
 from ..config import ExperimentConfig
 from ..stats import mean_ci, min_max, paired_difference
+from .plan import REFERENCE_VARIANT
 
 SUMMARY_METRICS = [
     ("trainable_params", "trainable params", "{:,.0f}"),
@@ -177,7 +178,7 @@ def paired_differences(
     if len(trained) < 2:
         return None, {}
     by_name = {r["row"]: r for r in summary}
-    lora = [n for n in trained if by_name[n].get("variant") == "lora"]
+    lora = [n for n in trained if by_name[n].get("variant") == REFERENCE_VARIANT]
     reference = (lora or trained)[0]
     metrics = ["final_loss"] + sorted(
         {k for n in trained for k in by_name[n] if k.startswith("ppl@")},

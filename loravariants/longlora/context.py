@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -345,8 +346,6 @@ def check_extension(
 def apply_extension(model: nn.Module, saved: dict[str, Any], source: str = "adapter") -> None:
     """Apply a saved context extension to an unextended model (no module is marked trainable),
     with a warning that says so."""
-    import warnings
-
     extend_context(
         model,
         int(saved["target_length"]),
