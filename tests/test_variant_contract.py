@@ -69,9 +69,15 @@ def test_the_toy_variant_is_registered_and_names_fail_loudly():
     class Impostor(AdapterConfig):
         variant = "lora"
 
-    with pytest.raises(TypeError, match="'lora' is already registered by LoRAConfig"):
+    with pytest.raises(TypeError, match="'lora' is already registered by .*lora.LoRAConfig"):
         register_variant(Impostor)
     assert VARIANTS["lora"].__name__ == "LoRAConfig"
+
+    # the toy's class name from another module (a snippet, a copy): refused too
+    namesake = type("GatedLoRAConfig", (AdapterConfig,), {"variant": "toy"})
+    with pytest.raises(TypeError, match="'toy' is already registered by toy_variant"):
+        register_variant(namesake)
+    assert VARIANTS["toy"].__module__ == "toy_variant"
 
 
 @pytest.mark.parametrize("variant", NAMES)

@@ -66,10 +66,15 @@ def register_variant(cls: type[AdapterConfig]) -> type[AdapterConfig]:
     if not cls.variant:
         raise TypeError(f"{cls.__name__} must set the class attribute `variant`")
     held = VARIANTS.get(cls.variant)
-    if held is not None and held.__qualname__ != cls.__qualname__:
-        # the same class re-registered (a module reloaded) is fine; two classes are not
+    same = held is not None and (held.__module__, held.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    )
+    if held is not None and not same:
+        # the same class re-registered (its module reloaded) is fine; two classes are not
         raise TypeError(
-            f"variant name {cls.variant!r} is already registered by {held.__qualname__}"
+            f"variant name {cls.variant!r} is already registered by "
+            f"{held.__module__}.{held.__qualname__}"
         )
     VARIANTS[cls.variant] = cls
     return cls
