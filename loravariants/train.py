@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters.base import check_range
+from .distributed import check_supported, statistics_context, strategy_of
 from .inject import adapter_config, adapter_names, on_step_end
 from .inject import aux_loss as adapters_aux_loss
 from .utils import atomic_directory, make_dirs, output_lock, recover_folder
@@ -296,6 +297,9 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     seed_everything(config.seed)
     accelerator = _accelerator(config, sparse)
     world, rank = accelerator.num_processes, accelerator.process_index
+    # issue 17: refuse a variant/strategy pair before any work; reduce MixLoRA's statistics
+    check_supported(model, strategy_of(accelerator))
+    stack.enter_context(statistics_context(accelerator))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and accelerator.is_main_process:
         # one writer per folder: a second run there would interleave checkpoints and metrics
@@ -380,12 +384,13 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
                 output = model(**batch)
                 lm_part = token_share(output.loss, output.logits, n_micro, step_label_tokens)
                 aux = adapters_aux_loss(inner).to(lm_part.device)
-                # DDP averages gradients over processes: hence the factor `world`
-                accelerator.backward(lm_part * world + aux / config.grad_accum)
+                # DDP averages gradients over processes: hence the factor `world` (the aux
+                # loss is this process's share of the global one, see distributed.py)
+                accelerator.backward((lm_part + aux / config.grad_accum) * world)
             lm_total += lm_part.detach()
             aux_total += aux.detach() / config.grad_accum
         lm_mean = accelerator.reduce(lm_total, reduction="sum").item()
-        aux_mean = accelerator.reduce(aux_total, reduction="mean").item()
+        aux_mean = accelerator.reduce(aux_total, reduction="sum").item()
         if not math.isfinite(lm_mean) or not math.isfinite(aux_mean):
             bar.close()
             where = _latest_checkpoint(out) if out is not None else None
