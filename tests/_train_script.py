@@ -119,9 +119,7 @@ DDP_VARIANTS = {
 def variant_main(argv: list[str]) -> None:
     variant, out, batch_size, steps = argv[0], Path(argv[1]), int(argv[2]), int(argv[3])
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
-    config = TrainConfig(
-        max_steps=steps, batch_size=batch_size, lr=1e-2, warmup_steps=0, seed=3
-    )
+    config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-2, warmup_steps=0, seed=3)
     result = train(model, random_blocks(masked=True), config, progress=False)
     rank = int(os.environ.get("RANK", 0))
     out.mkdir(parents=True, exist_ok=True)

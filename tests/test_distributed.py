@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 import loravariants as lv
-from loravariants.distributed import SUPPORT, STRATEGIES, check_supported, supported_strategies
+from loravariants.distributed import STRATEGIES, SUPPORT, check_supported, supported_strategies
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -476,9 +476,7 @@ class _BalanceGroup:
             or any(a is not b for a, b in zip(stats, self._key, strict=True))
         ):
             ran = [
-                (layer, st)
-                for layer, st in zip(self.layers, stats, strict=True)
-                if st is not None
+                (layer, st) for layer, st in zip(self.layers, stats, strict=True) if st is not None
             ]
             counts = [(st[0], st[2]) for _, st in ran]
             self.global_counts = {}
