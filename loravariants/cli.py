@@ -76,14 +76,22 @@ def compare_main(argv: Sequence[str]) -> int:
     """``loravariants compare --config FILE [key.sub=value ...]``."""
     from .compare import compare
     from .config import load_experiment
+    from .shard import add_shard_arguments, merge_summary, parse_shard, shard_summary
 
     parser = argparse.ArgumentParser(prog="loravariants compare")
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
+    # issue 17: a grid over a job array (loravariants/shard.py, docs/distributed.md)
+    add_shard_arguments(parser)
     args = parser.parse_args(argv)
+    shard = parse_shard(args.shard) if args.shard is not None else None
     config = load_experiment(args.config, args.overrides)
-    out = compare(config, progress=not args.quiet)
+    out = compare(config, progress=not args.quiet, shard=shard, merge=args.merge)
+    if shard is not None:
+        return shard_summary(out, config, shard)
+    if args.merge:
+        return merge_summary(out, config, _print_summary(out))
     return _print_summary(out)
 
 

@@ -39,6 +39,14 @@ from .inject import (
     mark_trainable,
     trainable_parameters,
 )
+from .shard import (
+    fill_lora_similarity,
+    merge_records,
+    read_shard_records,
+    shard_lock,
+    shard_plan,
+    write_shard_records,
+)
 from .stats import mean_ci, min_max, paired_difference
 from .train import TrainConfig, seed_everything, train
 from .utils import output_lock
@@ -714,6 +722,8 @@ def compare(
     log: Callable[[str], None] = print,
     env: dict[str, Any] | None = None,
     only: list[tuple[str, int]] | None = None,
+    shard: Any = None,
+    merge: bool = False,
 ) -> Path:
     """Run (or resume) the comparison; write results and the report after every run.
 
@@ -724,6 +734,9 @@ def compare(
         env: a prepared environment (tests); default: load the base model and data.
         only: run just these ``(row name, seed)`` pairs (``loravariants train``); the report
             still covers the whole experiment.
+        shard: a :class:`loravariants.shard.Shard`: run only its share of the plan, beside
+            other shards, and write its records to ``shards/`` only (see shard.py).
+        merge: run nothing; merge the shards' records into results.json and the report.
 
     Raises:
         ValueError: ``output_dir`` holds results of a different experiment, or is a file, or
@@ -733,7 +746,9 @@ def compare(
         The output directory.
     """
     with _transformers_progress_bars(progress), contextlib.ExitStack() as locks:
-        return _compare(config, progress, log, env, only, locks)
+        if shard is not None:  # issue 17: other shards write beside us (shard.py)
+            locks.held = True
+        return _compare(config, progress, log, env, [] if merge else only, locks, shard)
 
 
 def _lock(out: Path, locks: contextlib.ExitStack) -> None:
@@ -766,20 +781,28 @@ def _compare(
     env: dict[str, Any] | None,
     only: list[tuple[str, int]] | None,
     locks: contextlib.ExitStack,
+    shard: Any = None,
 ) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is a file, not a folder")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise ValueError(f"output_dir {out}: a parent of it is a file")
+    if shard is not None:
+        _check_shardable(config)
     if out.is_dir():
         _lock(out, locks)
     results = _load_results(out, config)
     env = env or _environment(config, progress)
     out.mkdir(parents=True, exist_ok=True)  # after the base model and data loaded fine
     _lock(out, locks)
+    if shard is not None:  # shared lock on out, exclusive on this shard (shard.py)
+        locks.enter_context(shard_lock(out, shard))
     # merge: what another process finished here before we held the folder is kept
     results = {**_load_results(out, config), **results}
+    # issue 17: and what shards finished (a shard reads them too, to skip finished runs)
+    results = merge_records(results, read_shard_records(out, config))
+    own: dict[str, dict[str, Any]] = {}  # a shard's records, the only ones it writes
     overrides = {row.name: config.adapter_overrides(row) for row in config.runs if row.trains}
     matched: dict[str, dict[str, Any]] = {}
     if config.match_params:
@@ -807,6 +830,11 @@ def _compare(
     plan = _plan(config)
     if only is not None:
         plan = [(row, seed) for row, seed in plan if (row.name, seed) in set(only)]
+    if shard is not None:
+        plan = shard_plan(plan, shard)
+        # what this shard wrote before (a rerun after a kill) stays in its file
+        own = {run_key(r, s): results[run_key(r, s)] for r, s in plan if run_key(r, s) in results}
+    write = _shard_writer(out, config, env, shard, own)
     if config.concurrent:
         _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log)
     for i, (row, seed) in enumerate(plan, 1):
@@ -816,7 +844,7 @@ def _compare(
             log(f"[{i}/{len(plan)}] {key}: trained earlier; computing its failed metrics again")
             _retry_metrics(config, row, seed, env, run_dir, results[key], progress)
             _log_metric_errors(results[key], log)
-            write_outputs(out, config, results, env)
+            write(results, key)
         elif config.concurrent and row.trains:
             pass  # trained (or failed) with its seed's concurrent group above
         elif results.get(key, {}).get("status") == "ok":
@@ -848,10 +876,33 @@ def _compare(
                 )
             results[key] = record
             _log_metric_errors(record, log)
-            write_outputs(out, config, results, env)
+            write(results, key)
         if results[key].get("variant") == "lora" and results[key].get("status") == "ok":
             env["lora_reference"].setdefault(seed, run_dir / "adapter")
+    if only == [] and shard is None:  # --merge: nothing ran, the merged records are written
+        write_outputs(out, config, results, env)
     return out
+
+
+def _check_shardable(config: ExperimentConfig) -> None:
+    if config.concurrent:
+        raise ValueError(
+            "--shard cannot split a concurrent: true comparison (its rows of a seed train "
+            "together on one base); set concurrent: false, or run it without --shard"
+        )
+
+
+def _shard_writer(out, config, env, shard, own) -> Callable[[dict[str, Any], str], None]:
+    """After each run: the whole output (one process), or the shard's own file (issue 17)."""
+
+    def write(results: dict[str, dict[str, Any]], key: str) -> None:
+        if shard is None:
+            write_outputs(out, config, results, env)
+        else:
+            own[key] = results[key]
+            write_shard_records(out, shard, config, own)
+
+    return write
 
 
 def _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log) -> None:
@@ -1288,6 +1339,7 @@ def write_outputs(
     out: Path, config: ExperimentConfig, results: dict[str, dict[str, Any]], env: dict[str, Any]
 ) -> None:
     """Rewrite results.json, results.csv, report.md and the plots (each file atomically)."""
+    fill_lora_similarity(out, config, results)  # runs whose LoRA reference ran in a shard
     try:
         seed_to_seed = seed_to_seed_similarity(out, config, results)
     except Exception:  # an unreadable adapter must never lose the numbers

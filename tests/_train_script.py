@@ -18,6 +18,8 @@ python tests/_train_script.py fault VARIANT OUT_DIR KILL [--no-exchange] [--step
 python tests/_train_script.py fault-compare OUT_DIR KILL
     (tests/test_faults.py) the same kill points in a two-row comparison (LoRA and COLA) into
     OUT_DIR, resuming what is there.
+python tests/_train_script.py shard OUT_DIR i/N
+    (tests/test_shard.py) one shard of that test's grid, beside the others.
 python tests/_train_script.py variant VARIANT OUT_DIR BATCH_SIZE STEPS
     (tests/test_distributed.py) train VARIANT (``DDP_VARIANTS``), alone or under a launcher;
     rank 0 writes OUT_DIR/result.json (losses, balance losses, router statistics) and every rank
@@ -303,6 +305,11 @@ if __name__ == "__main__":
         fault_main(sys.argv[2:])
     elif sys.argv[1] == "fault-compare":
         fault_compare_main(sys.argv[2:])
+    elif sys.argv[1] == "shard":  # shard OUT_DIR i/N: tests/test_shard.py's grid, one shard
+        torch.set_num_threads(1)
+        from test_shard import run_shard
+
+        run_shard(Path(sys.argv[2]), sys.argv[3])
     elif sys.argv[1] == "variant":
         torch.set_num_threads(1)
         variant_main(sys.argv[2:])
