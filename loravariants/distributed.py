@@ -1,28 +1,34 @@
 """What each variant supports under accelerate's strategies, checked before any work.
 
-    accelerate launch --config_file configs/accelerate/ddp.yaml  ...   -> strategy "ddp"
-    accelerate launch --config_file configs/accelerate/fsdp.yaml ...   -> strategy "fsdp"
-    python ... (no launcher)                                           -> strategy "single"
+    accelerate launch --config_file configs/accelerate/ddp.yaml ...   -> strategy "ddp"
+    accelerate launch with an FSDP / DeepSpeed config             -> "fsdp" / "deepspeed"
+    python ... (no launcher, or one process)                      -> strategy "single"
 
 :data:`SUPPORT` is the one table the check, the docs (docs/distributed.md) and the tests read.
-A pair that is not supported is refused by :func:`check_supported` (called by ``train()`` right
-after accelerate has read the launch configuration, before the output folder is touched or the
-model is wrapped), naming the strategies that variant supports.
+A pair that is not supported is refused by :func:`check_supported` (called first by
+``train()``, with :func:`launch_strategy`: before accelerate is set up, the output folder
+touched or the model wrapped), naming the strategies that variant supports.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from torch import nn
 
-__all__ = ["STRATEGIES", "SUPPORT", "strategy_of", "check_supported", "statistics_context"]
+__all__ = ["STRATEGIES", "SUPPORT", "launch_strategy", "check_supported", "statistics_context"]
 
 #: the strategies a run can have; "single" is one process (no launcher, or one process)
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 
+_NO_FSDP = (
+    "FSDP is not supported yet: accelerate enables it on GPUs only (a CPU launch silently "
+    "falls back to DDP), so it is untested here, and the adapter saving and checkpoints read "
+    "unsharded parameters; adapters are small, so DDP's full replica of them costs little"
+)
 _UNTESTED_DS = (
     "DeepSpeed is not tested with loravariants (the deepspeed package is not part of the "
     "tested setup); the training loop's gradient-accumulation, clipping and checkpoint code is "
@@ -31,52 +37,51 @@ _UNTESTED_DS = (
 
 #: variant -> strategy -> None (supported) or the reason it is not.
 SUPPORT: dict[str, dict[str, str | None]] = {
-    "lora": {"single": None, "ddp": None, "fsdp": None, "deepspeed": _UNTESTED_DS},
+    "lora": {"single": None, "ddp": None, "fsdp": _NO_FSDP, "deepspeed": _UNTESTED_DS},
     "cola": {
         "single": None,
         # equal-rank restarts re-initialise the same parameters in place; every rank draws the
         # new link from the same seeded generator, so DDP's replicas stay equal
         "ddp": None,
-        "fsdp": (
-            "COLA folds each finished link into the frozen weight and redraws its link in "
-            "place; FSDP shards those weights, so the fold would touch one shard only"
-        ),
+        # and beyond _NO_FSDP: the fold writes into the frozen weight, which FSDP shards
+        "fsdp": _NO_FSDP,
         "deepspeed": _UNTESTED_DS,
     },
     "multilora": {
         "single": None,
         "ddp": None,
-        "fsdp": "MultiLoRA under FSDP is not tested",
+        "fsdp": _NO_FSDP,
         "deepspeed": _UNTESTED_DS,
     },
     "mixlora": {
         "single": None,
         # unrouted experts: find_unused_parameters; balance loss: data_parallel_statistics
         "ddp": None,
-        "fsdp": (
-            "MixLoRA routes each token to a data-dependent subset of experts; FSDP gathers "
-            "parameters per wrapped block and is not tested with experts that get no gradient"
-        ),
+        "fsdp": _NO_FSDP,
         "deepspeed": _UNTESTED_DS,
     },
 }
 
 
-def strategy_of(accelerator: Any) -> str:
-    """The strategy of an ``accelerate.Accelerator``: one of :data:`STRATEGIES`, or the name of
-    accelerate's ``DistributedType`` for one loravariants knows nothing about (e.g. ``xla``)."""
-    from accelerate.utils import DistributedType
+def launch_strategy() -> str:
+    """The strategy this process was launched with, from what ``accelerate launch`` (or
+    ``torchrun``) puts in the environment: ``fsdp`` / ``deepspeed`` when the launch config asks
+    for them, ``ddp`` for several processes, else ``single``.
 
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
+    Read from the request rather than from an ``Accelerator``: on a machine without GPUs
+    accelerate turns an FSDP launch into multi-CPU DDP without a word, and building an
+    Accelerator for a DeepSpeed launch fails when the package is missing; the refusal must come
+    first, and name the real reason.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         return "fsdp"
-    if kind == DistributedType.DEEPSPEED:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         return "deepspeed"
-    if kind == DistributedType.NO:
-        return "single"
-    if str(kind.value).startswith("MULTI_"):  # MULTI_GPU, MULTI_CPU, MULTI_XPU, ...
-        return "ddp" if accelerator.num_processes > 1 else "single"
-    return str(kind.value).lower()
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    return "ddp" if world > 1 else "single"
 
 
 def supported_strategies(variant: str) -> list[str]:
@@ -90,7 +95,7 @@ def check_supported(model: nn.Module, strategy: str) -> None:
 
     Args:
         model: a model with adapters attached (not yet wrapped by accelerate).
-        strategy: from :func:`strategy_of`.
+        strategy: one of :data:`STRATEGIES` (:func:`launch_strategy`).
 
     Raises:
         ValueError: one line naming the variant, the strategy, why, and the strategies that

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters.base import check_range
-from .distributed import check_supported, statistics_context, strategy_of
+from .distributed import check_supported, launch_strategy, statistics_context
 from .inject import adapter_config, adapter_names, on_step_end
 from .inject import aux_loss as adapters_aux_loss
 from .utils import atomic_directory, make_dirs, output_lock, recover_folder
@@ -294,11 +294,12 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
         )
     names = adapter_names(model)
     sparse = any(not layer.mergeable for _, layer in _layers(model))
+    # issue 17: refuse a variant/strategy pair before any work (distributed.py)
+    check_supported(model, launch_strategy())
     seed_everything(config.seed)
     accelerator = _accelerator(config, sparse)
     world, rank = accelerator.num_processes, accelerator.process_index
-    # issue 17: refuse a variant/strategy pair before any work; reduce MixLoRA's statistics
-    check_supported(model, strategy_of(accelerator))
+    # issue 17: MixLoRA's balance loss and router statistics over the global batch
     stack.enter_context(statistics_context(accelerator))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and accelerator.is_main_process:

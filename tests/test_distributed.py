@@ -112,7 +112,7 @@ def test_support_table_covers_every_variant_and_strategy():
         assert row["single"] is None and row["ddp"] is None, variant
 
 
-@pytest.mark.parametrize("variant", ["cola", "mixlora", "multilora"])
+@pytest.mark.parametrize("variant", ["lora", "cola", "mixlora", "multilora"])
 def test_unsupported_pair_is_refused_naming_the_alternatives(variant):
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
     with pytest.raises(ValueError) as info:
@@ -128,7 +128,7 @@ def test_deepspeed_is_refused_as_untested():
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS["lora"]())
     with pytest.raises(ValueError, match="DeepSpeed is not tested.*supported strategies for lora"):
         check_supported(model, "deepspeed")
-    assert supported_strategies("lora") == ["single", "ddp", "fsdp"]
+    assert supported_strategies("lora") == ["single", "ddp"]
 
 
 def test_cola_rank_step_down_is_refused_under_ddp_only():
@@ -136,3 +136,20 @@ def test_cola_rank_step_down_is_refused_under_ddp_only():
     with pytest.raises(ValueError, match=r"link_ranks=\[2, 1\] steps the rank down.*equal"):
         check_supported(model, "ddp")
     check_supported(model, "single")
+
+
+@pytest.mark.parametrize("launch_env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_fsdp_or_deepspeed_launch_is_refused_before_any_work(launch_env, monkeypatch, tmp_path):
+    """What ``accelerate launch`` with an FSDP or DeepSpeed config sets; on a machine without
+    GPUs accelerate itself would quietly run DDP instead, so the request is what counts."""
+    from _train_script import random_blocks
+
+    from loravariants.train import TrainConfig, train
+
+    monkeypatch.setenv(launch_env, "true")
+    model = lv.attach(make_tiny_llama(), DDP_VARIANTS["lora"]())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\(lora\) cannot train under .*supported strategies"):
+        train(model, random_blocks(n=4), TrainConfig(max_steps=1), output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
