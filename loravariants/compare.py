@@ -32,6 +32,7 @@ from torch import nn
 
 from . import __version__
 from .config import ExperimentConfig, RunSpec, load_adapter_spec
+from .distributed import refuse_launched
 from .inject import (
     adapter_names,
     attach,
@@ -745,6 +746,7 @@ def compare(
     Returns:
         The output directory.
     """
+    refuse_launched("loravariants compare")  # issue 17: one process; a grid uses --shard
     with _transformers_progress_bars(progress), contextlib.ExitStack() as locks:
         if shard is not None:  # issue 17: other shards write beside us (shard.py)
             locks.held = True

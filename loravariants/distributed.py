@@ -19,7 +19,14 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["STRATEGIES", "SUPPORT", "launch_strategy", "check_supported", "statistics_context"]
+__all__ = [
+    "STRATEGIES",
+    "SUPPORT",
+    "launch_strategy",
+    "refuse_launched",
+    "check_supported",
+    "statistics_context",
+]
 
 #: the strategies a run can have; "single" is one process (no launcher, or one process)
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
@@ -82,6 +89,24 @@ def launch_strategy() -> str:
     except ValueError:
         world = 1
     return "ddp" if world > 1 else "single"
+
+
+def refuse_launched(command: str) -> None:
+    """``compare`` (and ``train --run``) run in one process: under a multi-process launch every
+    process would run the whole grid, and all but one would find the output folder locked.
+
+    Raises:
+        ValueError: launched as one of several processes, naming what to do instead.
+    """
+    strategy = launch_strategy()
+    if strategy != "single":
+        raise ValueError(
+            f"{command} runs in one process, but this one was launched for {strategy} "
+            f"(WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')}); spread a comparison over "
+            "processes or machines with --shard i/N, or train one model over several "
+            "processes with loravariants.train.train() under accelerate launch "
+            "(docs/distributed.md)"
+        )
 
 
 def supported_strategies(variant: str) -> list[str]:

@@ -207,3 +207,11 @@ def test_three_concurrent_shard_processes_lose_no_record(tmp_path):
         ["lora/seed0", "lora/seed1", "mix/seed0", "mix/seed1"]
     )
     assert all(r["status"] == "ok" for r in merged["runs"])
+
+
+def test_compare_under_a_multi_process_launch_is_refused(tmp_path, monkeypatch):
+    """Every process would run the whole grid; the shards are the way to spread it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="runs in one process.*--shard i/N"):
+        run_shard(tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
