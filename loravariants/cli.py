@@ -76,7 +76,13 @@ def compare_main(argv: Sequence[str]) -> int:
     """``loravariants compare --config FILE [key.sub=value ...]``."""
     from .compare import compare
     from .config import load_experiment
-    from .shard import add_shard_arguments, merge_summary, parse_shard, shard_summary
+    from .shard import (
+        add_shard_arguments,
+        merge_shards,
+        merge_summary,
+        parse_shard,
+        shard_summary,
+    )
 
     parser = argparse.ArgumentParser(prog="loravariants compare")
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
@@ -87,11 +93,12 @@ def compare_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     shard = parse_shard(args.shard) if args.shard is not None else None
     config = load_experiment(args.config, args.overrides)
-    out = compare(config, progress=not args.quiet, shard=shard, merge=args.merge)
+    if args.merge:
+        out = merge_shards(config)
+        return merge_summary(out, config, _print_summary(out))
+    out = compare(config, progress=not args.quiet, shard=shard)
     if shard is not None:
         return shard_summary(out, config, shard)
-    if args.merge:
-        return merge_summary(out, config, _print_summary(out))
     return _print_summary(out)
 
 

@@ -724,7 +724,6 @@ def compare(
     env: dict[str, Any] | None = None,
     only: list[tuple[str, int]] | None = None,
     shard: Any = None,
-    merge: bool = False,
 ) -> Path:
     """Run (or resume) the comparison; write results and the report after every run.
 
@@ -737,7 +736,6 @@ def compare(
             still covers the whole experiment.
         shard: a :class:`loravariants.shard.Shard`: run only its share of the plan, beside
             other shards, and write its records to ``shards/`` only (see shard.py).
-        merge: run nothing; merge the shards' records into results.json and the report.
 
     Raises:
         ValueError: ``output_dir`` holds results of a different experiment, or is a file, or
@@ -750,7 +748,7 @@ def compare(
     with _transformers_progress_bars(progress), contextlib.ExitStack() as locks:
         if shard is not None:  # issue 17: other shards write beside us (shard.py)
             locks.held = True
-        return _compare(config, progress, log, env, [] if merge else only, locks, shard)
+        return _compare(config, progress, log, env, only, locks, shard)
 
 
 def _lock(out: Path, locks: contextlib.ExitStack) -> None:
@@ -881,8 +879,6 @@ def _compare(
             write(results, key)
         if results[key].get("variant") == "lora" and results[key].get("status") == "ok":
             env["lora_reference"].setdefault(seed, run_dir / "adapter")
-    if only == [] and shard is None:  # --merge: nothing ran, the merged records are written
-        write_outputs(out, config, results, env)
     return out
 
 
@@ -902,7 +898,7 @@ def _shard_writer(out, config, env, shard, own) -> Callable[[dict[str, Any], str
             write_outputs(out, config, results, env)
         else:
             own[key] = results[key]
-            write_shard_records(out, shard, config, own)
+            write_shard_records(out, shard, config, own, env.get("base_path"))
 
     return write
 

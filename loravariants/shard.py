@@ -52,6 +52,7 @@ __all__ = [
     "write_shard_records",
     "fill_lora_similarity",
     "missing_runs",
+    "merge_shards",
 ]
 
 SHARDS_DIR = "shards"
@@ -183,9 +184,14 @@ def read_shard_records(out: Path, config: Any) -> dict[str, dict[str, Any]]:
 
 
 def write_shard_records(
-    out: Path, shard: Shard, config: Any, records: dict[str, dict[str, Any]]
+    out: Path,
+    shard: Shard,
+    config: Any,
+    records: dict[str, dict[str, Any]],
+    base_model: str | None = None,
 ) -> Path:
-    """Rewrite this shard's file atomically with ``records`` (its own runs only)."""
+    """Rewrite this shard's file atomically with ``records`` (its own runs only);
+    ``base_model``: the resolved base-model path, for the merged results.json."""
     from . import __version__
     from .compare import RESULTS_SCHEMA_VERSION, _atomic_write, _config_dict
 
@@ -194,11 +200,51 @@ def write_shard_records(
         "schema_version": RESULTS_SCHEMA_VERSION,
         "library_version": __version__,
         "shard": str(shard),
+        "base_model": base_model,
         "config": _config_dict(config),
         "runs": list(records.values()),
     }
     _atomic_write(file, json.dumps(payload, indent=2, default=str))
     return file
+
+
+def merge_shards(config: Any) -> Path:
+    """``compare --merge``: the shards' records (and those of results.json) into results.json,
+    results.csv, report.md and the plots. Runs nothing, loads no model or data.
+
+    Holds the output folder's exclusive lock: refused while a shard (or a compare) runs there.
+
+    Raises:
+        ValueError: nothing to merge, a shard file of a different experiment, or the folder
+            in use.
+    """
+    from .compare import _load_results, write_outputs
+    from .distributed import refuse_launched
+    from .utils import output_lock
+
+    refuse_launched("loravariants compare --merge")
+    out = Path(config.output_dir)
+    folder = out / SHARDS_DIR
+    if not out.is_dir() or not folder.is_dir():
+        raise ValueError(f"nothing to merge: {folder} does not exist (run the shards first)")
+    with output_lock(out):
+        previous = _load_results(out, config)
+        results = merge_records(previous, read_shard_records(out, config))
+        if not results:
+            raise ValueError(f"nothing to merge: no shard in {folder} has finished a run yet")
+        write_outputs(out, config, results, {"base_path": _base_model(out)})
+    return out
+
+
+def _base_model(out: Path) -> str | None:
+    """The base-model path the shards (or an earlier results.json) recorded."""
+    files = [out / "results.json", *sorted((out / SHARDS_DIR).glob("shard-*-of-*.json"))]
+    for file in files:
+        if file.is_file():
+            value = json.loads(file.read_text()).get("base_model")
+            if value:
+                return value
+    return None
 
 
 def fill_lora_similarity(out: Path, config: Any, results: dict[str, dict[str, Any]]) -> None:

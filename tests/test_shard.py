@@ -17,7 +17,7 @@ from test_compare import _tiny_env
 from loravariants.cli import main
 from loravariants.compare import compare
 from loravariants.config import experiment_from_dict
-from loravariants.shard import Shard, parse_shard, shard_file, shard_lock
+from loravariants.shard import Shard, merge_shards, parse_shard, shard_file, shard_lock
 from loravariants.utils import OutputLocked
 
 HERE = Path(__file__).parent
@@ -47,11 +47,12 @@ def grid(out: Path, **extra) -> dict:
 
 
 def run_shard(out: Path, spec: str | None, merge: bool = False, **extra) -> Path:
+    """One shard (``spec``), the whole grid in one process (None), or the merge."""
     config = experiment_from_dict(grid(out, **extra))
+    if merge:
+        return merge_shards(config)
     shard = parse_shard(spec) if spec else None
-    return compare(
-        config, progress=False, log=lambda s: None, env=_tiny_env(), shard=shard, merge=merge
-    )
+    return compare(config, progress=False, log=lambda s: None, env=_tiny_env(), shard=shard)
 
 
 def _figures(value, path=""):
@@ -111,6 +112,7 @@ def test_three_shards_give_the_results_of_one_process(tmp_path):
     ours = {r["key"]: r for r in merged["runs"]}
     theirs = {r["key"]: r for r in one["runs"]}
     assert ours.keys() == theirs.keys() and len(ours) == 4
+    assert merged["base_model"] == one["base_model"] == "tiny"
     assert "similarity_to_lora" in ours["mix/seed0"]["svd"]
     a, b = _figures(ours), _figures(theirs)
     assert a.keys() == b.keys()
@@ -215,3 +217,16 @@ def test_compare_under_a_multi_process_launch_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="runs in one process.*--shard i/N"):
         run_shard(tmp_path / "out", None)
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_with_nothing_to_merge_is_one_line_exit_2(tmp_path, capsys):
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid(tmp_path / "out")))
+    assert main(["compare", "--config", str(config), "--merge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing to merge" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as info:  # argparse's own exit
+        main(["compare", "--config", str(config), "--merge", "--shard", "0/2"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
