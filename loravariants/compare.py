@@ -877,7 +877,13 @@ def _compare(
             results[key] = record
             _log_metric_errors(record, log)
             write(results, key)
-        if results[key].get("variant") == "lora" and results[key].get("status") == "ok":
+        # a shard sees part of the plan: its first LoRA run of a seed need not be the plan's
+        # first, so shards leave the similarity to LoRA to the merge (fill_lora_similarity)
+        if (
+            shard is None
+            and results[key].get("variant") == "lora"
+            and results[key].get("status") == "ok"
+        ):
             env["lora_reference"].setdefault(seed, run_dir / "adapter")
     return out
 

@@ -230,3 +230,26 @@ def test_merge_with_nothing_to_merge_is_one_line_exit_2(tmp_path, capsys):
         main(["compare", "--config", str(config), "--merge", "--shard", "0/2"])
     assert info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_similarity_to_lora_uses_the_plans_first_lora_row_not_the_shards(tmp_path):
+    """Shard 1/2 holds the second LoRA row and MixLoRA, not the first LoRA row: MixLoRA's
+    similarity must still be to the first LoRA row of its seed, as in one process."""
+    runs = [
+        {"name": "lora_a", "adapter": "lora", "overrides": {"r": 2, "dropout": 0.0}},
+        {"name": "lora_b", "adapter": "lora", "overrides": {"r": 2, "dropout": 0.0, "alpha": 4}},
+        {"name": "none", "adapter": "none"},
+        {"name": "mix", "adapter": "mixlora", "overrides": {"num_experts": 2, "r": 2}},
+    ]
+    config = experiment_from_dict({**grid(tmp_path / "one"), "seeds": [0], "runs": runs})
+    compare(config, progress=False, log=lambda s: None, env=_tiny_env())
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    sharded = experiment_from_dict({**grid(tmp_path / "two"), "seeds": [0], "runs": runs})
+    for i in (1, 0):
+        compare(sharded, progress=False, log=lambda s: None, env=_tiny_env(), shard=Shard(i, 2))
+    merged = json.loads((merge_shards(sharded) / "results.json").read_text())
+    mix = [next(r for r in d["runs"] if r["key"] == "mix/seed0") for d in (one, merged)]
+    assert math.isclose(
+        mix[0]["svd"]["similarity_to_lora"], mix[1]["svd"]["similarity_to_lora"], rel_tol=1e-6
+    )
