@@ -122,7 +122,7 @@ def test_three_shards_give_the_results_of_one_process(tmp_path):
     assert [k for k in a if not _same(a[k], b[k])] == []
 
 
-def test_a_rerun_shard_runs_only_what_it_has_not_finished(tmp_path):
+def test_a_rerun_shard_runs_only_what_it_has_not_finished(tmp_path, capsys):
     out = tmp_path / "out"
     run_shard(out, "0/3")  # lora/seed0 and mix/seed1
     file = shard_file(out, Shard(0, 3))
@@ -136,6 +136,10 @@ def test_a_rerun_shard_runs_only_what_it_has_not_finished(tmp_path):
     assert any("lora/seed0: done earlier, kept" in line for line in logs)
     assert sum("running" in line for line in logs) == 1
     assert {r["key"] for r in json.loads(file.read_text())["runs"]} == {"lora/seed0", "mix/seed1"}
+    from loravariants.shard import shard_summary
+
+    assert shard_summary(out, config, Shard(0, 3)) == 0
+    assert "shard 0/3: 2 of 2 runs ok" in capsys.readouterr().out
 
 
 def test_merge_refuses_a_shard_of_a_different_experiment(tmp_path):
