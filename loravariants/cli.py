@@ -76,15 +76,30 @@ def _print_summary(out) -> int:
 def compare_main(argv: Sequence[str]) -> int:
     """``loravariants compare --config FILE [key.sub=value ...]``."""
     from .compare import compare
+    from .compare.shard import (
+        add_shard_arguments,
+        merge_shards,
+        merge_summary,
+        parse_shard,
+        shard_summary,
+    )
     from .config import load_experiment
 
     parser = argparse.ArgumentParser(prog="loravariants compare")
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
+    # a grid over a job array (compare/shard.py, docs/distributed.md)
+    add_shard_arguments(parser)
     args = parser.parse_args(argv)
+    shard = parse_shard(args.shard) if args.shard is not None else None
     config = load_experiment(args.config, args.overrides)
-    out = compare(config, progress=not args.quiet)
+    if args.merge:
+        out = merge_shards(config)
+        return merge_summary(out, config, _print_summary(out))
+    out = compare(config, progress=not args.quiet, shard=shard)
+    if shard is not None:
+        return shard_summary(out, config, shard)
     return _print_summary(out)
 
 

@@ -43,6 +43,7 @@ from .checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
+from .distributed import check_supported, launch_strategy, statistics_context
 from .inject import adapter_config, adapter_names, on_step_end
 from .inject import aux_loss as adapters_aux_loss
 from .utils import (
@@ -340,9 +341,13 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     _check_inputs(dataset, config, output_dir)
     names = adapter_names(model)
     sparse = any(layer.sparse_gradients for _, layer in _layers(model))
+    # refuse a variant/strategy pair before any work (distributed.py)
+    check_supported(model, launch_strategy())
     seed_everything(config.seed)
     accelerator = _accelerator(config, sparse)
     world = accelerator.num_processes
+    # MixLoRA's balance loss and router statistics over the global batch (distributed.py)
+    stack.enter_context(statistics_context(accelerator))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and accelerator.is_main_process:
         # one writer per folder: a second run there would interleave checkpoints and metrics
@@ -389,7 +394,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
             model, inner, dataset, rows, step_label_tokens, config, accelerator
         )
         lm_mean = accelerator.reduce(lm_total, reduction="sum").item()
-        aux_mean = accelerator.reduce(aux_total, reduction="mean").item()
+        aux_mean = accelerator.reduce(aux_total, reduction="sum").item()
         if not math.isfinite(lm_mean) or not math.isfinite(aux_mean):
             bar.close()
             where = latest_checkpoint(out) if out is not None else None
@@ -495,8 +500,9 @@ def _accumulate(model, inner, dataset, rows, step_label_tokens, config, accelera
             output = model(**batch)
             lm_part = token_share(output.loss, output.logits, n_micro, step_label_tokens)
             aux = adapters_aux_loss(inner).to(lm_part.device)
-            # DDP averages gradients over processes: hence the factor `world`
-            accelerator.backward(lm_part * world + aux / config.grad_accum)
+            # DDP averages gradients over processes: hence the factor `world` (the aux
+            # loss is this process's share of the global one, see distributed.py)
+            accelerator.backward((lm_part + aux / config.grad_accum) * world)
         lm_total += lm_part.detach()
         aux_total += aux.detach() / config.grad_accum
     return lm_total, aux_total, step_tokens

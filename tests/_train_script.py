@@ -18,6 +18,13 @@ python tests/_train_script.py fault VARIANT OUT_DIR KILL [--no-exchange] [--step
 python tests/_train_script.py fault-compare OUT_DIR KILL
     (tests/test_faults.py) the same kill points in a two-row comparison (LoRA and COLA) into
     OUT_DIR, resuming what is there.
+python tests/_train_script.py shard OUT_DIR i/N
+    (tests/test_shard.py) one shard of that test's grid, beside the others.
+python tests/_train_script.py variant VARIANT OUT_DIR BATCH_SIZE STEPS
+    (tests/test_distributed.py) train VARIANT (``DDP_VARIANTS``), alone or under a launcher;
+    rank 0 writes OUT_DIR/result.json (losses, balance losses, router statistics) and every rank
+    OUT_DIR/state-rank{R}.safetensors (every model tensor: COLA folds links into the frozen
+    weights).
 
 The kill hook lives here, in the test's process only: the library has no switch for it.
 """
@@ -89,6 +96,44 @@ VARIANTS = {
     "multilora": lambda: MultiLoRAConfig(num_branches=2, r=2, dropout=0.0),
     "mixlora": lambda: MixLoRAConfig(num_experts=2, top_k=1, r=2, dropout=0.0),
 }
+
+
+# for the data-parallel tests: MixLoRA's balance loss at coefficient 1 (0.01 would hide a
+# balance loss that is reduced differently from one process's), two experts, top-1 routing
+DDP_VARIANTS = {
+    **VARIANTS,
+    "mixlora": lambda: MixLoRAConfig(
+        num_experts=2, top_k=1, r=2, dropout=0.0, router_aux_loss_coef=1.0
+    ),
+    "mixlora-per-layer": lambda: MixLoRAConfig(
+        num_experts=2,
+        top_k=1,
+        r=2,
+        dropout=0.0,
+        router_aux_loss_coef=1.0,
+        balance_loss_aggregation="per_layer",
+    ),
+    # the paper's rank step-down: a DDP run must refuse it before training
+    "cola-step-down": lambda: COLAConfig(r=2, dropout=0.0, knots=[2], link_ranks=[2, 1]),
+}
+
+
+def variant_main(argv: list[str]) -> None:
+    variant, out, batch_size, steps = argv[0], Path(argv[1]), int(argv[2]), int(argv[3])
+    model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
+    config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-2, warmup_steps=0, seed=3)
+    result = train(model, random_blocks(masked=True), config, progress=False)
+    rank = int(os.environ.get("RANK", 0))
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        stats = {
+            path: {k: v.tolist() if torch.is_tensor(v) else v for k, v in s.items()}
+            for path, layer in lv.adapter_layers(model).items()
+            if hasattr(layer, "router_stats") and (s := layer.router_stats()) is not None
+        }
+        record = {"losses": result.losses, "aux": result.aux_losses, "router": stats}
+        (out / "result.json").write_text(json.dumps(record))
+    _save_state(model, out / f"state-rank{rank}.safetensors")
 
 
 class _Killer:
@@ -260,5 +305,13 @@ if __name__ == "__main__":
         fault_main(sys.argv[2:])
     elif sys.argv[1] == "fault-compare":
         fault_compare_main(sys.argv[2:])
+    elif sys.argv[1] == "shard":  # shard OUT_DIR i/N: tests/test_shard.py's grid, one shard
+        torch.set_num_threads(1)
+        from test_shard import run_shard
+
+        run_shard(Path(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "variant":
+        torch.set_num_threads(1)
+        variant_main(sys.argv[2:])
     else:
         main()

@@ -53,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -80,6 +80,7 @@ __all__ = [
     "ffn_activation_name",
     "record_attention_mask",
     "token_mask",
+    "data_parallel_statistics",
 ]
 
 #: the frozen FFN projections MixLoRA knows (Llama, Mistral, Qwen2, Gemma naming).
@@ -377,6 +378,43 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
         _TOKEN_MASK[0] = previous
 
 
+# ---------------------------------------------------------------------------------------------
+# data parallelism: the balance loss of the global batch
+# ---------------------------------------------------------------------------------------------
+
+# The sum over data-parallel processes while a training loop runs under DDP, else None.
+_REDUCE: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None]
+
+
+@contextlib.contextmanager
+def data_parallel_statistics(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, the balance loss and router statistics count every process's tokens.
+
+    The balance loss ``coef · E · sum_i f_i P_i`` is not a mean of per-process losses: ``f`` and
+    ``P`` are fractions of the global batch. Inside this block each layer sums its expert
+    assignments ``c`` and real-token count ``n`` over the processes (one ``reduce`` per adapter
+    and forward, in :meth:`MixLoRAFFN.aux_loss`; no gradient flows through counts) and returns
+    its *process share* ``coef · E · sum_i C_i S_i / N^2``, with ``C``, ``N`` global and ``S``
+    (summed router probabilities, which carry the gradient) local. The shares of all processes
+    add up to the one-process loss of the global batch, value and gradient; so the training loop
+    scales the share by the number of processes before DDP averages gradients, and logs the
+    sum of the shares. :meth:`MixLoRAFFN.router_stats` then gives the global routing.
+
+    Every process must call ``lv.aux_loss`` after each forward in the same order (the training
+    loop does), since the reduction is a collective.
+
+    Args:
+        reduce: sums a tensor over the data-parallel processes and returns the sum (e.g.
+            ``lambda t: accelerator.reduce(t, reduction="sum")``); it must not modify its input.
+    """
+    previous = _REDUCE[0]
+    _REDUCE[0] = reduce
+    try:
+        yield
+    finally:
+        _REDUCE[0] = previous
+
+
 def record_attention_mask(model: nn.Module) -> None:
     """Make ``model`` hand its ``attention_mask`` argument to MixLoRA layers, call by call.
 
@@ -450,12 +488,16 @@ class _BalanceGroup:
 
     ``totals()`` sums, over the layers that ran in the last forward, the (no-gradient) expert
     assignment counts ``C (E,)`` and the real-token count ``N``; cached until a layer runs again.
+    Inside :func:`data_parallel_statistics` every layer's counts are first summed over the
+    processes (one collective for the whole group) and kept in ``global_counts``.
     """
 
     def __init__(self, layers: list[MixLoRAFFN]) -> None:
         self.layers = layers
         self._key: tuple = ()
         self._totals: tuple[torch.Tensor, torch.Tensor] | None = None
+        # layer -> (assignments (E,), real tokens) over all processes, for the last forward
+        self.global_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
         stats = tuple(layer._balance for layer in self.layers)
@@ -464,10 +506,22 @@ class _BalanceGroup:
             or len(stats) != len(self._key)
             or any(a is not b for a, b in zip(stats, self._key, strict=True))
         ):
-            ran = [st for st in stats if st is not None]
-            counts = torch.stack([st[0] for st in ran]).sum(0)
-            tokens = torch.stack([st[2] for st in ran]).sum()
-            self._key, self._totals = stats, (counts, tokens)
+            ran = [
+                (layer, st) for layer, st in zip(self.layers, stats, strict=True) if st is not None
+            ]
+            counts = [(st[0], st[2]) for _, st in ran]
+            self.global_counts = {}
+            if _REDUCE[0] is not None:
+                # float64: counts stay exact integers far past float32's 2**24
+                flat = torch.cat([torch.cat([c, n[None]]) for c, n in counts]).double()
+                summed = _REDUCE[0](flat).to(counts[0][0].dtype).split(len(counts[0][0]) + 1)
+                counts = [(t[:-1], t[-1]) for t in summed]
+                self.global_counts = {
+                    id(layer): c for (layer, _), c in zip(ran, counts, strict=True)
+                }
+            total_counts = torch.stack([c for c, _ in counts]).sum(0)
+            tokens = torch.stack([n for _, n in counts]).sum()
+            self._key, self._totals = stats, (total_counts, tokens)
         return self._totals
 
 
@@ -667,10 +721,12 @@ class MixLoRAFFN(AdapterLayer):
             return None
         assigned, prob_sum, tokens = self._balance
         scale = self.aux_loss_coef * self.num_experts
+        all_assigned, all_tokens = self._group.totals()
+        if id(self) in self._group.global_counts:  # data parallel: this process's share
+            assigned, tokens = self._group.global_counts[id(self)]
         if self.aggregation == "per_layer":
             n = tokens.clamp(min=1.0)
             return scale * ((assigned / n) * (prob_sum / n)).sum() * self.aux_loss_weight
-        all_assigned, all_tokens = self._group.totals()
         return scale * (all_assigned * prob_sum).sum() / all_tokens.clamp(min=1.0) ** 2
 
     def on_skipped_forward(self) -> None:
@@ -689,8 +745,18 @@ class MixLoRAFFN(AdapterLayer):
         """Routing of the last forward over its real tokens (padding excluded, see
         :func:`token_mask`): ``{"tokens_per_expert": (E,) long, "num_tokens": T}``.
 
-        A token routed to k experts counts once for each; ``None`` before any forward.
+        A token routed to k experts counts once for each; ``None`` before any forward. Inside
+        :func:`data_parallel_statistics`, once the balance loss of the forward was computed:
+        the routing of every process's tokens.
         """
+        if self._balance is not None and id(self) in self._group.global_counts:
+            # the global counts belong to the forward that set _balance (the group's cache key)
+            if self._group._key and any(st is self._balance for st in self._group._key):
+                assigned, tokens = self._group.global_counts[id(self)]
+                return {
+                    "tokens_per_expert": assigned.detach().round().long(),
+                    "num_tokens": int(tokens.round()),
+                }
         return self._stats
 
     # -- the update as matrices ---------------------------------------------------------------

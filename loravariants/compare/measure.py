@@ -23,7 +23,7 @@ from ..evaluate import passkey_accuracy, perplexity_at_lengths
 from ..inject import adapter_names, iter_adapters
 from ..io import read_factors
 from .env import Environment
-from .plan import REFERENCE_VARIANT, eval_lengths
+from .plan import REFERENCE_VARIANT, eval_lengths, plan_runs, run_key
 
 
 def _rss_bytes() -> int:
@@ -300,3 +300,51 @@ def training_record(result, mem: PeakMemory) -> dict[str, Any]:
         peak_mem_mib=mem.peak_mib,
         peak_mem_delta_mib=mem.delta_mib,
     )
+
+
+def fill_lora_similarity(out: Path, config: Any, results: dict[str, dict[str, Any]]) -> None:
+    """Add ``svd.similarity_to_lora*`` to the records that lack it because their reference
+    LoRA run ran in another process.
+
+    The rule is the one-process loop's: a trained run's reference is the first finished LoRA
+    run of its seed *earlier in the plan*; runs without one (the first LoRA row itself, rows
+    before it) get none. Read from the saved adapters; a reference that cannot be read leaves
+    the record as it is.
+    """
+    reference: dict[int, Path] = {}
+    for row, seed in plan_runs(config):
+        key = run_key(row, seed)
+        record = results.get(key)
+        run_dir = out / "runs" / row.name / f"seed{seed}"
+        svd = (record or {}).get("svd")
+        if (
+            seed in reference
+            and record is not None
+            and record.get("status") == "ok"
+            and row.trains
+            and isinstance(svd, dict)
+            and "similarity_to_lora" not in svd
+        ):
+            try:
+                ours = {
+                    path: factors
+                    for path, factors in read_factors(run_dir / "adapter").items()
+                    if ".experts." not in path
+                }
+                theirs = read_factors(reference[seed])
+            except (OSError, ValueError):
+                ours = None
+            if ours is not None:
+                left, random_left = factor_similarity(ours, theirs, "left")
+                right, _ = factor_similarity(ours, theirs, "right")
+                svd.update(
+                    similarity_to_lora=left,
+                    similarity_to_lora_right=right,
+                    similarity_random=random_left,
+                )
+        if (
+            record is not None
+            and record.get("variant") == REFERENCE_VARIANT
+            and record.get("status") == "ok"
+        ):
+            reference.setdefault(seed, run_dir / "adapter")

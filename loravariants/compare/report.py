@@ -17,8 +17,7 @@ import torch
 
 from .._version import __version__
 from ..config import ExperimentConfig
-from .env import Environment
-from .measure import seed_to_seed_similarity
+from .measure import fill_lora_similarity, seed_to_seed_similarity
 from .plan import REFERENCE_VARIANT, config_dict
 from .plots import make_report_plots
 from .summary import (
@@ -34,9 +33,16 @@ RESULTS_SCHEMA_VERSION = 1
 
 
 def write_outputs(
-    out: Path, config: ExperimentConfig, results: dict[str, dict[str, Any]], env: Environment
+    out: Path,
+    config: ExperimentConfig,
+    results: dict[str, dict[str, Any]],
+    base_path: str | None,
 ) -> None:
-    """Rewrite results.json, results.csv, report.md and the plots (each file atomically)."""
+    """Rewrite results.json, results.csv, report.md and the plots (each file atomically).
+
+    ``base_path``: the resolved base model, recorded in results.json.
+    """
+    fill_lora_similarity(out, config, results)  # runs whose LoRA reference ran in a shard
     try:
         seed_to_seed = seed_to_seed_similarity(out, config, results)
     except Exception:  # an unreadable adapter must never lose the numbers
@@ -46,21 +52,21 @@ def write_outputs(
         "schema_version": RESULTS_SCHEMA_VERSION,
         "library_version": __version__,
         "machine": _machine(),
-        "base_model": env.base_path,
+        "base_model": base_path,
         "config": config_dict(config),
         "runs": list(results.values()),
         "summary": [
             {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in summary
         ],
     }
-    _atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str))
+    atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str))
     _write_csv(out / "results.csv", results)
     plots = {}
     try:
         plots = make_report_plots(out, config, results)
     except Exception as e:  # a plot must never lose the numbers
         plots = {"error": f"{type(e).__name__}: {e}"}
-    _atomic_write(out / "report.md", _report_markdown(config, summary, plots, results))
+    atomic_write(out / "report.md", _report_markdown(config, summary, plots, results))
 
 
 def _machine() -> str:
@@ -113,7 +119,7 @@ def _write_csv(file: Path, results: dict[str, dict[str, Any]]) -> None:
     os.replace(tmp, file)
 
 
-def _atomic_write(file: Path, text: str) -> None:
+def atomic_write(file: Path, text: str) -> None:
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, file)

@@ -27,6 +27,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ..config import ExperimentConfig, RunSpec, load_adapter_spec
+from ..distributed import refuse_launched
 from ..inject import (
     attach,
     iter_adapters,
@@ -44,6 +45,14 @@ from .env import Environment, load_environment
 from .measure import PeakMemory, training_record
 from .plan import REFERENCE_VARIANT, load_results, matched_overrides, plan_runs, run_key
 from .report import write_outputs
+from .shard import (
+    Shard,
+    merge_records,
+    read_shard_records,
+    shard_lock,
+    shard_plan,
+    write_shard_records,
+)
 
 
 def compare(
@@ -52,6 +61,7 @@ def compare(
     log: Callable[[str], None] = print,
     env: Environment | Mapping[str, Any] | None = None,
     only: list[tuple[str, int]] | None = None,
+    shard: Shard | None = None,
 ) -> Path:
     """Run (or resume) the comparison; write results and the report after every run.
 
@@ -63,6 +73,8 @@ def compare(
             default: load the base model and data.
         only: run just these ``(row name, seed)`` pairs (``loravariants train``); the report
             still covers the whole experiment.
+        shard: run only this shard's share of the plan, beside the other shards, and write
+            its records to ``output_dir/shards/`` only (see :mod:`loravariants.compare.shard`).
 
     Raises:
         ValueError: ``output_dir`` holds results of a different experiment, or is a file, or
@@ -71,8 +83,9 @@ def compare(
     Returns:
         The output directory.
     """
+    refuse_launched("loravariants compare")  # one process; a grid over many uses --shard
     with _transformers_progress_bars(progress), contextlib.ExitStack() as locks:
-        return _compare(config, progress, log, env, only, locks)
+        return _compare(config, progress, log, env, only, locks, shard)
 
 
 def _lock(out: Path, locks: contextlib.ExitStack) -> None:
@@ -103,24 +116,35 @@ def _compare(
     env: Environment | Mapping[str, Any] | None,
     only: list[tuple[str, int]] | None,
     locks: contextlib.ExitStack,
+    shard: Shard | None = None,
 ) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is a file, not a folder")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise ValueError(f"output_dir {out}: a parent of it is a file")
-    if out.is_dir():
+    if shard is not None:
+        _check_shardable(config)
+    if out.is_dir() and shard is None:
         _lock(out, locks)
     results = load_results(out, config)
     env = Environment.of(env) if env is not None else load_environment(config, progress)
     out.mkdir(parents=True, exist_ok=True)  # after the base model and data loaded fine
-    _lock(out, locks)
-    # merge: what another process finished here before we held the folder is kept
+    if shard is None:
+        _lock(out, locks)
+    else:  # shared lock on out (other shards run beside us), exclusive on this shard
+        locks.enter_context(shard_lock(out, shard))
+    # merge: what another process finished here before we held the folder is kept, and what
+    # shards finished (a shard reads them too, to skip finished runs)
     results = {**load_results(out, config), **results}
+    results = merge_records(results, read_shard_records(out, config))
     overrides, matched = matched_overrides(config, env.load_model, log)
     plan = plan_runs(config)
     if only is not None:
         plan = [(row, seed) for row, seed in plan if (row.name, seed) in set(only)]
+    if shard is not None:
+        plan = shard_plan(plan, shard)
+    write = _writer(out, config, env, shard, {k: results[k] for k in _keys(plan) if k in results})
     if config.concurrent:
         _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log)
     for i, (row, seed) in enumerate(plan, 1):
@@ -131,7 +155,7 @@ def _compare(
             log(f"{where}: trained earlier; computing its failed metrics again")
             _retry_metrics(config, row, seed, env, run_dir, results[key], progress)
             _log_metric_errors(results[key], log)
-            write_outputs(out, config, results, env)
+            write(results, key)
         elif config.concurrent and row.trains:
             pass  # trained (or failed) with its seed's concurrent group above
         elif results.get(key, {}).get("status") == "ok":
@@ -141,10 +165,46 @@ def _compare(
             record = _run_recorded(config, row, seed, env, run_dir, overrides, progress, log)
             results[key] = _with_match(record, matched.get(row.name))
             _log_metric_errors(record, log)
-            write_outputs(out, config, results, env)
-        if results[key].get("variant") == REFERENCE_VARIANT and results[key].get("status") == "ok":
+            write(results, key)
+        # a shard sees part of the plan: its first LoRA run of a seed need not be the plan's
+        # first, so shards leave the similarity to LoRA to the merge (fill_lora_similarity)
+        record = results[key]
+        reference = record.get("variant") == REFERENCE_VARIANT and record.get("status") == "ok"
+        if shard is None and reference:
             env.lora_reference.setdefault(seed, run_dir / "adapter")
     return out
+
+
+def _keys(plan: list[tuple[RunSpec, int]]) -> list[str]:
+    return [run_key(row, seed) for row, seed in plan]
+
+
+def _check_shardable(config: ExperimentConfig) -> None:
+    if config.concurrent:
+        raise ValueError(
+            "--shard cannot split a concurrent: true comparison (its rows of a seed train "
+            "together on one base); set concurrent: false, or run it without --shard"
+        )
+
+
+def _writer(
+    out: Path,
+    config: ExperimentConfig,
+    env: Environment,
+    shard: Shard | None,
+    own: dict[str, dict[str, Any]],
+) -> Callable[[dict[str, dict[str, Any]], str], None]:
+    """After each run: rewrite the whole output (one process), or only the shard's own file
+    (``own``: its records, those of an earlier attempt of this shard included)."""
+
+    def write(results: dict[str, dict[str, Any]], key: str) -> None:
+        if shard is None:
+            write_outputs(out, config, results, env.base_path)
+        else:
+            own[key] = results[key]
+            write_shard_records(out, shard, config, own, env.base_path)
+
+    return write
 
 
 def _new_record(row: RunSpec, seed: int) -> dict[str, Any]:
@@ -211,7 +271,7 @@ def _concurrent_groups(config, plan, results, env, out, overrides, matched, prog
                 record.update(status="failed", reason=failure)
             results[run_key(row, seed)] = _with_match(record, matched.get(row.name))
             _log_metric_errors(record, log)
-        write_outputs(out, config, results, env)
+        write_outputs(out, config, results, env.base_path)
 
 
 def _log_metric_errors(record: dict[str, Any], log: Callable[[str], None]) -> None:
