@@ -4,24 +4,29 @@
     accelerate launch with an FSDP / DeepSpeed config             -> "fsdp" / "deepspeed"
     python ... (no launcher, or one process)                      -> strategy "single"
 
-:data:`SUPPORT` is the one table the check, the docs (docs/distributed.md) and the tests read.
-A pair that is not supported is refused by :func:`check_supported` (called first by
-``train()``, with :func:`launch_strategy`: before accelerate is set up, the output folder
-touched or the model wrapped), naming the strategies that variant supports.
+Each adapter's config decides what it supports (:meth:`AdapterConfig.unsupported_strategy`;
+:func:`support_table` lists it for every registered variant, as docs/distributed.md does). A
+pair that is not supported is refused by :func:`check_supported` (called first by ``train()``,
+with :func:`launch_strategy`: before accelerate is set up, the output folder touched or the
+model wrapped), naming the strategies that adapter supports.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
+import torch
 from torch import nn
+
+from .adapters.base import VARIANTS, AdapterConfig
+from .inject import adapter_config, adapter_names, iter_adapters
 
 __all__ = [
     "STRATEGIES",
-    "SUPPORT",
+    "support_table",
+    "supported_strategies",
     "launch_strategy",
     "refuse_launched",
     "check_supported",
@@ -31,43 +36,15 @@ __all__ = [
 #: the strategies a run can have; "single" is one process (no launcher, or one process)
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 
-_NO_FSDP = (
-    "FSDP is not supported yet: accelerate enables it on GPUs only (a CPU launch silently "
-    "falls back to DDP), so it is untested here, and the adapter saving and checkpoints read "
-    "unsharded parameters; adapters are small, so DDP's full replica of them costs little"
-)
-_UNTESTED_DS = (
-    "DeepSpeed is not tested with loravariants (the deepspeed package is not part of the "
-    "tested setup); the training loop's gradient-accumulation, clipping and checkpoint code is "
-    "accelerate's plain path"
-)
 
-#: variant -> strategy -> None (supported) or the reason it is not.
-SUPPORT: dict[str, dict[str, str | None]] = {
-    "lora": {"single": None, "ddp": None, "fsdp": _NO_FSDP, "deepspeed": _UNTESTED_DS},
-    "cola": {
-        "single": None,
-        # equal-rank restarts re-initialise the same parameters in place; every rank draws the
-        # new link from the same seeded generator, so DDP's replicas stay equal
-        "ddp": None,
-        # and beyond _NO_FSDP: the fold writes into the frozen weight, which FSDP shards
-        "fsdp": _NO_FSDP,
-        "deepspeed": _UNTESTED_DS,
-    },
-    "multilora": {
-        "single": None,
-        "ddp": None,
-        "fsdp": _NO_FSDP,
-        "deepspeed": _UNTESTED_DS,
-    },
-    "mixlora": {
-        "single": None,
-        # unrouted experts: find_unused_parameters; balance loss: data_parallel_statistics
-        "ddp": None,
-        "fsdp": _NO_FSDP,
-        "deepspeed": _UNTESTED_DS,
-    },
-}
+def support_table() -> dict[str, dict[str, str | None]]:
+    """variant -> strategy -> None (supported) or the reason it is not, for every registered
+    variant at its default config (:meth:`AdapterConfig.unsupported_strategy`; a config's own
+    fields may refuse more, e.g. COLA's rank step-down under DDP)."""
+    return {
+        name: {strategy: cls().unsupported_strategy(strategy) for strategy in STRATEGIES}
+        for name, cls in sorted(VARIANTS.items())
+    }
 
 
 def launch_strategy() -> str:
@@ -109,56 +86,46 @@ def refuse_launched(command: str) -> None:
         )
 
 
-def supported_strategies(variant: str) -> list[str]:
-    """The strategies ``variant`` supports, in :data:`STRATEGIES` order."""
-    table = SUPPORT.get(variant, {})
-    return [s for s in STRATEGIES if s in table and table[s] is None]
+def supported_strategies(config: AdapterConfig) -> list[str]:
+    """The strategies an adapter ``config`` supports, in :data:`STRATEGIES` order."""
+    return [s for s in STRATEGIES if config.unsupported_strategy(s) is None]
 
 
 def check_supported(model: nn.Module, strategy: str) -> None:
     """Refuse to train ``model``'s adapters under ``strategy`` when a pair is not supported.
+
+    Each adapter's config decides (:meth:`AdapterConfig.unsupported_strategy`).
 
     Args:
         model: a model with adapters attached (not yet wrapped by accelerate).
         strategy: one of :data:`STRATEGIES` (:func:`launch_strategy`).
 
     Raises:
-        ValueError: one line naming the variant, the strategy, why, and the strategies that
-            variant supports.
+        ValueError: one line naming the adapter, its variant, the strategy, why, and the
+            strategies that adapter supports.
     """
-    from .inject import adapter_config, adapter_names
-
     for name in adapter_names(model):
         config = adapter_config(model, name)
-        variant = config.variant
-        reason = SUPPORT.get(variant, {}).get(strategy, f"the strategy {strategy!r} is unknown")
-        if reason is None and variant == "cola" and strategy != "single":
-            ranks = getattr(config, "link_ranks", None) or []
-            if len(set(ranks)) > 1:
-                reason = (
-                    f"link_ranks={ranks} steps the rank down, which resizes the link's "
-                    "parameters in place; DDP's gradient buckets keep the old sizes"
-                )
-                others = "single (one process), or equal link_ranks under ddp"
-                raise ValueError(
-                    f"adapter {name!r} (cola) cannot train under {strategy}: {reason}; "
-                    f"supported: {others}"
-                )
+        reason = config.unsupported_strategy(strategy)
         if reason is not None:
-            others = ", ".join(supported_strategies(variant)) or "none"
+            others = ", ".join(supported_strategies(config)) or "none"
             raise ValueError(
-                f"adapter {name!r} ({variant}) cannot train under {strategy}: {reason}; "
-                f"supported strategies for {variant}: {others} (see docs/distributed.md)"
+                f"adapter {name!r} ({config.variant}) cannot train under {strategy}: {reason}; "
+                f"supported strategies for it: {others} (see docs/distributed.md)"
             )
 
 
-def statistics_context(accelerator: Any) -> AbstractContextManager:
-    """The context a data-parallel training loop runs in: MixLoRA's balance loss and router
-    statistics over the global batch (:func:`loravariants.adapters.mixlora.
-    data_parallel_statistics`); nothing for one process."""
+def statistics_context(accelerator: Any, model: nn.Module) -> AbstractContextManager:
+    """The context a data-parallel training loop runs in: each adapter layer type in ``model``
+    makes its statistics cover the global batch (:meth:`AdapterLayer.data_parallel_statistics`;
+    MixLoRA's balance loss and router statistics); nothing for one process."""
+    stack = ExitStack()
     if accelerator.num_processes == 1:
-        return nullcontext()
-    from .adapters.mixlora import data_parallel_statistics
+        return stack
 
-    reduce: Callable = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731
-    return data_parallel_statistics(reduce)
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t, reduction="sum")
+
+    for layer_type in {type(layer) for _, _, layer in iter_adapters(model)}:
+        stack.enter_context(layer_type.data_parallel_statistics(reduce))
+    return stack

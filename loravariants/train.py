@@ -347,7 +347,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     accelerator = _accelerator(config, sparse)
     world = accelerator.num_processes
     # MixLoRA's balance loss and router statistics over the global batch (distributed.py)
-    stack.enter_context(statistics_context(accelerator))
+    stack.enter_context(statistics_context(accelerator, model))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and accelerator.is_main_process:
         # one writer per folder: a second run there would interleave checkpoints and metrics

@@ -24,10 +24,11 @@ copied nor saved twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -134,6 +135,22 @@ def match_target(module_path: str, target_modules: str | Sequence[str]) -> bool:
     return any(module_path == t or module_path.endswith("." + t) for t in target_modules)
 
 
+#: why a launch strategy is refused by default (AdapterConfig.unsupported_strategy); the ones
+#: missing here (single, ddp) are supported.
+UNSUPPORTED_STRATEGIES: dict[str, str] = {
+    "fsdp": (
+        "FSDP is not supported yet: accelerate enables it on GPUs only (a CPU launch silently "
+        "falls back to DDP), so it is untested here, and the adapter saving and checkpoints read "
+        "unsharded parameters; adapters are small, so DDP's full replica of them costs little"
+    ),
+    "deepspeed": (
+        "DeepSpeed is not tested with loravariants (the deepspeed package is not part of the "
+        "tested setup); the training loop's gradient-accumulation, clipping and checkpoint code "
+        "is accelerate's plain path"
+    ),
+}
+
+
 @dataclass
 class AdapterConfig:
     """Base configuration shared by every variant.
@@ -228,6 +245,23 @@ class AdapterConfig:
             Extra overrides; COLA places a chain given by ``chain_length`` over ``max_steps``.
         """
         return {}
+
+    def unsupported_strategy(self, strategy: str) -> str | None:
+        """Why this adapter cannot train under a launch ``strategy``, or None when it can.
+
+        Args:
+            strategy: ``single`` (one process), ``ddp``, ``fsdp`` or ``deepspeed``
+                (:func:`loravariants.distributed.launch_strategy`).
+
+        Returns:
+            None, or the reason in a few words. By default one process and DDP work (the loop
+            undoes DDP's gradient mean and finds unused parameters of sparse layers); FSDP and
+            DeepSpeed are refused (docs/distributed.md). A variant overrides this for its own
+            limits (COLA's rank step-down under DDP).
+        """
+        if strategy in ("single", "ddp"):
+            return None
+        return UNSUPPORTED_STRATEGIES.get(strategy, f"the strategy {strategy!r} is unknown")
 
     def restarts_lr_schedule(self) -> bool:
         """Whether the LR schedule starts a new cycle after every restart that
@@ -339,6 +373,18 @@ class AdapterLayer(nn.Module):
     #: whether a step may leave some parameters without a gradient (MixLoRA's unrouted
     #: experts): distributed training must then look for unused parameters.
     sparse_gradients: ClassVar[bool] = False
+
+    @classmethod
+    def data_parallel_statistics(
+        cls, reduce: Callable[[torch.Tensor], torch.Tensor]
+    ) -> contextlib.AbstractContextManager:
+        """The context a data-parallel training loop runs in, for statistics of this layer
+        type that must cover the global batch (MixLoRA's balance loss); none by default.
+
+        Args:
+            reduce: sums a tensor over the data-parallel processes and returns the sum.
+        """
+        return contextlib.nullcontext()
 
     def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
         super().__init__()

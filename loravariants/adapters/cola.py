@@ -206,6 +206,19 @@ class COLAConfig(LoRAConfig):
     def restarts_lr_schedule(self) -> bool:
         return self.restart_lr_schedule
 
+    def unsupported_strategy(self, strategy: str) -> str | None:
+        ranks = self.link_ranks or []
+        if strategy != "single" and len(set(ranks)) > 1:
+            # the step-down resizes a link's parameters in place mid-run; DDP's gradient
+            # buckets (and any sharding) keep the old sizes. Equal-rank restarts are fine:
+            # every process draws the new link from the same seeded generator.
+            return (
+                f"link_ranks={list(ranks)} steps the rank down, which resizes the link's "
+                "parameters in place; DDP's gradient buckets keep the old sizes (use equal "
+                "link_ranks, or one process)"
+            )
+        return super().unsupported_strategy(strategy)
+
     @classmethod
     def describe_rank(cls, fields: Mapping[str, Any]) -> str:
         """``r=8 x3 links`` (``r=8/4/2`` with ``link_ranks``)."""

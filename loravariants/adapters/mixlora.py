@@ -566,6 +566,13 @@ class MixLoRAFFN(AdapterLayer):
     # a step may route no token to some expert: those get no gradient
     sparse_gradients: ClassVar[bool] = True
 
+    @classmethod
+    def data_parallel_statistics(
+        cls, reduce: Callable[[torch.Tensor], torch.Tensor]
+    ) -> contextlib.AbstractContextManager:
+        # the balance loss and router statistics of the global batch (see the function)
+        return data_parallel_statistics(reduce)
+
     def __init__(self, base: nn.Module, config: MixLoRAConfig) -> None:
         super().__init__(base, config)
         check_ffn(base)
