@@ -49,7 +49,8 @@ def test_lora_fsdp_equals_one_process(tmp_path):
         assert saved.keys() == want.keys() and saved
         for key in want:
             assert_close(saved[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
-    assert not torch.equal(ref[next(k for k in ref if "lora_B" in k)], torch.zeros(1))
+    # B starts at zero: the compared adapter did train
+    assert all(ref[k].abs().sum() > 0 for k in ref if k.endswith("lora_B"))
 
 
 def test_only_plain_lora_supports_fsdp():
