@@ -461,11 +461,12 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
 
 
 def _check_fsdp_run(config: TrainConfig, output_dir, resume: bool) -> None:
-    """Checkpoints save and load unsharded adapter and optimizer state: not under FSDP yet."""
+    """Checkpoints under FSDP: the adapters and their optimizer state are whole there (as under
+    DDP), but saving and resuming are untested with a sharded base, so they are refused."""
     if config.save_every:
         raise ValueError(
-            "save_every > 0 is not supported under FSDP (checkpoints read unsharded adapter "
-            "and optimizer state); set save_every: 0, or train under DDP (docs/distributed.md)"
+            "save_every > 0 is not supported under FSDP yet (checkpoints are untested with a "
+            "sharded base); set save_every: 0, or train under DDP (docs/distributed.md)"
         )
     if output_dir is not None and resume and latest_checkpoint(Path(output_dir)) is not None:
         raise ValueError(
