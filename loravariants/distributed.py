@@ -31,6 +31,8 @@ __all__ = [
     "refuse_launched",
     "check_supported",
     "statistics_context",
+    "fsdp_accelerator",
+    "average_replicated_gradients",
 ]
 
 #: the strategies a run can have; "single" is one process (no launcher, or one process)
@@ -129,3 +131,65 @@ def statistics_context(accelerator: Any, model: nn.Module) -> AbstractContextMan
     for layer_type in {type(layer) for _, _, layer in iter_adapters(model)}:
         stack.enter_context(layer_type.data_parallel_statistics(reduce))
     return stack
+
+
+def fsdp_accelerator(model: nn.Module, **kwargs: Any) -> Any:
+    """An ``Accelerator`` for an FSDP launch: FSDP2 with the launch config's ``fsdp_config``
+    (read from the environment ``accelerate launch`` sets), on GPUs and on CPUs (gloo).
+
+    FSDP2 shards the frozen base (what it saves over DDP); the modules holding trainable
+    parameters (the adapters) are left out of it (``ignored_modules``) and stay whole on every
+    process, as under DDP, so that saving, checkpoints and the returned model read ordinary
+    tensors. Their gradients are averaged by :func:`average_replicated_gradients`.
+
+    accelerate 1.15 turns FSDP on for GPU-like distributed types only; on CPU it quietly runs
+    multi-CPU DDP. torch's FSDP2 itself runs on CPU with gloo, and accelerate's FSDP2 code
+    (``prepare``, ``clip_grad_norm_``, ``no_sync``) does too once its state says FSDP, so that
+    is set here as accelerate sets it on GPUs (``AcceleratorState.__init__``).
+
+    Args:
+        model: the model to be prepared (not yet wrapped).
+        **kwargs: passed to ``Accelerator`` (not ``fsdp_plugin``).
+
+    Raises:
+        ValueError: the launch config asks for FSDP1 (``fsdp_version: 1``), or accelerate did
+            not set up FSDP2.
+    """
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    owners = [
+        m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    plugin = FullyShardedDataParallelPlugin(ignored_modules=owners)  # + the FSDP_* environment
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            f"fsdp_version {plugin.fsdp_version} is not supported: loravariants trains under "
+            "FSDP2 only; set fsdp_version: 2 in the accelerate config "
+            "(configs/accelerate/fsdp.yaml)"
+        )
+    accelerator = Accelerator(fsdp_plugin=plugin, **kwargs)
+    state = AcceleratorState()
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if not accelerator.is_fsdp2:
+        raise ValueError(
+            f"an FSDP launch, but accelerate set up {accelerator.distributed_type}; "
+            "see docs/distributed.md"
+        )
+    return accelerator
+
+
+def average_replicated_gradients(accelerator: Any, params: list[nn.Parameter]) -> None:
+    """Average over processes the gradients of parameters FSDP left whole (the adapters,
+    :func:`fsdp_accelerator`): FSDP reduces only the ones it shards. Sharded parameters
+    (DTensors) are left alone. Collective: every process calls it with the same ``params``."""
+    from torch.distributed.tensor import DTensor
+
+    for p in params:
+        if p.grad is not None and not isinstance(p, DTensor):
+            p.grad = accelerator.reduce(p.grad, reduction="mean")

@@ -43,7 +43,13 @@ from .checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from .distributed import check_supported, launch_strategy, statistics_context
+from .distributed import (
+    average_replicated_gradients,
+    check_supported,
+    fsdp_accelerator,
+    launch_strategy,
+    statistics_context,
+)
 from .inject import adapter_config, adapter_names, on_step_end
 from .inject import aux_loss as adapters_aux_loss
 from .utils import (
@@ -260,7 +266,7 @@ def collate(dataset, rows: Sequence[int]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
 
-def _accelerator(config: TrainConfig, has_sparse_layers: bool):
+def _accelerator(config: TrainConfig, model: nn.Module, has_sparse_layers: bool, strategy: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -277,9 +283,12 @@ def _accelerator(config: TrainConfig, has_sparse_layers: bool):
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=has_sparse_layers)]
     # cpu=True without CUDA: accelerate only recognises a torchrun/`accelerate launch` CPU job
     # (gloo) when told it runs on CPU; otherwise every process would silently train alone.
-    return Accelerator(
+    settings = dict(
         mixed_precision=precision, kwargs_handlers=handlers, cpu=not torch.cuda.is_available()
     )
+    if strategy == "fsdp":
+        return fsdp_accelerator(model, **settings)
+    return Accelerator(**settings)
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -342,9 +351,12 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     names = adapter_names(model)
     sparse = any(layer.sparse_gradients for _, layer in _layers(model))
     # refuse a variant/strategy pair before any work (distributed.py)
-    check_supported(model, launch_strategy())
+    strategy = launch_strategy()
+    check_supported(model, strategy)
+    if strategy == "fsdp":
+        _check_fsdp_run(config, output_dir, resume)
     seed_everything(config.seed)
-    accelerator = _accelerator(config, sparse)
+    accelerator = _accelerator(config, model, sparse, strategy)
     world = accelerator.num_processes
     # MixLoRA's balance loss and router statistics over the global batch (distributed.py)
     stack.enter_context(statistics_context(accelerator, model))
@@ -360,6 +372,10 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
         raise ValueError("the model has no trainable parameters; attach an adapter first")
     optimizer, scheduler, cycle = make_optimizer(params, config)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # the parameters clipping and the checks see: FSDP2 replaces the ones it shards by
+    # DTensors (the trainable ones stay whole, distributed.fsdp_accelerator; read them again
+    # all the same). Under DDP these are the same objects.
+    params = [p for _, p in trainable_named_parameters(model)]
     inner = accelerator.unwrap_model(model)
     restart_lr = any(adapter_config(inner, n).restarts_lr_schedule() for n in names)
 
@@ -444,6 +460,21 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     return result
 
 
+def _check_fsdp_run(config: TrainConfig, output_dir, resume: bool) -> None:
+    """Checkpoints under FSDP: the adapters and their optimizer state are whole there (as under
+    DDP), but saving and resuming are untested with a sharded base, so they are refused."""
+    if config.save_every:
+        raise ValueError(
+            "save_every > 0 is not supported under FSDP yet (checkpoints are untested with a "
+            "sharded base); set save_every: 0, or train under DDP (docs/distributed.md)"
+        )
+    if output_dir is not None and resume and latest_checkpoint(Path(output_dir)) is not None:
+        raise ValueError(
+            f"{output_dir} holds a checkpoint, which cannot be resumed under FSDP; resume it "
+            "under DDP or one process, or pass resume=False (docs/distributed.md)"
+        )
+
+
 def _start(out, resume, inner, optimizer, scheduler, cycle, result, config, accelerator) -> int:
     """The step to start from: the last checkpoint's with ``resume`` (model, optimizer,
     schedule, RNG and result restored), else 0 with the folder's old checkpoints removed."""
@@ -468,6 +499,8 @@ def _start(out, resume, inner, optimizer, scheduler, cycle, result, config, acce
 
 def _update(params, optimizer, accelerator, config, step, out, bar) -> None:
     """Clip, step and clear the gradients, refusing non-finite gradients or weights."""
+    if accelerator.is_fsdp2:
+        average_replicated_gradients(accelerator, params)
     if config.max_grad_norm > 0:
         accelerator.clip_grad_norm_(params, config.max_grad_norm)
     # a NaN gradient can come with a finite loss, and a finite update can overflow the

@@ -24,7 +24,8 @@ python tests/_train_script.py variant VARIANT OUT_DIR BATCH_SIZE STEPS
     (tests/test_distributed.py) train VARIANT (``DDP_VARIANTS``), alone or under a launcher;
     rank 0 writes OUT_DIR/result.json (losses, balance losses, router statistics) and every rank
     OUT_DIR/state-rank{R}.safetensors (every model tensor: COLA folds links into the frozen
-    weights).
+    weights; FSDP's sharded ones gathered) and its ``lv.save_adapter`` to
+    OUT_DIR/adapter-rank{R}.
 
 The kill hook lives here, in the test's process only: the library has no switch for it.
 """
@@ -132,8 +133,12 @@ def variant_main(argv: list[str]) -> None:
             if hasattr(layer, "router_stats") and (s := layer.router_stats()) is not None
         }
         record = {"losses": result.losses, "aux": result.aux_losses, "router": stats}
+        # what FSDP sharded (DTensors) and left whole, to show the run was sharded at all
+        record["sharded"] = sorted(n for n, p in model.named_parameters() if _is_dtensor(p))
+        record["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         (out / "result.json").write_text(json.dumps(record))
     _save_state(model, out / f"state-rank{rank}.safetensors")
+    lv.save_adapter(model, out / f"adapter-rank{rank}")
 
 
 class _Killer:
@@ -164,8 +169,20 @@ class _Killer:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _save_state(model, file: Path) -> None:
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.tensor import DTensor
+
+    # FSDP's sharded tensors gathered (collective: every rank reaches here, in the same order)
+    state = {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().contiguous().clone()
+        for k, v in model.state_dict().items()
+    }
     save_file_plain(state, str(file))
 
 

@@ -118,7 +118,7 @@ def test_support_table_covers_every_variant_and_strategy():
         assert row["single"] is None and row["ddp"] is None, variant
 
 
-@pytest.mark.parametrize("variant", ["lora", "cola", "mixlora", "multilora"])
+@pytest.mark.parametrize("variant", ["cola", "mixlora", "multilora"])
 def test_unsupported_pair_is_refused_naming_the_alternatives(variant):
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
     with pytest.raises(ValueError) as info:
@@ -133,10 +133,10 @@ def test_unsupported_pair_is_refused_naming_the_alternatives(variant):
 def test_deepspeed_is_refused_as_untested():
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS["lora"]())
     with pytest.raises(
-        ValueError, match="DeepSpeed is not tested.*supported strategies for it: single, ddp"
+        ValueError, match="DeepSpeed is not tested.*supported strategies for it: single, ddp, fsdp"
     ):
         check_supported(model, "deepspeed")
-    assert supported_strategies(lv.adapter_config(model)) == ["single", "ddp"]
+    assert supported_strategies(lv.adapter_config(model)) == ["single", "ddp", "fsdp"]
 
 
 def test_cola_rank_step_down_is_refused_under_ddp_only():
@@ -149,8 +149,13 @@ def test_cola_rank_step_down_is_refused_under_ddp_only():
     check_supported(model, "single")
 
 
-@pytest.mark.parametrize("launch_env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_fsdp_or_deepspeed_launch_is_refused_before_any_work(launch_env, monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("launch_env", "variant"),
+    [("ACCELERATE_USE_FSDP", "cola"), ("ACCELERATE_USE_DEEPSPEED", "lora")],
+)
+def test_fsdp_or_deepspeed_launch_is_refused_before_any_work(
+    launch_env, variant, monkeypatch, tmp_path
+):
     """What ``accelerate launch`` with an FSDP or DeepSpeed config sets; on a machine without
     GPUs accelerate itself would quietly run DDP instead, so the request is what counts."""
     from _train_script import random_blocks
@@ -158,9 +163,10 @@ def test_fsdp_or_deepspeed_launch_is_refused_before_any_work(launch_env, monkeyp
     from loravariants.train import TrainConfig, train
 
     monkeypatch.setenv(launch_env, "true")
-    model = lv.attach(make_tiny_llama(), DDP_VARIANTS["lora"]())
+    model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"\(lora\) cannot train under .*supported strategies"):
+    match = rf"\({variant}\) cannot train under .*supported strategies"
+    with pytest.raises(ValueError, match=match):
         train(model, random_blocks(n=4), TrainConfig(max_steps=1), output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -139,9 +139,9 @@ def match_target(module_path: str, target_modules: str | Sequence[str]) -> bool:
 #: missing here (single, ddp) are supported.
 UNSUPPORTED_STRATEGIES: dict[str, str] = {
     "fsdp": (
-        "FSDP is not supported yet: accelerate enables it on GPUs only (a CPU launch silently "
-        "falls back to DDP), so it is untested here, and the adapter saving and checkpoints read "
-        "unsharded parameters; adapters are small, so DDP's full replica of them costs little"
+        "FSDP2 is tested for plain LoRA only (LoRAConfig opts in); this variant's layers are "
+        "not, and COLA's in-place link changes or MixLoRA's cross-process statistics would need "
+        "their own check; DDP trains it (docs/distributed.md)"
     ),
     "deepspeed": (
         "DeepSpeed is not tested with loravariants (the deepspeed package is not part of the "
@@ -257,7 +257,7 @@ class AdapterConfig:
             None, or the reason in a few words. By default one process and DDP work (the loop
             undoes DDP's gradient mean and finds unused parameters of sparse layers); FSDP and
             DeepSpeed are refused (docs/distributed.md). A variant overrides this for its own
-            limits (COLA's rank step-down under DDP).
+            limits (COLA's rank step-down under DDP) or opts in (LoRA: FSDP).
         """
         if strategy in ("single", "ddp"):
             return None
