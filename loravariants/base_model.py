@@ -74,7 +74,11 @@ class BaseModelConfig:
         weight_decay: AdamW decay on matrices (not on norms).
         max_grad_norm: gradient clipping (0: none).
         val_tokens: validation tokens scored for the final perplexity.
-        seed: the one seed (initialisation and data order).
+        seed: the one seed (initialisation, data order and the synthetic retrieval blocks).
+        passkey_fraction: share of the training blocks that end with a passkey prompt and its
+            answer (``data/retrieval.py``), in [0, 1).
+        kv_fraction: share of the training blocks that end with key-value lookups spread
+            through code, in [0, 1); the two shares sum to less than 1.
     """
 
     vocab_size: int = 4096
@@ -98,6 +102,8 @@ class BaseModelConfig:
     max_grad_norm: float = 1.0
     val_tokens: int = 32768
     seed: int = 0
+    passkey_fraction: float = 0.25
+    kv_fraction: float = 0.125
 
     def __post_init__(self) -> None:
         for name in (
@@ -121,6 +127,13 @@ class BaseModelConfig:
         check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_range("weight_decay", self.weight_decay, low=0)
         check_range("max_grad_norm", self.max_grad_norm, low=0)
+        check_range("passkey_fraction", self.passkey_fraction, low=0, high=1, high_open=True)
+        check_range("kv_fraction", self.kv_fraction, low=0, high=1, high_open=True)
+        if self.passkey_fraction + self.kv_fraction >= 1:
+            raise ValueError(
+                f"passkey_fraction + kv_fraction must be below 1 (some blocks must be plain "
+                f"text), got {self.passkey_fraction} + {self.kv_fraction}"
+            )
         check_range(
             "validation_fraction",
             self.validation_fraction,
@@ -207,6 +220,45 @@ def _lr_at(step: int, config: BaseModelConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+class _RetrievalMix:
+    """The synthetic retrieval blocks of each pretraining step (``data/retrieval.py``).
+
+    Step ``t`` gets ``floor((t + 1) * B * f) - floor(t * B * f)`` blocks of each kind (batch
+    size ``B``, fraction ``f``), so every prefix of the run holds its share to within one block.
+    """
+
+    def __init__(self, config: BaseModelConfig, tokenizer, stream: torch.Tensor, documents):
+        import random
+
+        self.config, self.tokenizer, self.stream, self.documents = (
+            config,
+            tokenizer,
+            stream,
+            documents,
+        )
+        self.rng = random.Random(config.seed)
+
+    def _count(self, step: int, fraction: float) -> int:
+        per_step = self.config.batch_size * fraction
+        return math.floor((step + 1) * per_step) - math.floor(step * per_step)
+
+    def blocks(self, step: int) -> torch.Tensor:
+        """``(k, context_length)`` blocks for ``step`` (``k`` may be 0)."""
+        from .data.retrieval import kv_example, passkey_example, retrieval_block
+
+        c, n = self.config, self.config.context_length
+        examples = [
+            passkey_example(self.tokenizer, n - 1, self.rng)
+            for _ in range(self._count(step, c.passkey_fraction))
+        ] + [
+            kv_example(self.tokenizer, n - 1, self.rng, self.documents)
+            for _ in range(self._count(step, c.kv_fraction))
+        ]
+        eos = self.tokenizer.eos_token_id
+        rows = [retrieval_block(ex, self.stream, n, eos, self.rng) for ex in examples]
+        return torch.stack(rows) if rows else torch.empty(0, n, dtype=torch.long)
+
+
 @torch.no_grad()
 def _validation_perplexity(model, blocks: torch.Tensor, batch_size: int) -> float:
     model.eval()
@@ -277,18 +329,20 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
     # Data order: one seeded permutation of the blocks per epoch (independent of global RNG).
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(blocks.shape[0], generator=gen)
+    mix = _RetrievalMix(config, tokenizer, train_stream, [d.text for d in corpus.train])
     cursor, losses = 0, []
     train_start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain base", disable=not progress, leave=False)
     for step in bar:
+        synthetic = mix.blocks(step)
         rows = []
-        while len(rows) < config.batch_size:
+        while len(rows) < config.batch_size - synthetic.shape[0]:
             if cursor == order.numel():
                 order, cursor = torch.randperm(blocks.shape[0], generator=gen), 0
-            take = min(config.batch_size - len(rows), order.numel() - cursor)
+            take = min(config.batch_size - synthetic.shape[0] - len(rows), order.numel() - cursor)
             rows += order[cursor : cursor + take].tolist()
             cursor += take
-        batch = blocks[rows]
+        batch = torch.cat([blocks[rows], synthetic])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         loss = model(input_ids=batch, labels=batch).loss

@@ -620,7 +620,9 @@ def _mean(values) -> float:
 def _plan(config: ExperimentConfig) -> list[tuple[RunSpec, int]]:
     plan = []
     for row in config.runs:
-        for seed in config.seeds if row.trains else config.seeds[:1]:
+        # untrained rows too: each seed draws its own passkey prompts, and the Findings pair
+        # every row's seed s with the same prompts (analysis/findings.py)
+        for seed in config.seeds:
             plan.append((row, seed))
     return plan
 
@@ -1424,6 +1426,9 @@ def _report_markdown(
         lines += [warning, ""]
     lines += [summary_table(summary), ""]
     if results is not None:
+        from .analysis.findings import findings_section
+
+        lines += findings_section(config, results)
         lines += _paired_section(*paired_differences(summary, results))
     lines += _similarity_section(summary)
     errors = [
