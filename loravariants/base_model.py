@@ -79,6 +79,8 @@ class BaseModelConfig:
             answer (``data/retrieval.py``), in [0, 1).
         kv_fraction: share of the training blocks that end with key-value lookups spread
             through code, in [0, 1); the two shares sum to less than 1.
+        answer_loss_weight: weight of an extra loss term, the mean cross-entropy over the
+            retrieval examples' answer tokens only (0: plain language-model loss).
     """
 
     vocab_size: int = 4096
@@ -104,6 +106,7 @@ class BaseModelConfig:
     seed: int = 0
     passkey_fraction: float = 0.25
     kv_fraction: float = 0.125
+    answer_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -129,6 +132,7 @@ class BaseModelConfig:
         check_range("max_grad_norm", self.max_grad_norm, low=0)
         check_range("passkey_fraction", self.passkey_fraction, low=0, high=1, high_open=True)
         check_range("kv_fraction", self.kv_fraction, low=0, high=1, high_open=True)
+        check_range("answer_loss_weight", self.answer_loss_weight, low=0)
         if self.passkey_fraction + self.kv_fraction >= 1:
             raise ValueError(
                 f"passkey_fraction + kv_fraction must be below 1 (some blocks must be plain "
@@ -242,8 +246,9 @@ class _RetrievalMix:
         per_step = self.config.batch_size * fraction
         return math.floor((step + 1) * per_step) - math.floor(step * per_step)
 
-    def blocks(self, step: int) -> torch.Tensor:
-        """``(k, context_length)`` blocks for ``step`` (``k`` may be 0)."""
+    def blocks(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(blocks, answer_mask)`` for ``step``: ``(k, context_length)`` token ids (``k`` may
+        be 0) and a boolean mask of the same shape, True on each example's answer tokens."""
         from .data.retrieval import kv_example, passkey_example, retrieval_block
 
         c, n = self.config, self.config.context_length
@@ -255,8 +260,13 @@ class _RetrievalMix:
             for _ in range(self._count(step, c.kv_fraction))
         ]
         eos = self.tokenizer.eos_token_id
-        rows = [retrieval_block(ex, self.stream, n, eos, self.rng) for ex in examples]
-        return torch.stack(rows) if rows else torch.empty(0, n, dtype=torch.long)
+        rows = [retrieval_block(ex, self.stream, n, eos, self.rng) for ex, _ in examples]
+        mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        for i, (_, n_answer) in enumerate(examples):
+            mask[i, n - n_answer :] = True
+        if not rows:
+            return torch.empty(0, n, dtype=torch.long), mask
+        return torch.stack(rows), mask
 
 
 @torch.no_grad()
@@ -279,6 +289,7 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
         ``(model, tokenizer, info)``; ``info`` holds the final training loss (mean of the last
         10 steps), validation perplexity, tokens seen and seconds taken.
     """
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
@@ -334,7 +345,7 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
     train_start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain base", disable=not progress, leave=False)
     for step in bar:
-        synthetic = mix.blocks(step)
+        synthetic, answers = mix.blocks(step)
         rows = []
         while len(rows) < config.batch_size - synthetic.shape[0]:
             if cursor == order.numel():
@@ -345,9 +356,19 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
         batch = torch.cat([blocks[rows], synthetic])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        loss = model(input_ids=batch, labels=batch).loss
+        logits = model(input_ids=batch).logits[:, :-1]
+        targets = batch[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        total = loss
+        # The answers are a few tokens in thousands: without their own term the copy they need
+        # is too weak a signal to learn in a CPU budget (docs/data.md).
+        if answers.any() and config.answer_loss_weight > 0:
+            at = answers[:, 1:]
+            rows = slice(batch.shape[0] - answers.shape[0], None)
+            answer_loss = F.cross_entropy(logits[rows][at], targets[rows][at])
+            total = loss + config.answer_loss_weight * answer_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()

@@ -155,14 +155,27 @@ def test_retrieval_mix_counts_and_content(corpus_dir):
     assert sum(n_passkey) == 12 and sum(n_kv) == 6
     assert all(a + b <= 3 for a, b in zip(n_passkey, n_kv, strict=True))
     batches = [mix.blocks(step) for step in range(8)]
-    assert [b.shape[0] for b in batches] == [a + b for a, b in zip(n_passkey, n_kv, strict=True)]
-    text = [tokenizer.decode(row) for b in batches for row in b]
-    assert all(len(row) == 256 for b in batches for row in b)
+    assert [b.shape[0] for b, _ in batches] == [a + b for a, b in zip(n_passkey, n_kv, strict=True)]
+    text = [tokenizer.decode(row) for b, _ in batches for row in b]
+    assert all(len(row) == 256 for b, _ in batches for row in b)
     assert sum("What is the pass key? The pass key is" in t for t in text) == 12
     assert sum("\nassert " in t for t in text) == 6
+    # the answer mask covers the end of each block: the key after the question, or the lookups
+    for blocks, mask in batches:
+        assert mask.shape == blocks.shape
+        for row, m in zip(blocks, mask, strict=True):
+            n = int(m.sum())
+            assert 1 <= n < 256 and m[-n:].all()
+            answer = tokenizer.decode(row[-n:])
+            if tokenizer.decode(row[:-n]).endswith("What is the pass key? The pass key is"):
+                assert answer.strip().rstrip(".").isdigit()
+            else:
+                assert "assert" in answer
     # seeded: the same config gives the same blocks
     again = _RetrievalMix(config, tokenizer, stream, texts)
-    assert all(torch.equal(again.blocks(step), batches[step]) for step in range(8))
+    for step in range(8):
+        b, m = again.blocks(step)
+        assert torch.equal(b, batches[step][0]) and torch.equal(m, batches[step][1])
 
 
 def test_build_with_retrieval_mix_is_deterministic(corpus_dir, tmp_path):
@@ -179,6 +192,11 @@ def test_build_with_retrieval_mix_is_deterministic(corpus_dir, tmp_path):
         )
     )
     assert any(not torch.equal(a[k], plain[k]) for k in a)
+    # the answer term changes the update (and the cache key)
+    unweighted = _mix_config(corpus_dir, answer_loss_weight=0.0)
+    assert base_model_path(unweighted, tmp_path) != base_model_path(config, tmp_path)
+    c = _state(build_base_model(unweighted, cache_dir=tmp_path / "d", progress=False))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_too_short_context_for_passkey_is_a_clear_error(corpus_dir, tmp_path):
@@ -186,9 +204,7 @@ def test_too_short_context_for_passkey_is_a_clear_error(corpus_dir, tmp_path):
         build_base_model(
             tiny_config(corpus_dir, passkey_fraction=0.25), cache_dir=tmp_path, progress=False
         )
-    assert not (tmp_path / "base-models").exists() or not any(
-        (tmp_path / "base-models").iterdir()
-    )
+    assert not (tmp_path / "base-models").exists() or not any((tmp_path / "base-models").iterdir())
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -213,6 +229,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
         ("passkey_fraction", 1.0),
         ("kv_fraction", -0.1),
         ("kv_fraction", 0.9),  # with passkey 0.25 (as set below): no plain text left
+        ("answer_loss_weight", -1.0),
     ],
 )
 def test_bad_config_raises(corpus_dir, field, value):

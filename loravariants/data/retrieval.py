@@ -24,6 +24,7 @@ import random
 from collections.abc import Sequence
 
 import torch
+from torch.utils.data import Dataset
 
 from .passkey import KEY_LINE, QUESTION, TASK, passkey_prompt
 
@@ -34,6 +35,7 @@ __all__ = [
     "passkey_example",
     "kv_example",
     "retrieval_block",
+    "RetrievalMixDataset",
 ]
 
 #: training passkey prompts use seeds from here on; evaluation uses ``seed * 1000 + trial``
@@ -85,8 +87,12 @@ def passkey_min_tokens(tokenizer) -> int:
     return len(tokenizer(f"{TASK} {KEY_LINE.format(key=50000)} {QUESTION}")["input_ids"])
 
 
-def passkey_example(tokenizer, max_tokens: int, rng: random.Random) -> list[int]:
+def passkey_example(tokenizer, max_tokens: int, rng: random.Random) -> tuple[list[int], int]:
     """A passkey prompt and its answer (``" <key>."``), at most ``max_tokens`` tokens.
+
+    Returns:
+        ``(ids, n_answer)``: the example's token ids and how many of its last tokens are the
+        answer.
 
     The prompt length is uniform between half of ``max_tokens`` (at least the prompt without
     filler: about 80 tokens with the built-in tokenizer) and ``max_tokens``, less the answer;
@@ -109,18 +115,22 @@ def passkey_example(tokenizer, max_tokens: int, rng: random.Random) -> list[int]
         answer = tokenizer(" " + key + ".", add_special_tokens=False)["input_ids"]
         overflow = len(prompt) + len(answer) - max_tokens
         if overflow <= 0:
-            return prompt + answer
+            return prompt + answer, len(answer)
         length -= overflow
 
 
 def kv_example(
     tokenizer, max_tokens: int, rng: random.Random, documents: Sequence[str], max_pairs: int = 3
-) -> list[int]:
+) -> tuple[list[int], int]:
     """A window of one of ``documents`` with key-value assignments spread through it and the
     lookups at its end (:func:`kv_lookup_text`), at most ``max_tokens`` tokens.
 
     The window starts at a random line of a random document; lines are dropped from its front
     (and, past the last line, pairs) until the whole example fits, so the lookups are never cut.
+
+    Returns:
+        ``(ids, n_answer)``: the example's token ids and how many of its last tokens are the
+        lookup lines (their tokenisation at the boundary may differ by a token).
 
     Raises:
         ValueError: not even one assignment and its lookup fit in ``max_tokens``.
@@ -136,9 +146,11 @@ def kv_example(
     window = lines[start : start + max_tokens // 4]  # code averages more than 4 tokens a line
     kv_seed = rng.randrange(1 << 30)  # the same names and values at every attempt to fit
     while True:
-        ids = tokenizer(kv_lookup_text(window, random.Random(kv_seed), n_pairs))["input_ids"]
+        text = kv_lookup_text(window, random.Random(kv_seed), n_pairs)
+        ids = tokenizer(text)["input_ids"]
         if len(ids) <= max_tokens:
-            return ids
+            head = "\n".join(text.split("\n")[:-n_pairs]) + "\n"
+            return ids, min(len(ids), max(1, len(ids) - len(tokenizer(head)["input_ids"])))
         if window:
             window = window[max(1, len(window) // 5) :]
         elif n_pairs > 1:
@@ -172,3 +184,59 @@ def retrieval_block(
     head = stream[begin : begin + fill]
     tail = torch.tensor([eos_id, *example], dtype=torch.long)
     return torch.cat([head, tail])
+
+
+class RetrievalMixDataset(Dataset):
+    """Packed blocks with a share replaced by retrieval blocks (for fine-tuning data).
+
+    Whether block ``i`` is replaced, and by what, depends on ``(seed, i)`` only, and the
+    synthetic block is made when it is read: every row and seed of a comparison reads the same
+    data, and only the blocks a run consumes are generated.
+
+    Args:
+        base: the packed dataset (items ``{"input_ids", "labels"}`` of ``(seq_len,)``).
+        tokenizer: its tokenizer.
+        documents: texts the key-value examples take their code from.
+        passkey_fraction: expected share of passkey blocks.
+        kv_fraction: expected share of key-value blocks.
+        seed: selects the blocks and draws their content.
+    """
+
+    def __init__(
+        self,
+        base,
+        tokenizer,
+        documents: Sequence[str],
+        passkey_fraction: float,
+        kv_fraction: float,
+        seed: int = 0,
+    ) -> None:
+        self.base, self.tokenizer, self.documents = base, tokenizer, list(documents)
+        self.passkey_fraction, self.kv_fraction, self.seed = passkey_fraction, kv_fraction, seed
+        self.stream = base.input_ids.flatten()
+        self.seq_len = base.input_ids.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def kind(self, i: int) -> str:
+        """``"passkey"``, ``"kv"`` or ``"text"``: what block ``i`` holds."""
+        u = random.Random(f"{self.seed}/{i}/kind").random()
+        if u < self.passkey_fraction:
+            return "passkey"
+        if u < self.passkey_fraction + self.kv_fraction:
+            return "kv"
+        return "text"
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        kind = self.kind(i)
+        if kind == "text":
+            return self.base[i]
+        rng = random.Random(f"{self.seed}/{i}/content")
+        n = self.seq_len
+        if kind == "passkey":
+            example, _ = passkey_example(self.tokenizer, n - 1, rng)
+        else:
+            example, _ = kv_example(self.tokenizer, n - 1, rng, self.documents)
+        ids = retrieval_block(example, self.stream, n, self.tokenizer.eos_token_id, rng)
+        return {"input_ids": ids, "labels": ids.clone()}
