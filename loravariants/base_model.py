@@ -80,7 +80,8 @@ class BaseModelConfig:
         kv_fraction: share of the training blocks that end with key-value lookups spread
             through code, in [0, 1); the two shares sum to less than 1.
         answer_loss_weight: weight of an extra loss term, the mean cross-entropy over the
-            retrieval examples' answer tokens only (0: plain language-model loss).
+            retrieval examples' answer tokens only (0, the default: plain language-model loss).
+        kv_max_pairs: most key-value pairs in one lookup example (1 to this many, uniformly).
     """
 
     vocab_size: int = 4096
@@ -95,18 +96,19 @@ class BaseModelConfig:
     max_documents: int | None = None
     validation_fraction: float = 0.05
     tokenizer_chars: int = 4_000_000
-    steps: int = 160
-    batch_size: int = 16
+    steps: int = 400
+    batch_size: int = 8
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 16
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
     val_tokens: int = 32768
     seed: int = 0
     passkey_fraction: float = 0.25
-    kv_fraction: float = 0.125
-    answer_loss_weight: float = 1.0
+    kv_fraction: float = 0.5
+    answer_loss_weight: float = 0.0
+    kv_max_pairs: int = 8
 
     def __post_init__(self) -> None:
         for name in (
@@ -133,6 +135,7 @@ class BaseModelConfig:
         check_range("passkey_fraction", self.passkey_fraction, low=0, high=1, high_open=True)
         check_range("kv_fraction", self.kv_fraction, low=0, high=1, high_open=True)
         check_range("answer_loss_weight", self.answer_loss_weight, low=0)
+        check_range("kv_max_pairs", self.kv_max_pairs, low=1, integer=True)
         if self.passkey_fraction + self.kv_fraction >= 1:
             raise ValueError(
                 f"passkey_fraction + kv_fraction must be below 1 (some blocks must be plain "
@@ -256,7 +259,7 @@ class _RetrievalMix:
             passkey_example(self.tokenizer, n - 1, self.rng)
             for _ in range(self._count(step, c.passkey_fraction))
         ] + [
-            kv_example(self.tokenizer, n - 1, self.rng, self.documents)
+            kv_example(self.tokenizer, n - 1, self.rng, self.documents, c.kv_max_pairs)
             for _ in range(self._count(step, c.kv_fraction))
         ]
         eos = self.tokenizer.eos_token_id
