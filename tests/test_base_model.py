@@ -193,9 +193,9 @@ def test_build_with_retrieval_mix_is_deterministic(corpus_dir, tmp_path):
     )
     assert any(not torch.equal(a[k], plain[k]) for k in a)
     # the answer term changes the update (and the cache key)
-    unweighted = _mix_config(corpus_dir, answer_loss_weight=0.0)
-    assert base_model_path(unweighted, tmp_path) != base_model_path(config, tmp_path)
-    c = _state(build_base_model(unweighted, cache_dir=tmp_path / "d", progress=False))
+    weighted = _mix_config(corpus_dir, answer_loss_weight=1.0)
+    assert base_model_path(weighted, tmp_path) != base_model_path(config, tmp_path)
+    c = _state(build_base_model(weighted, cache_dir=tmp_path / "d", progress=False))
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
