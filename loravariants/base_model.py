@@ -72,7 +72,14 @@ class BaseModelConfig:
         weight_decay: AdamW decay on matrices (not on norms).
         max_grad_norm: gradient clipping (0: none).
         val_tokens: validation tokens scored for the final perplexity.
-        seed: the one seed (initialisation and data order).
+        seed: the one seed (initialisation, data order and the synthetic retrieval blocks).
+        passkey_fraction: share of the training blocks that end with a passkey prompt and its
+            answer (``data/retrieval.py``), in [0, 1).
+        kv_fraction: share of the training blocks that end with key-value lookups spread
+            through code, in [0, 1); the two shares sum to less than 1.
+        answer_loss_weight: weight of an extra loss term, the mean cross-entropy over the
+            retrieval examples' answer tokens only (0, the default: plain language-model loss).
+        kv_max_pairs: most key-value pairs in one lookup example (1 to this many, uniformly).
     """
 
     vocab_size: int = 4096
@@ -87,15 +94,19 @@ class BaseModelConfig:
     max_documents: int | None = None
     validation_fraction: float = 0.05
     tokenizer_chars: int = 4_000_000
-    steps: int = 160
-    batch_size: int = 16
+    steps: int = 400
+    batch_size: int = 8
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 16
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
     val_tokens: int = 32768
     seed: int = 0
+    passkey_fraction: float = 0.25
+    kv_fraction: float = 0.5
+    answer_loss_weight: float = 0.0
+    kv_max_pairs: int = 8
 
     def __post_init__(self) -> None:
         for name in (
@@ -119,6 +130,15 @@ class BaseModelConfig:
         check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_range("weight_decay", self.weight_decay, low=0)
         check_range("max_grad_norm", self.max_grad_norm, low=0)
+        check_range("passkey_fraction", self.passkey_fraction, low=0, high=1, high_open=True)
+        check_range("kv_fraction", self.kv_fraction, low=0, high=1, high_open=True)
+        check_range("answer_loss_weight", self.answer_loss_weight, low=0)
+        check_range("kv_max_pairs", self.kv_max_pairs, low=1, integer=True)
+        if self.passkey_fraction + self.kv_fraction >= 1:
+            raise ValueError(
+                f"passkey_fraction + kv_fraction must be below 1 (some blocks must be plain "
+                f"text), got {self.passkey_fraction} + {self.kv_fraction}"
+            )
         check_range(
             "validation_fraction",
             self.validation_fraction,
@@ -197,6 +217,51 @@ def _lr_at(step: int, config: BaseModelConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+class _RetrievalMix:
+    """The synthetic retrieval blocks of each pretraining step (``data/retrieval.py``).
+
+    Step ``t`` gets ``floor((t + 1) * B * f) - floor(t * B * f)`` blocks of each kind (batch
+    size ``B``, fraction ``f``), so every prefix of the run holds its share to within one block.
+    """
+
+    def __init__(self, config: BaseModelConfig, tokenizer, stream: torch.Tensor, documents):
+        import random
+
+        self.config, self.tokenizer, self.stream, self.documents = (
+            config,
+            tokenizer,
+            stream,
+            documents,
+        )
+        self.rng = random.Random(config.seed)
+
+    def _count(self, step: int, fraction: float) -> int:
+        per_step = self.config.batch_size * fraction
+        return math.floor((step + 1) * per_step) - math.floor(step * per_step)
+
+    def blocks(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(blocks, answer_mask)`` for ``step``: ``(k, context_length)`` token ids (``k`` may
+        be 0) and a boolean mask of the same shape, True on each example's answer tokens."""
+        from .data.retrieval import kv_example, passkey_example, retrieval_block
+
+        c, n = self.config, self.config.context_length
+        examples = [
+            passkey_example(self.tokenizer, n - 1, self.rng)
+            for _ in range(self._count(step, c.passkey_fraction))
+        ] + [
+            kv_example(self.tokenizer, n - 1, self.rng, self.documents, c.kv_max_pairs)
+            for _ in range(self._count(step, c.kv_fraction))
+        ]
+        eos = self.tokenizer.eos_token_id
+        rows = [retrieval_block(ex, self.stream, n, eos, self.rng) for ex, _ in examples]
+        mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        for i, (_, n_answer) in enumerate(examples):
+            mask[i, n - n_answer :] = True
+        if not rows:
+            return torch.empty(0, n, dtype=torch.long), mask
+        return torch.stack(rows), mask
+
+
 @torch.no_grad()
 def _validation_perplexity(model, blocks: torch.Tensor, batch_size: int) -> float:
     model.eval()
@@ -217,6 +282,7 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
         ``(model, tokenizer, info)``; ``info`` holds the final training loss (mean of the last
         10 steps), validation perplexity, tokens seen and seconds taken.
     """
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
@@ -267,23 +333,35 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
     # Data order: one seeded permutation of the blocks per epoch (independent of global RNG).
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(blocks.shape[0], generator=gen)
+    mix = _RetrievalMix(config, tokenizer, train_stream, [d.text for d in corpus.train])
     cursor, losses = 0, []
     train_start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain base", disable=not progress, leave=False)
     for step in bar:
+        synthetic, answers = mix.blocks(step)
         rows = []
-        while len(rows) < config.batch_size:
+        while len(rows) < config.batch_size - synthetic.shape[0]:
             if cursor == order.numel():
                 order, cursor = torch.randperm(blocks.shape[0], generator=gen), 0
-            take = min(config.batch_size - len(rows), order.numel() - cursor)
+            take = min(config.batch_size - synthetic.shape[0] - len(rows), order.numel() - cursor)
             rows += order[cursor : cursor + take].tolist()
             cursor += take
-        batch = blocks[rows]
+        batch = torch.cat([blocks[rows], synthetic])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        loss = model(input_ids=batch, labels=batch).loss
+        logits = model(input_ids=batch).logits[:, :-1]
+        targets = batch[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        total = loss
+        # The answers are a few tokens in thousands: without their own term the copy they need
+        # is too weak a signal to learn in a CPU budget (docs/data.md).
+        if answers.any() and config.answer_loss_weight > 0:
+            at = answers[:, 1:]
+            rows = slice(batch.shape[0] - answers.shape[0], None)
+            answer_loss = F.cross_entropy(logits[rows][at], targets[rows][at])
+            total = loss + config.answer_loss_weight * answer_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()

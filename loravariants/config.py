@@ -79,12 +79,17 @@ class DataConfig:
         text_field: JSONL/dataset field holding the text.
         max_documents: cap on documents read (None: all).
         validation_fraction: share of documents held out for evaluation, in (0, 1).
+        passkey_fraction: share of training blocks replaced by a passkey prompt and its answer
+            (``data/retrieval.py``), in [0, 1); the same blocks for every row and seed.
+        kv_fraction: share replaced by key-value lookups spread through code, in [0, 1).
     """
 
     source: str = "stdlib"
     text_field: str = "text"
     max_documents: int | None = None
     validation_fraction: float = 0.05
+    passkey_fraction: float = 0.0
+    kv_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
@@ -100,6 +105,13 @@ class DataConfig:
             low_open=True,
             high_open=True,
         )
+        for name in ("passkey_fraction", "kv_fraction"):
+            check_range(f"data.{name}", getattr(self, name), low=0, high=1, high_open=True)
+        if self.passkey_fraction + self.kv_fraction >= 1:
+            raise ValueError(
+                f"data.passkey_fraction + data.kv_fraction must be below 1, got "
+                f"{self.passkey_fraction} + {self.kv_fraction}"
+            )
 
 
 @dataclass

@@ -44,6 +44,9 @@ def tiny_config(corpus_dir, **overrides) -> BaseModelConfig:
         batch_size=2,
         warmup_steps=1,
         val_tokens=128,
+        # a 32-token context has no room for a retrieval example (tests below turn them on)
+        passkey_fraction=0.0,
+        kv_fraction=0.0,
     )
     fields.update(overrides)
     return BaseModelConfig(**fields)
@@ -111,6 +114,97 @@ def test_cache_key_follows_config(corpus_dir, tmp_path):
     a = base_model_path(tiny_config(corpus_dir), tmp_path)
     assert a == base_model_path(tiny_config(corpus_dir), tmp_path)
     assert a != base_model_path(tiny_config(corpus_dir, steps=5), tmp_path)
+    # the retrieval mix is part of the build: each knob changes the key
+    keys = {
+        base_model_path(tiny_config(corpus_dir, **mix), tmp_path)
+        for mix in (
+            {},
+            {"passkey_fraction": 0.25},
+            {"passkey_fraction": 0.5},
+            {"kv_fraction": 0.25},
+        )
+    }
+    assert len(keys) == 4
+
+
+def test_default_base_mixes_retrieval():
+    config = BaseModelConfig()
+    assert 0 < config.passkey_fraction < 1 and 0 < config.kv_fraction < 1
+
+
+def _mix_config(corpus_dir, **overrides):
+    fields = dict(
+        context_length=256, vocab_size=400, batch_size=4, passkey_fraction=0.5, kv_fraction=0.25
+    )
+    return tiny_config(corpus_dir, **{**fields, **overrides})
+
+
+def test_retrieval_mix_counts_and_content(corpus_dir):
+    from loravariants.base_model import _RetrievalMix
+    from loravariants.data import join_with_eos, load_corpus, tokenize_documents, train_tokenizer
+
+    config = _mix_config(corpus_dir, batch_size=3)
+    corpus = load_corpus(str(corpus_dir))
+    texts = [d.text for d in corpus.train]
+    tokenizer = train_tokenizer(texts, 400)
+    stream = join_with_eos(tokenize_documents(texts, tokenizer), tokenizer.eos_token_id)
+    mix = _RetrievalMix(config, tokenizer, stream, texts)
+    # 3 x 0.5 and 3 x 0.25 blocks per step on average: over 8 steps exactly 12 and 6
+    n_passkey = [mix._count(step, 0.5) for step in range(8)]
+    n_kv = [mix._count(step, 0.25) for step in range(8)]
+    assert sum(n_passkey) == 12 and sum(n_kv) == 6
+    assert all(a + b <= 3 for a, b in zip(n_passkey, n_kv, strict=True))
+    batches = [mix.blocks(step) for step in range(8)]
+    assert [b.shape[0] for b, _ in batches] == [a + b for a, b in zip(n_passkey, n_kv, strict=True)]
+    text = [tokenizer.decode(row) for b, _ in batches for row in b]
+    assert all(len(row) == 256 for b, _ in batches for row in b)
+    assert sum("What is the pass key? The pass key is" in t for t in text) == 12
+    assert sum("\nassert " in t for t in text) == 6
+    # the answer mask covers the end of each block: the key after the question, or the lookups
+    for blocks, mask in batches:
+        assert mask.shape == blocks.shape
+        for row, m in zip(blocks, mask, strict=True):
+            n = int(m.sum())
+            assert 1 <= n < 256 and m[-n:].all()
+            answer = tokenizer.decode(row[-n:])
+            if tokenizer.decode(row[:-n]).endswith("What is the pass key? The pass key is"):
+                assert answer.strip().rstrip(".").isdigit()
+            else:
+                assert "assert" in answer
+    # seeded: the same config gives the same blocks
+    again = _RetrievalMix(config, tokenizer, stream, texts)
+    for step in range(8):
+        b, m = again.blocks(step)
+        assert torch.equal(b, batches[step][0]) and torch.equal(m, batches[step][1])
+
+
+def test_build_with_retrieval_mix_is_deterministic(corpus_dir, tmp_path):
+    config = _mix_config(corpus_dir)
+    a = _state(build_base_model(config, cache_dir=tmp_path / "a", progress=False))
+    b = _state(build_base_model(config, cache_dir=tmp_path / "b", progress=False))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    plain = _state(
+        build_base_model(
+            _mix_config(corpus_dir, passkey_fraction=0.0, kv_fraction=0.0),
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
+    )
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
+    # the answer term changes the update (and the cache key)
+    weighted = _mix_config(corpus_dir, answer_loss_weight=1.0)
+    assert base_model_path(weighted, tmp_path) != base_model_path(config, tmp_path)
+    c = _state(build_base_model(weighted, cache_dir=tmp_path / "d", progress=False))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_too_short_context_for_passkey_is_a_clear_error(corpus_dir, tmp_path):
+    with pytest.raises(ValueError, match="passkey_fraction"):
+        build_base_model(
+            tiny_config(corpus_dir, passkey_fraction=0.25), cache_dir=tmp_path, progress=False
+        )
+    assert not (tmp_path / "base-models").exists() or not any((tmp_path / "base-models").iterdir())
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -132,11 +226,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
         ("steps", 1.5),
         ("validation_fraction", 1.0),
         ("min_lr_ratio", 2.0),
+        ("passkey_fraction", 1.0),
+        ("kv_fraction", -0.1),
+        ("kv_fraction", 0.9),  # with passkey 0.25 (as set below): no plain text left
+        ("answer_loss_weight", -1.0),
     ],
 )
 def test_bad_config_raises(corpus_dir, field, value):
     with pytest.raises(ValueError, match=field):
-        tiny_config(corpus_dir, **{field: value})
+        tiny_config(corpus_dir, **{"passkey_fraction": 0.25, field: value})
 
 
 def test_missing_local_model_is_clear(tmp_path):

@@ -124,7 +124,9 @@ def eval_lengths(config: ExperimentConfig, native: int) -> list[int]:
 def plan_runs(config: ExperimentConfig) -> list[tuple[RunSpec, int]]:
     plan = []
     for row in config.runs:
-        for seed in config.seeds if row.trains else config.seeds[:1]:
+        # untrained rows too: each seed draws its own passkey prompts, and the Findings pair
+        # every row's seed s with the same prompts (analysis/findings.py)
+        for seed in config.seeds:
             plan.append((row, seed))
     return plan
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..analysis.findings import findings_section
 from ..config import ExperimentConfig
 from .measure import fill_lora_similarity, seed_to_seed_similarity
 from .plan import REFERENCE_VARIANT, config_dict
@@ -325,6 +326,7 @@ def _report_markdown(
         lines += [warning, ""]
     lines += [summary_table(summary), ""]
     if results is not None:
+        lines += findings_section(config, results)
         lines += _paired_section(*paired_differences(summary, results))
     lines += _similarity_section(summary)
     errors = [

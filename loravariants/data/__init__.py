@@ -93,15 +93,24 @@ def make_train_blocks(
         remainder: ``"drop"`` (default) or ``"pad"`` the last partial block.
 
     Returns:
-        A :class:`PackedDataset` of ``{"input_ids", "labels"}`` items of shape ``(seq_len,)``.
+        A :class:`PackedDataset` of ``{"input_ids", "labels"}`` items of shape ``(seq_len,)``;
+        with ``passkey_fraction`` / ``kv_fraction`` in the data config (default 0), a
+        ``retrieval.RetrievalMixDataset`` over it with that share of retrieval blocks.
     """
     check_seq_len(seq_len, multiple_of)
     corpus = corpus_from_config(data_config)
     ids = tokenize_documents([d.text for d in corpus.train], tokenizer)
     stream = join_with_eos(ids, tokenizer.eos_token_id)
-    return PackedDataset.from_stream(
+    blocks = PackedDataset.from_stream(
         stream, seq_len, multiple_of, remainder, tokenizer.pad_token_id
     )
+    passkey = getattr(data_config, "passkey_fraction", 0.0)
+    kv = getattr(data_config, "kv_fraction", 0.0)
+    if passkey or kv:
+        from .retrieval import RetrievalMixDataset
+
+        return RetrievalMixDataset(blocks, tokenizer, [d.text for d in corpus.train], passkey, kv)
+    return blocks
 
 
 def load_validation_tokens(data_config, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
