@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .adapters.base import check_range
 from .utils import default_cache_dir
@@ -275,20 +276,16 @@ def _validation_perplexity(model, blocks: torch.Tensor, batch_size: int) -> floa
     return math.exp(total / count)
 
 
-def pretrain(config: BaseModelConfig, progress: bool = True):
-    """Train the tokenizer and the model of ``config`` from scratch (no caching).
+def _pretraining_data(config: BaseModelConfig):
+    """The corpus, a BPE tokenizer trained on it, and the packed token blocks.
 
     Returns:
-        ``(model, tokenizer, info)``; ``info`` holds the final training loss (mean of the last
-        10 steps), validation perplexity, tokens seen and seconds taken.
+        ``(corpus, tokenizer, train_stream, blocks, val_blocks)``: the train stream is one
+        long ``(n,)`` tensor of documents joined by end-of-text; ``blocks`` is ``(m,
+        context_length)``; ``val_blocks`` holds at most ``val_tokens`` validation tokens.
     """
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-    from transformers import LlamaForCausalLM
-
     from .data import join_with_eos, load_corpus, pack_blocks, tokenize_documents, train_tokenizer
 
-    start = time.perf_counter()
     corpus = load_corpus(
         config.data_source,
         max_documents=config.max_documents,
@@ -315,13 +312,14 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
         tokenizer.eos_token_id,
     )[: config.val_tokens]
     val_blocks, _ = pack_blocks(val_stream, min(config.context_length, val_stream.numel()))
+    return corpus, tokenizer, train_stream, blocks, val_blocks
 
-    torch.manual_seed(config.seed)
-    model = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation="sdpa")
-    model.train()
+
+def _pretraining_optimizer(model: nn.Module, config: BaseModelConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -330,6 +328,25 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
         betas=(0.9, 0.95),
         eps=1e-8,
     )
+
+
+def pretrain(config: BaseModelConfig, progress: bool = True):
+    """Train the tokenizer and the model of ``config`` from scratch (no caching).
+
+    Returns:
+        ``(model, tokenizer, info)``; ``info`` holds the final training loss (mean of the last
+        10 steps), validation perplexity, tokens seen and seconds taken.
+    """
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    from transformers import LlamaForCausalLM
+
+    start = time.perf_counter()
+    corpus, tokenizer, train_stream, blocks, val_blocks = _pretraining_data(config)
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation="sdpa")
+    model.train()
+    optimizer = _pretraining_optimizer(model, config)
     # Data order: one seeded permutation of the blocks per epoch (independent of global RNG).
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(blocks.shape[0], generator=gen)
