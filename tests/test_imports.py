@@ -108,3 +108,19 @@ def test_moved_names_still_import_from_their_old_paths():
         assert hasattr(loravariants.compare, name), name
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         loravariants.analysis.nothing  # noqa: B018
+
+
+def test_every_subpackage_is_shipped_by_pyproject():
+    """`pip install .` (not editable) ships only the packages pyproject lists: a new
+    subpackage missing there imports fine in a checkout and fails in an installed copy."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "loravariants").rglob("__init__.py")
+    }
+    assert found - listed == set()
