@@ -194,8 +194,12 @@ class OutputLocked(ValueError):
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike) -> Iterator[None]:
+def output_lock(folder: str | os.PathLike, shared: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on an existing folder: one writer per output folder.
+
+    ``shared=True`` takes a shared lock instead: any number of shared holders (the shards of
+    one comparison, ``compare.shard``), but none while an exclusive holder runs, and the other
+    way round.
 
     An ``flock`` on the folder itself: no lock file to leave behind, and the lock goes with
     the process (a killed run never leaves a stale lock). No-op where ``fcntl`` is missing.
@@ -211,7 +215,7 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
     fd = os.open(folder, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputLocked(
                 f"{folder} is in use by another loravariants process; wait for it to finish, "

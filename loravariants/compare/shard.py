@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,27 +117,19 @@ def shard_lock(out: Path, shard: Shard) -> Iterator[None]:
     """
     own = out / SHARDS_DIR / f"{shard.index}-of-{shard.count}"
     own.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no locks, as output_lock
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
-    try:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+            held.enter_context(output_lock(out, shared=True))
+        except OutputLocked:
             raise OutputLocked(
                 f"{out} is in use by a loravariants compare without --shard (or a --merge); "
                 "shards run only beside other shards"
             ) from None
         try:
-            with output_lock(own):
-                yield
+            held.enter_context(output_lock(own))
         except OutputLocked:
             raise OutputLocked(f"shard {shard} of {out} is already running") from None
-    finally:
-        os.close(fd)
+        yield
 
 
 def _rank(record: dict[str, Any]) -> int:
