@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loravariants.analysis.findings import (
+from loravariants.compare.findings import (
     findings,
     findings_section,
     headline_metrics,

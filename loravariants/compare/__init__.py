@@ -7,7 +7,8 @@ A pipeline of small modules, each reading the one before it::
     run.py      compare(): for each run, fresh base -> context -> attach -> train -> save
     measure.py  peak memory, perplexity, passkey, SVD summary, layer stats, similarity
     summary.py  mean +- 95% CI per row, paired differences, parameter-matching warning
-    report.py   results.json / results.csv / report.md, plots (plots.py)
+    report.py   results.json / results.csv / report.md (its Findings: findings.py), plots
+                (plots.py)
 
 Fairness by construction: every row sees the same base checkpoint, the same packed training
 blocks in the same order (the seed fixes it), the same token budget and the same evaluation

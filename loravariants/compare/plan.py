@@ -125,7 +125,7 @@ def plan_runs(config: ExperimentConfig) -> list[tuple[RunSpec, int]]:
     plan = []
     for row in config.runs:
         # untrained rows too: each seed draws its own passkey prompts, and the Findings pair
-        # every row's seed s with the same prompts (analysis/findings.py)
+        # every row's seed s with the same prompts (compare/findings.py)
         for seed in config.seeds:
             plan.append((row, seed))
     return plan

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..analysis.findings import findings_section
 from ..config import ExperimentConfig
+from .findings import findings_section
 from .measure import fill_lora_similarity, seed_to_seed_similarity
 from .plan import REFERENCE_VARIANT, config_dict
 from .plots import make_report_plots

@@ -25,12 +25,12 @@ out.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..stats import PairedDifference, paired_difference
+from .summary import per_seed
 
 __all__ = ["Contrast", "Finding", "planned_contrasts", "headline_metrics", "findings"]
 __all__ += ["findings_section"]
@@ -136,19 +136,6 @@ def headline_metrics(config, results: Mapping[str, Mapping[str, Any]]) -> list[s
     return metrics
 
 
-def _per_seed(results: Mapping[str, Mapping[str, Any]], row: str, metric: str) -> dict[int, float]:
-    """``{seed: value}`` of ``row``'s finished runs for ``metric`` (``group@length``)."""
-    group, length = metric.split("@")
-    out = {}
-    for r in results.values():
-        if r.get("row") != row or r.get("status") != "ok":
-            continue
-        value = r.get(group, {}).get(length)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            out[int(r["seed"])] = float(value)
-    return out
-
-
 def findings(config, results: Mapping[str, Mapping[str, Any]]) -> list[Finding]:
     """Every planned contrast on every headline metric, in that order.
 
@@ -159,7 +146,7 @@ def findings(config, results: Mapping[str, Mapping[str, Any]]) -> list[Finding]:
     """
     metrics = headline_metrics(config, results)
     return [
-        Finding(c, m, paired_difference(_per_seed(results, c.a, m), _per_seed(results, c.b, m)))
+        Finding(c, m, paired_difference(per_seed(results, c.a, m), per_seed(results, c.b, m)))
         for c in planned_contrasts(config)
         for m in metrics
     ]
