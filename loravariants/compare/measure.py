@@ -183,7 +183,15 @@ def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> dict[str
         path: layer.factors() for path, _, layer in iter_adapters(model, name) if layer.mergeable
     }
     # loaded on the CPU; subspace_similarity computes on our factors' device (the model's)
-    reference = read_factors(reference_dir)
+    return similarity_fields(ours, read_factors(reference_dir))
+
+
+def similarity_fields(
+    ours: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    reference: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, float]:
+    """The record's ``svd`` fields of a run against its seed's LoRA run (``{module: (B, A)}``
+    each): left and right similarity, and the left side's random baseline."""
     left, random_left = factor_similarity(ours, reference, "left")
     right, _ = factor_similarity(ours, reference, "right")
     return {
@@ -325,23 +333,13 @@ def fill_lora_similarity(out: Path, config: Any, results: dict[str, dict[str, An
             and isinstance(svd, dict)
             and "similarity_to_lora" not in svd
         ):
-            try:
-                ours = {
-                    path: factors
-                    for path, factors in read_factors(run_dir / "adapter").items()
-                    if ".experts." not in path
-                }
+            try:  # factor_similarity leaves MixLoRA's experts out
+                ours = read_factors(run_dir / "adapter")
                 theirs = read_factors(reference[seed])
             except (OSError, ValueError):
                 ours = None
             if ours is not None:
-                left, random_left = factor_similarity(ours, theirs, "left")
-                right, _ = factor_similarity(ours, theirs, "right")
-                svd.update(
-                    similarity_to_lora=left,
-                    similarity_to_lora_right=right,
-                    similarity_random=random_left,
-                )
+                svd.update(similarity_fields(ours, theirs))
         if (
             record is not None
             and record.get("variant") == REFERENCE_VARIANT
