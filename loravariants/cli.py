@@ -167,6 +167,7 @@ def train_main(argv: Sequence[str]) -> int:
     from dataclasses import replace
 
     from .compare import compare
+    from .compare.plan import run_folder
     from .config import load_experiment
 
     parser = argparse.ArgumentParser(prog="loravariants train")
@@ -190,7 +191,7 @@ def train_main(argv: Sequence[str]) -> int:
     # the run lands in the experiment's folder, and the report keeps covering every row
     out = compare(config, progress=not args.quiet, only=[(rows[0].name, seed)])
     _print_summary(out)
-    run_dir = out / "runs" / rows[0].name / f"seed{seed}"
+    run_dir = run_folder(out, rows[0].name, seed)
     runs = json.loads((out / "results.json").read_text())["runs"]
     record = next((r for r in runs if r.get("key") == f"{rows[0].name}/seed{seed}"), {})
     # this run's record decides: an adapter left by an earlier attempt is not a success

@@ -23,7 +23,7 @@ from ..evaluate import passkey_accuracy, perplexity_at_lengths
 from ..inject import adapter_names, iter_adapters
 from ..io import read_factors
 from .env import Environment
-from .plan import REFERENCE_VARIANT, eval_lengths, plan_runs, run_key
+from .plan import REFERENCE_VARIANT, eval_lengths, plan_runs, run_folder, run_key
 
 
 def _rss_bytes() -> int:
@@ -253,7 +253,7 @@ def seed_to_seed_similarity(
 
     def saved(name: str) -> dict[int, Path]:
         dirs = {
-            int(r["seed"]): out / "runs" / name / f"seed{r['seed']}" / "adapter"
+            int(r["seed"]): run_folder(out, name, r["seed"]) / "adapter"
             for r in results.values()
             if r["row"] == name and r.get("status") == "ok" and r.get("adapter_params")
         }
@@ -323,7 +323,7 @@ def fill_lora_similarity(out: Path, config: Any, results: dict[str, dict[str, An
     for row, seed in plan_runs(config):
         key = run_key(row, seed)
         record = results.get(key)
-        run_dir = out / "runs" / row.name / f"seed{seed}"
+        run_dir = run_folder(out, row.name, seed)
         svd = (record or {}).get("svd")
         if (
             seed in reference

@@ -135,6 +135,11 @@ def run_key(row: RunSpec, seed: int) -> str:
     return f"{row.name}/seed{seed}"
 
 
+def run_folder(out: Path, row_name: str, seed: int) -> Path:
+    """Where one run's adapter, metrics and error file go: ``out/runs/<row>/seed<s>``."""
+    return out / "runs" / row_name / f"seed{seed}"
+
+
 # may differ between a comparison and its resumption: more seeds or rows, another folder
 _RESUMABLE_KEYS = {"seeds", "runs", "output_dir", "spec_dir"}
 

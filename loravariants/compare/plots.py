@@ -17,6 +17,7 @@ from ..analysis import spectrum
 from ..analysis.plots import figure, mean_spectrum, plain_log_ticks
 from ..io import read_factors
 from ..stats import mean_ci
+from .plan import run_folder
 
 __all__ = ["make_report_plots", "smooth", "layer_of"]
 
@@ -251,7 +252,7 @@ def _spectra_plot(out: Path, grouped, path: Path) -> bool:
     for name, rs in grouped.items():
         if not rs or "loss_curve" not in rs[0]:
             continue
-        adapter_dir = out / "runs" / name / f"seed{rs[0]['seed']}" / "adapter"
+        adapter_dir = run_folder(out, name, rs[0]["seed"]) / "adapter"
         if not adapter_dir.is_dir():
             continue
         mean = mean_spectrum([spectrum(pair) for pair in read_factors(adapter_dir).values()])

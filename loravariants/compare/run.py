@@ -43,7 +43,14 @@ from ..utils import output_lock
 from . import measure
 from .env import Environment, load_environment
 from .measure import PeakMemory, training_record
-from .plan import REFERENCE_VARIANT, load_results, matched_overrides, plan_runs, run_key
+from .plan import (
+    REFERENCE_VARIANT,
+    load_results,
+    matched_overrides,
+    plan_runs,
+    run_folder,
+    run_key,
+)
 from .report import write_outputs
 from .shard import (
     Shard,
@@ -149,7 +156,7 @@ def _compare(
         _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log)
     for i, (row, seed) in enumerate(plan, 1):
         key = run_key(row, seed)
-        run_dir = out / "runs" / row.name / f"seed{seed}"
+        run_dir = run_folder(out, row.name, seed)
         where = f"[{i}/{len(plan)}] {key}"
         if results.get(key, {}).get("status") == "ok" and results[key].get("metric_errors"):
             log(f"{where}: trained earlier; computing its failed metrics again")
@@ -435,7 +442,7 @@ def _run_concurrent(
     lora_rows = [r for r in rows if records[r.name].get("variant") == REFERENCE_VARIANT]
     for row in lora_rows[:1] + [r for r in rows if r not in lora_rows[:1]]:
         name = names[row.name]
-        run_dir = out / "runs" / row.name / f"seed{seed}"
+        run_dir = run_folder(out, row.name, seed)
         save_adapter(model, run_dir / "adapter", format="native", name=name)
         records[row.name].update(training_record(results[name], mem), concurrent=True)
         set_active_adapters(model, [name])
