@@ -1,4 +1,4 @@
-"""Evaluation: perplexity at several context lengths, and passkey retrieval.
+"""Evaluation: perplexity at several context lengths, passkey retrieval, and an induction probe.
 
 Always full attention: the model is put in ``eval()`` mode, where the ``"s2_attn"`` backend
 falls back to full causal attention (S2-Attn is a training-time approximation only).
@@ -33,7 +33,15 @@ from tqdm.auto import tqdm
 from .adapters.base import check_range
 from .data.passkey import passkey_prompt
 
-__all__ = ["windows", "perplexity", "perplexity_at_lengths", "passkey_accuracy", "PasskeyResult"]
+__all__ = [
+    "windows",
+    "perplexity",
+    "perplexity_at_lengths",
+    "passkey_accuracy",
+    "PasskeyResult",
+    "induction_score",
+    "InductionResult",
+]
 
 
 def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -253,3 +261,71 @@ def passkey_accuracy(
         results[int(length)] = PasskeyResult(int(length), hits / trials, trials, answers)
     model.train(was_training)
     return results
+
+
+@dataclass
+class InductionResult:
+    """Mean NLL (nats per token) on the two copies of repeated random token sequences."""
+
+    first_nll: float
+    second_nll: float
+    span: int
+    sequences: int
+
+    @property
+    def ratio(self) -> float:
+        """``second_nll / first_nll``: about 1 without induction heads, near 0 with them."""
+        return self.second_nll / self.first_nll
+
+
+@torch.no_grad()
+def induction_score(
+    model: nn.Module,
+    vocab_size: int | None = None,
+    span: int = 50,
+    sequences: int = 16,
+    low: int = 3,
+    seed: int = 0,
+) -> InductionResult:
+    """Does the model copy from its context? The repeated-random-tokens probe of induction
+    heads (Olsson et al., 2022, "In-context learning and induction heads").
+
+    Each sequence is ``span`` random token ids followed by the same ``span`` ids again. The
+    first copy is unpredictable (its NLL is about ``ln(vocab)`` or worse); the second is
+    predictable only by finding the current token earlier in the context and copying what
+    followed it, which is what passkey retrieval needs too. The first token of each copy is
+    not scored (nothing predicts it)::
+
+        x_0 x_1 ... x_{s-1} | x_0 x_1 ... x_{s-1}
+            [ first copy  ]       [ second copy ]
+
+    Args:
+        model: a causal LM returning ``.logits`` of shape ``(b, n, vocab)``.
+        vocab_size: ids are drawn from ``[low, vocab_size)``; default: the model's input
+            embedding size.
+        span: tokens per copy, at least 2 (``2 * span`` must fit the model's context).
+        sequences: random sequences, one forward for all.
+        low: the smallest id drawn (the built-in tokenizer's special tokens are 0-2).
+        seed: draws the ids (independent of the global RNG).
+
+    Returns:
+        An :class:`InductionResult`.
+    """
+    check_range("span", span, low=2, integer=True)
+    check_range("sequences", sequences, low=1, integer=True)
+    if vocab_size is None:
+        vocab_size = model.get_input_embeddings().num_embeddings
+    if not 0 <= low < vocab_size - 1:
+        raise ValueError(f"low must be in [0, vocab_size - 1), got {low} with {vocab_size}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.randint(low, vocab_size, (sequences, span), generator=gen)
+    ids = torch.cat([half, half], dim=1).to(device)
+    logits = model(input_ids=ids).logits.float()
+    nll = -F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    # nll[:, t] scores token t + 1: the first copy's tokens 1..span-1, the second's likewise
+    first, second = nll[:, : span - 1], nll[:, span:]
+    model.train(was_training)
+    return InductionResult(float(first.mean()), float(second.mean()), span, sequences)

@@ -89,3 +89,53 @@ def test_context_longer_than_the_tokens():
         assert set(perplexity_at_lengths(model, tokens, [8, 16, 32], max_tokens=20)) == {8, 16}
     with pytest.raises(ValueError, match="lengths"), pytest.warns(UserWarning, match="skipping"):
         perplexity_at_lengths(model, tokens, [64])
+
+
+class _Copier(torch.nn.Module):
+    """A perfect induction head as a model: at position t, predict the token that followed
+    the latest earlier occurrence of token t (uniform when there is none)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 1)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        b, n = input_ids.shape
+        logits = torch.zeros(b, n, self.embed.num_embeddings)
+        for i in range(b):
+            last: dict[int, int] = {}
+            for t in range(n):
+                tok = int(input_ids[i, t])
+                if tok in last and last[tok] + 1 < n:
+                    logits[i, t, int(input_ids[i, last[tok] + 1])] = 30.0
+                last[tok] = t
+        return type("Out", (), {"logits": logits})()
+
+
+def test_induction_score_tells_a_copier_from_a_model_that_ignores_context():
+    from loravariants.evaluate import induction_score
+
+    copier = induction_score(_Copier(5000), span=20, sequences=4)
+    # the first copy has no repeats (almost surely, 20 of ~5000 ids): uniform, ln(5000)
+    assert copier.first_nll == pytest.approx(math.log(5000), rel=0.02)
+    assert copier.second_nll < 1e-6 and copier.ratio < 1e-6
+
+    blind = make_tiny_llama(vocab_size=300).train()  # random weights: no induction
+    result = induction_score(blind, span=16, sequences=4)
+    assert result.ratio == pytest.approx(1.0, abs=0.05)
+    assert blind.training  # the mode is restored
+
+
+def test_induction_score_is_seeded_and_checks_its_arguments():
+    from loravariants.evaluate import induction_score
+
+    model = make_tiny_llama(vocab_size=300)
+    a, b = induction_score(model, span=8, seed=3), induction_score(model, span=8, seed=3)
+    assert a == b
+    with pytest.raises(ValueError, match="span"):
+        induction_score(model, span=1)
+    with pytest.raises(ValueError, match="low"):
+        induction_score(model, low=299)
