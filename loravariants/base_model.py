@@ -341,6 +341,8 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
+    from .evaluate import induction_score
+
     start = time.perf_counter()
     corpus, tokenizer, train_stream, blocks, val_blocks = _pretraining_data(config)
     torch.manual_seed(config.seed)
@@ -392,10 +394,14 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
     train_seconds = time.perf_counter() - train_start
     val_ppl = _validation_perplexity(model, val_blocks, config.batch_size)
     model.eval()
+    # whether it can copy from its context at all (retrieval needs it): docs/data.md
+    induction = induction_score(model, vocab_size=config.vocab_size, span=50, low=3)
     info = {
         "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
         "validation_perplexity": val_ppl,
         "validation_tokens": int(val_blocks.numel()),
+        "induction_first_nll": induction.first_nll,
+        "induction_second_nll": induction.second_nll,
         "train_tokens_available": int(blocks.numel()),
         "tokens_seen": config.steps * config.batch_size * config.context_length,
         "parameters": sum(p.numel() for p in model.parameters()),

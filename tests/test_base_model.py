@@ -67,6 +67,9 @@ def test_build_caches_and_loads(corpus_dir, tmp_path):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp left
     info = json.loads((path / "build_info.json").read_text())
     assert info["config"]["hidden_size"] == 32 and info["metrics"]["validation_perplexity"] > 1
+    # the induction probe is recorded (a tiny model cannot copy: both copies near ln(vocab))
+    metrics = info["metrics"]
+    assert metrics["induction_second_nll"] > 0.5 * metrics["induction_first_nll"] > 0
 
     stamp = (path / "build_info.json").stat().st_mtime_ns
     start = time.perf_counter()
