@@ -121,9 +121,7 @@ def perplexity(
         ):
             group.append(spans[i + len(group)])
         ids = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
-        logits = model(input_ids=ids).logits.float()
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        target_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (g, length - 1)
+        target_logp = _next_token_logp(model, ids)  # (g, length - 1)
         for row, (_, _, scored) in enumerate(group):
             nll_sum -= target_logp[row, -scored:].double().sum().item()
             count += scored
@@ -132,6 +130,13 @@ def perplexity(
     bar.close()
     model.train(was_training)
     return math.exp(nll_sum / count)
+
+
+def _next_token_logp(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``log p(ids[:, t + 1] | ids[:, : t + 1])`` for every ``t``: ``(b, n)`` ids give
+    ``(b, n - 1)`` log-probabilities (computed in float32 whatever the model's dtype)."""
+    logits = model(input_ids=ids).logits.float()
+    return F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 def _check_token_ids(model: nn.Module, tokens: torch.Tensor) -> None:
@@ -323,8 +328,7 @@ def induction_score(
     gen = torch.Generator().manual_seed(seed)
     half = torch.randint(low, vocab_size, (sequences, span), generator=gen)
     ids = torch.cat([half, half], dim=1).to(device)
-    logits = model(input_ids=ids).logits.float()
-    nll = -F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    nll = -_next_token_logp(model, ids)
     # nll[:, t] scores token t + 1: the first copy's tokens 1..span-1, the second's likewise
     first, second = nll[:, : span - 1], nll[:, span:]
     model.train(was_training)
