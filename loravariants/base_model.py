@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -226,14 +227,10 @@ class _RetrievalMix:
     """
 
     def __init__(self, config: BaseModelConfig, tokenizer, stream: torch.Tensor, documents):
-        import random
-
-        self.config, self.tokenizer, self.stream, self.documents = (
-            config,
-            tokenizer,
-            stream,
-            documents,
-        )
+        self.config = config
+        self.tokenizer = tokenizer
+        self.stream = stream
+        self.documents = documents
         self.rng = random.Random(config.seed)
 
     def _count(self, step: int, fraction: float) -> int:
@@ -358,11 +355,12 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
     bar = tqdm(range(config.steps), desc="pretrain base", disable=not progress, leave=False)
     for step in bar:
         synthetic, answers = mix.blocks(step)
+        n_plain = config.batch_size - synthetic.shape[0]  # the rest of the batch: packed text
         rows = []
-        while len(rows) < config.batch_size - synthetic.shape[0]:
+        while len(rows) < n_plain:
             if cursor == order.numel():
                 order, cursor = torch.randperm(blocks.shape[0], generator=gen), 0
-            take = min(config.batch_size - synthetic.shape[0] - len(rows), order.numel() - cursor)
+            take = min(n_plain - len(rows), order.numel() - cursor)
             rows += order[cursor : cursor + take].tolist()
             cursor += take
         batch = torch.cat([blocks[rows], synthetic])
@@ -372,12 +370,12 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
         targets = batch[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         total = loss
-        # The answers are a few tokens in thousands: without their own term the copy they need
-        # is too weak a signal to learn in a CPU budget (docs/data.md).
+        # Optional extra weight on the answers, a few tokens in thousands (measured: it did not
+        # teach the copy and cost language modelling, docs/data.md; off by default).
         if answers.any() and config.answer_loss_weight > 0:
             at = answers[:, 1:]
-            rows = slice(batch.shape[0] - answers.shape[0], None)
-            answer_loss = F.cross_entropy(logits[rows][at], targets[rows][at])
+            synthetic_rows = slice(n_plain, None)  # the synthetic blocks close the batch
+            answer_loss = F.cross_entropy(logits[synthetic_rows][at], targets[synthetic_rows][at])
             total = loss + config.answer_loss_weight * answer_loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
