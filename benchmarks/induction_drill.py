@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from loravariants.base_model import BaseModelConfig
+from loravariants.base_model import BaseModelConfig, _pretraining_optimizer
 from loravariants.evaluate import induction_score
 
 
@@ -55,10 +55,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     periods = (args.fixed_period,) * 2 if args.fixed_period else (args.min_period, args.max_period)
 
-    config = BaseModelConfig()
+    config = BaseModelConfig(lr=args.lr)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation="sdpa")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+    optimizer = _pretraining_optimizer(model, config)  # the base build's AdamW
     rng = random.Random(args.seed)
     print(
         f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
