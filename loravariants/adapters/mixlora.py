@@ -524,6 +524,16 @@ class _BalanceGroup:
             self._key, self._totals = stats, (total_counts, tokens)
         return self._totals
 
+    def counts_of(self, layer: MixLoRAFFN) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``layer``'s all-process counts ``(assignments (E,), real tokens)``, or ``None`` when
+        they were not summed for the forward that set its balance statistics (this group's
+        cache key)."""
+        if layer._balance is None or id(layer) not in self.global_counts:
+            return None
+        if not any(st is layer._balance for st in self._key):
+            return None
+        return self.global_counts[id(layer)]
+
 
 class _LoRAExpert(nn.Module):
     """One expert: a LoRA (A, B) per adapted FFN projection.
@@ -756,14 +766,13 @@ class MixLoRAFFN(AdapterLayer):
         :func:`data_parallel_statistics`, once the balance loss of the forward was computed:
         the routing of every process's tokens.
         """
-        if self._balance is not None and id(self) in self._group.global_counts:
-            # the global counts belong to the forward that set _balance (the group's cache key)
-            if self._group._key and any(st is self._balance for st in self._group._key):
-                assigned, tokens = self._group.global_counts[id(self)]
-                return {
-                    "tokens_per_expert": assigned.detach().round().long(),
-                    "num_tokens": int(tokens.round()),
-                }
+        counts = self._group.counts_of(self)
+        if counts is not None:
+            assigned, tokens = counts
+            return {
+                "tokens_per_expert": assigned.detach().round().long(),
+                "num_tokens": int(tokens.round()),
+            }
         return self._stats
 
     # -- the update as matrices ---------------------------------------------------------------
