@@ -82,6 +82,11 @@ class BaseModelConfig:
         answer_loss_weight: weight of an extra loss term, the mean cross-entropy over the
             retrieval examples' answer tokens only (0, the default: plain language-model loss).
         kv_max_pairs: most key-value pairs in one lookup example (1 to this many, uniformly).
+        copy_circuit: start from a hand-written previous-token head and induction head (two of
+            the heads of layers 0 and 1, ``copy_circuit.py``) and keep them fixed while the rest
+            pretrains. Without it no copy mechanism forms within the build's budget and the base
+            cannot retrieve; with it the base retrieves at its native length, but position
+            interpolation breaks the fixed previous-token head (docs/data.md). Off by default.
     """
 
     vocab_size: int = 4096
@@ -109,6 +114,7 @@ class BaseModelConfig:
     kv_fraction: float = 0.5
     answer_loss_weight: float = 0.0
     kv_max_pairs: int = 8
+    copy_circuit: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -162,6 +168,19 @@ class BaseModelConfig:
             raise ValueError(
                 f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"
             )
+        if self.copy_circuit:
+            from .copy_circuit import check_shape
+
+            try:
+                check_shape(
+                    self.hidden_size,
+                    self.num_heads,
+                    self.num_layers,
+                    self.rope_theta,
+                    self.context_length,
+                )
+            except ValueError as e:
+                raise ValueError(f"copy_circuit: {e} (or set copy_circuit: false)") from None
         if not isinstance(self.data_source, str) or not self.data_source:
             raise ValueError(f"data_source must be a non-empty string, got {self.data_source!r}")
 
@@ -169,12 +188,21 @@ class BaseModelConfig:
         """A short hash of everything that determines the weights: this config, the data
         pipeline and library versions, and the Python version (whose stdlib is the data)."""
         from ._version import __version__
+        from .copy_circuit import COPY_CIRCUIT_VERSION
         from .data import DATA_PIPELINE_VERSION
 
+        config = asdict(self)
+        parts = {"data_pipeline": DATA_PIPELINE_VERSION}
+        if self.copy_circuit:
+            parts["copy_circuit"] = COPY_CIRCUIT_VERSION
+        else:
+            # added later and off by default: a build without it keeps the key it had before
+            # the field existed, so cached bases stay valid
+            del config["copy_circuit"]
         blob = json.dumps(
             {
-                "config": asdict(self),
-                "data_pipeline": DATA_PIPELINE_VERSION,
+                "config": config,
+                **parts,
                 "library": __version__,
                 "python": list(sys.version_info[:2]),
             },
@@ -338,12 +366,17 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
+    from .copy_circuit import frozen_slices, install_copy_circuit
     from .evaluate import induction_score
 
     start = time.perf_counter()
     corpus, tokenizer, train_stream, blocks, val_blocks = _pretraining_data(config)
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation="sdpa")
+    frozen = []
+    if config.copy_circuit:
+        install_copy_circuit(model, config.context_length, seed=config.seed)
+        frozen = frozen_slices(model)
     model.train()
     optimizer = _pretraining_optimizer(model, config)
     # Data order: one seeded permutation of the blocks per epoch (independent of global RNG).
@@ -382,6 +415,9 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
+        with torch.no_grad():
+            for weight, index, value in frozen:  # the copy circuit stays as written
+                weight[index] = value
         losses.append(float(loss.detach()))
         elapsed = time.perf_counter() - train_start
         bar.set_postfix(

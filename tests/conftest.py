@@ -17,6 +17,40 @@ TINY_FIELDS = dict(
 )
 
 
+def write_tiny_corpus(root) -> None:
+    """24 small text documents in ``root`` (a corpus for tiny base-model builds)."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    for i in range(24):
+        body = " ".join(words[(i + j) % len(words)] for j in range(60))
+        (root / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n# {body}\n")
+
+
+def tiny_base_config(corpus_dir, **overrides):
+    """A ``BaseModelConfig`` that builds in seconds on ``corpus_dir``."""
+    from loravariants.base_model import BaseModelConfig
+
+    fields = dict(
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        context_length=32,
+        data_source=str(corpus_dir),
+        tokenizer_chars=20_000,
+        steps=4,
+        batch_size=2,
+        warmup_steps=1,
+        val_tokens=128,
+        # a 32-token context has no room for a retrieval example (tests turn them on)
+        passkey_fraction=0.0,
+        kv_fraction=0.0,
+    )
+    fields.update(overrides)
+    return BaseModelConfig(**fields)
+
+
 def tiny_config(config_cls=LlamaConfig, **overrides):
     """A tiny config of any Llama-like family (Llama, Mistral, Qwen2, ...)."""
     return config_cls(**{**TINY_FIELDS, **overrides})

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_base_config, write_tiny_corpus
 
 from loravariants.base_model import (
     BaseModelConfig,
@@ -22,34 +23,11 @@ from loravariants.cli import pretrain_base_main
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    for i in range(24):
-        body = " ".join(words[(i + j) % len(words)] for j in range(60))
-        (root / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n# {body}\n")
+    write_tiny_corpus(root)
     return root
 
 
-def tiny_config(corpus_dir, **overrides) -> BaseModelConfig:
-    fields = dict(
-        vocab_size=300,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=64,
-        context_length=32,
-        data_source=str(corpus_dir),
-        tokenizer_chars=20_000,
-        steps=4,
-        batch_size=2,
-        warmup_steps=1,
-        val_tokens=128,
-        # a 32-token context has no room for a retrieval example (tests below turn them on)
-        passkey_fraction=0.0,
-        kv_fraction=0.0,
-    )
-    fields.update(overrides)
-    return BaseModelConfig(**fields)
+tiny_config = tiny_base_config
 
 
 def _state(path):
