@@ -1,4 +1,4 @@
-"""Does an induction head form in the built-in base's shape? (docs/data.md, "Why it cannot
+"""Does an induction head form in the built-in base's shape? (docs/data.md, "Why it could not
 retrieve")
 
 Trains a freshly initialised model of the default base's shape (4 layers, hidden 256, vocabulary
