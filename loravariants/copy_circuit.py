@@ -27,8 +27,9 @@ basis of the residual stream and take from it ``P`` (``d_h`` directions: the *to
 * layer 1, head 0 (induction): query ``S P h_t`` (the current token's code), key
   ``S G^T h_s`` (the code of the token before ``s``), with ``S`` placing both in the slow
   RoPE pairs (turned by 0.25 to 1 radian over the native context, so within it the match
-  barely depends on distance, and at 4x it breaks). The score is large where ``x_{s-1} = x_t``. Value: the code of the
-  attended token ``P h_s``; output: ``delta * P^T``, back into the embedding subspace.
+  barely depends on distance, and at 4x it breaks). The score is large where
+  ``x_{s-1} = x_t``. Value: the code of the attended token ``P h_s``; output:
+  ``delta * P^T``, back into the embedding subspace.
 * ``lm_head`` starts as the embedding matrix, so that a code written into the stream raises
   the logit of its token.
 
