@@ -97,11 +97,14 @@ def circuit_planes(
 
 def check_shape(
     hidden_size: int, num_heads: int, num_layers: int, rope_theta: float, context_length: int
-) -> None:
-    """Raise :class:`CopyCircuitError` (one line, the reason) if this shape cannot hold the
-    circuit: fewer than 2 layers, a hidden size below ``2 * head_dim + 1`` (the code, the
-    previous-token slot and the common direction must be orthogonal), or no fast or no slow
-    RoPE pair."""
+) -> tuple[list[int], list[int]]:
+    """The circuit's ``(fast, slow)`` RoPE pairs (:func:`circuit_planes`) for this shape.
+
+    Raises:
+        CopyCircuitError: (one line, the reason) the shape cannot hold the circuit: fewer than
+            2 layers, a hidden size below ``2 * head_dim + 1`` (the code, the previous-token
+            slot and the common direction must be orthogonal), or no fast or no slow RoPE pair.
+    """
     head_dim = hidden_size // num_heads
     if num_layers < 2:
         raise CopyCircuitError(f"the copy circuit needs at least 2 layers, got {num_layers}")
@@ -118,6 +121,7 @@ def check_shape(
             f"({context_length} tokens); head size {head_dim} with rope_theta {rope_theta} "
             f"gives {len(fast)} and {len(slow)}"
         )
+    return fast, slow
 
 
 @torch.no_grad()
@@ -158,13 +162,14 @@ def install_copy_circuit(
     hd = d // cfg.num_attention_heads
     half = hd // 2
     rope_theta = _rope_theta(cfg)
-    check_shape(d, cfg.num_attention_heads, cfg.num_hidden_layers, rope_theta, context_length)
+    fast, slow = check_shape(
+        d, cfg.num_attention_heads, cfg.num_hidden_layers, rope_theta, context_length
+    )
     if getattr(cfg, "tie_word_embeddings", False):
         raise CopyCircuitError("the copy circuit needs untied input and output embeddings")
     if getattr(cfg, "head_dim", hd) != hd:
         raise CopyCircuitError(f"head_dim must be hidden_size / num_heads ({hd})")
     inv_freq = rope_frequencies(hd, rope_theta)
-    fast, slow = circuit_planes(hd, rope_theta, context_length)
 
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
@@ -197,18 +202,17 @@ def install_copy_circuit(
         torch.randn(hd, len(slow_dims), generator=g, dtype=torch.float64)
     )[0].T
 
-    at0, at1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
-    writes = [
-        (at0.q_proj.weight, (slice(0, hd),), torch.outer(q0, u) / u_in),
-        (at0.k_proj.weight, (slice(0, hd),), torch.outer(k0, u) / u_in),
-        (at0.v_proj.weight, (slice(0, hd),), P),
-        (at0.o_proj.weight, (slice(None), slice(0, hd)), prev_scale * G),
-        (at1.q_proj.weight, (slice(0, hd),), induction_scale * S @ P),
-        (at1.k_proj.weight, (slice(0, hd),), induction_scale * S @ G.T),
-        (at1.v_proj.weight, (slice(0, hd),), P),
-        (at1.o_proj.weight, (slice(None), slice(0, hd)), copy_scale * P.T),
+    values = [  # in the order of _circuit_weights: layer 0 q, k, v, o, then layer 1
+        torch.outer(q0, u) / u_in,
+        torch.outer(k0, u) / u_in,
+        P,
+        prev_scale * G,
+        induction_scale * S @ P,
+        induction_scale * S @ G.T,
+        P,
+        copy_scale * P.T,
     ]
-    for weight, index, value in writes:
+    for (weight, index), value in zip(_circuit_weights(model), values, strict=True):
         weight[index] = value.to(weight.dtype)
     model.model.embed_tokens.weight.copy_(E)
     model.lm_head.weight.copy_(lm_head_scale * E)
@@ -222,24 +226,24 @@ def _rope_theta(config) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def frozen_slices(model: nn.Module) -> list[tuple[nn.Parameter, tuple, torch.Tensor]]:
-    """``[(parameter, index, value)]``: the circuit's weights as they are now; writing each
-    ``value`` back after every optimizer step keeps the circuit fixed (weight decay included).
-
-    Layer 0 and 1: query rows of head 0, key and value rows of its key-value head, output
-    columns of head 0.
-    """
-    hd = getattr(model.config, "head_dim", None) or (
-        model.config.hidden_size // model.config.num_attention_heads
-    )
+def _circuit_weights(model: nn.Module) -> list[tuple[nn.Parameter, tuple]]:
+    """``[(weight, index)]`` of the circuit in layers 0 and 1: the query rows of head 0, the key
+    and value rows of its key-value head, the output columns of head 0."""
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    rows, columns = (slice(0, hd),), (slice(None), slice(0, hd))
     out = []
     for layer in model.model.layers[:2]:
         at = layer.self_attn
-        for weight, index in (
-            (at.q_proj.weight, (slice(0, hd),)),
-            (at.k_proj.weight, (slice(0, hd),)),
-            (at.v_proj.weight, (slice(0, hd),)),
-            (at.o_proj.weight, (slice(None), slice(0, hd))),
-        ):
-            out.append((weight, index, weight.detach()[index].clone()))
+        out += [
+            (at.q_proj.weight, rows),
+            (at.k_proj.weight, rows),
+            (at.v_proj.weight, rows),
+            (at.o_proj.weight, columns),
+        ]
     return out
+
+
+def frozen_slices(model: nn.Module) -> list[tuple[nn.Parameter, tuple, torch.Tensor]]:
+    """``[(parameter, index, value)]``: the circuit's weights as they are now; writing each
+    ``value`` back after every optimizer step keeps the circuit fixed (weight decay included)."""
+    return [(w, index, w.detach()[index].clone()) for w, index in _circuit_weights(model)]

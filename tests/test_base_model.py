@@ -27,9 +27,6 @@ def corpus_dir(tmp_path_factory):
     return root
 
 
-tiny_config = tiny_base_config
-
-
 def _state(path):
     from transformers import AutoModelForCausalLM
 
@@ -39,7 +36,7 @@ def _state(path):
 def test_build_caches_and_loads(corpus_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = tiny_config(corpus_dir)
+    config = tiny_base_config(corpus_dir)
     path = build_base_model(config, cache_dir=tmp_path, progress=False)
     assert path == base_model_path(config, tmp_path) and path.parent.parent == tmp_path
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp left
@@ -69,20 +66,20 @@ def test_build_caches_and_loads(corpus_dir, tmp_path):
 
 
 def test_build_is_deterministic_across_dirs(corpus_dir, tmp_path):
-    config = tiny_config(corpus_dir)
+    config = tiny_base_config(corpus_dir)
     a = _state(build_base_model(config, cache_dir=tmp_path / "a", progress=False))
     b = _state(build_base_model(config, cache_dir=tmp_path / "b", progress=False))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     # a different seed is a different model (and a different cache entry)
-    assert base_model_path(tiny_config(corpus_dir, seed=1), tmp_path / "a") != base_model_path(
+    assert base_model_path(tiny_base_config(corpus_dir, seed=1), tmp_path / "a") != base_model_path(
         config, tmp_path / "a"
     )
 
 
 def test_force_rebuilds_atomically(corpus_dir, tmp_path):
-    config = tiny_config(corpus_dir)
+    config = tiny_base_config(corpus_dir)
     path = build_base_model(config, cache_dir=tmp_path, progress=False)
     stamp = (path / "build_info.json").stat().st_mtime_ns
     time.sleep(0.01)
@@ -92,12 +89,12 @@ def test_force_rebuilds_atomically(corpus_dir, tmp_path):
 
 
 def test_cache_key_follows_config(corpus_dir, tmp_path):
-    a = base_model_path(tiny_config(corpus_dir), tmp_path)
-    assert a == base_model_path(tiny_config(corpus_dir), tmp_path)
-    assert a != base_model_path(tiny_config(corpus_dir, steps=5), tmp_path)
+    a = base_model_path(tiny_base_config(corpus_dir), tmp_path)
+    assert a == base_model_path(tiny_base_config(corpus_dir), tmp_path)
+    assert a != base_model_path(tiny_base_config(corpus_dir, steps=5), tmp_path)
     # the retrieval mix is part of the build: each knob changes the key
     keys = {
-        base_model_path(tiny_config(corpus_dir, **mix), tmp_path)
+        base_model_path(tiny_base_config(corpus_dir, **mix), tmp_path)
         for mix in (
             {},
             {"passkey_fraction": 0.25},
@@ -117,7 +114,7 @@ def _mix_config(corpus_dir, **overrides):
     fields = dict(
         context_length=256, vocab_size=400, batch_size=4, passkey_fraction=0.5, kv_fraction=0.25
     )
-    return tiny_config(corpus_dir, **{**fields, **overrides})
+    return tiny_base_config(corpus_dir, **{**fields, **overrides})
 
 
 def test_retrieval_mix_counts_and_content(corpus_dir):
@@ -183,7 +180,7 @@ def test_build_with_retrieval_mix_is_deterministic(corpus_dir, tmp_path):
 def test_too_short_context_for_passkey_is_a_clear_error(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="passkey_fraction"):
         build_base_model(
-            tiny_config(corpus_dir, passkey_fraction=0.25), cache_dir=tmp_path, progress=False
+            tiny_base_config(corpus_dir, passkey_fraction=0.25), cache_dir=tmp_path, progress=False
         )
     assert not (tmp_path / "base-models").exists() or not any((tmp_path / "base-models").iterdir())
 
@@ -215,7 +212,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 )
 def test_bad_config_raises(corpus_dir, field, value):
     with pytest.raises(ValueError, match=field):
-        tiny_config(corpus_dir, **{"passkey_fraction": 0.25, field: value})
+        tiny_base_config(corpus_dir, **{"passkey_fraction": 0.25, field: value})
 
 
 def test_missing_local_model_is_clear(tmp_path):
@@ -227,7 +224,7 @@ def test_cli_function_reuses_cache(corpus_dir, tmp_path, capsys, monkeypatch):
     # The CLI always builds the default config; point it at a cached tiny build instead.
     import loravariants.base_model as bm
 
-    config = tiny_config(corpus_dir)
+    config = tiny_base_config(corpus_dir)
     path = build_base_model(config, cache_dir=tmp_path, progress=False)
     monkeypatch.setattr(bm, "BaseModelConfig", lambda: config)
     assert pretrain_base_main(["--cache-dir", str(tmp_path), "--quiet"]) == 0
