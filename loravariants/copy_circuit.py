@@ -8,9 +8,10 @@ built-in base's budget (about 700 steps of 8 x 256 tokens on a 2-core CPU) none 
 gradient descent, whatever the data (docs/data.md, "Why it could not retrieve"). With
 ``BaseModelConfig(copy_circuit=True)`` the base starts from one: two of its 16 heads are set as
 below, and :func:`frozen_slices` keeps them fixed while the rest of the model pretrains around
-them. It is off by default: position interpolation breaks the fixed previous-token head, and
-30 fine-tuning steps do not repair it (docs/data.md). Everything else is the usual random
-initialisation, and the result is a plain ``LlamaForCausalLM``.
+them. It is off by default: linear position interpolation breaks the fixed previous-token
+head, and even 600 fine-tuning steps do not repair it; YaRN, which leaves the fast RoPE pairs
+alone, keeps it (docs/data.md). Everything else is the usual random initialisation, and the
+result is a plain ``LlamaForCausalLM``.
 
 Construction, for a model of hidden size ``d`` and head size ``d_h`` (RoPE pairs dimension
 ``i`` with ``i + d_h/2`` and turns pair ``i`` by ``theta_i`` per token). Draw an orthonormal

@@ -121,3 +121,25 @@ def test_circuit_base_perplexity_rises_at_4x_without_interpolation(circuit_base)
     model, _, _, tokens = circuit_base
     ppl = perplexity_at_lengths(model, tokens, [256, 1024], max_tokens=6144)
     assert ppl[1024] > 1.1 * ppl[256], ppl  # measured: 122.7 -> 140.1 (+14%)
+
+
+@pytest.mark.parametrize(
+    ("method", "low", "high"),
+    # measured 2026-11-29 on these 20 prompts: linear 0/20, yarn 11/20 (uninterpolated: 3/20)
+    [("linear", 0.0, 0.05), ("yarn", 0.4, 1.0)],
+)
+def test_circuit_base_at_4x_linear_interpolation_breaks_retrieval_yarn_keeps_it(
+    circuit_base, method, low, high
+):
+    """Linear interpolation divides every position by 4, so the fixed previous-token head (fast
+    RoPE pairs, peak at offset 1) peaks at offset 4; YaRN leaves the fast pairs nearly alone
+    and interpolates the slow ones the induction head matches in (docs/data.md)."""
+    import copy
+
+    from loravariants.longlora import extend_context
+
+    model, tokenizer, _, _ = circuit_base
+    extended = copy.deepcopy(model)
+    extend_context(extended, 1024, method=method, trainable=())
+    result = passkey_accuracy(extended, tokenizer, [1000], trials=20, seed=0)[1000]
+    assert low <= result.accuracy <= high, result.answers
