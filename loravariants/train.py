@@ -400,6 +400,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
         disable=not (progress and accelerator.is_main_process),
         dynamic_ncols=True,
     )
+    log = metrics_file if accelerator.is_main_process else None  # one writer
     t0 = time.perf_counter()
     run_tokens = 0
     for step in range(start_step, config.max_steps):
@@ -411,13 +412,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
         )
         lm_mean = accelerator.reduce(lm_total, reduction="sum").item()
         aux_mean = accelerator.reduce(aux_total, reduction="sum").item()
-        if not math.isfinite(lm_mean) or not math.isfinite(aux_mean):
-            bar.close()
-            where = latest_checkpoint(out) if out is not None else None
-            raise TrainingDiverged(
-                f"loss became {lm_mean} at step {step + 1}; stopped. "
-                + (f"Last good checkpoint: {where}" if where else "No checkpoint was written.")
-            )
+        _raise_if_diverged(lm_mean, aux_mean, step + 1, out, bar)
         _update(params, optimizer, accelerator, config, step, out, bar)
         reset = on_step_end(inner, step + 1, optimizer)
         advance_schedule(scheduler, cycle, step + 1, bool(reset) and restart_lr)
@@ -436,16 +431,10 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
         tps = run_tokens / max(elapsed, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{lm_mean:.4f}", tok_s=f"{tps:,.0f}")
-        if (
-            metrics_file is not None
-            and accelerator.is_main_process
-            and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps)
-        ):
+        if log is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps):
             line = {"step": step + 1, "loss": lm_mean, "aux_loss": aux_mean}
             line.update(lr=scheduler.get_last_lr()[0], tokens=result.tokens)
-            line.update(tokens_per_s=tps, elapsed_s=elapsed)
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(line) + "\n")
+            _append_json_line(log, line | {"tokens_per_s": tps, "elapsed_s": elapsed})
         if out is not None and config.save_every and (step + 1) % config.save_every == 0:
             save_checkpoint(
                 out, inner, optimizer, scheduler, cycle, result, step + 1, config, accelerator
@@ -458,6 +447,24 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     inner.eval()
     accelerator.wait_for_everyone()
     return result
+
+
+def _raise_if_diverged(lm_mean: float, aux_mean: float, step: int, out, bar) -> None:
+    """Stop on a non-finite loss (after step ``step``), naming the last checkpoint to resume."""
+    if math.isfinite(lm_mean) and math.isfinite(aux_mean):
+        return
+    bar.close()
+    where = latest_checkpoint(out) if out is not None else None
+    raise TrainingDiverged(
+        f"loss became {lm_mean} at step {step}; stopped. "
+        + (f"Last good checkpoint: {where}" if where else "No checkpoint was written.")
+    )
+
+
+def _append_json_line(path: Path, line: dict) -> None:
+    """One metrics line (``metrics.jsonl``)."""
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _check_fsdp_run(config: TrainConfig, output_dir, resume: bool) -> None:
