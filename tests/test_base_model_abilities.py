@@ -8,6 +8,7 @@ cache (``loravariants pretrain-base`` builds the same model) and take about a mi
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from loravariants.base_model import BaseModelConfig, build_base_model, load_base
 from loravariants.config import DataConfig
 from loravariants.data import load_validation_tokens
 from loravariants.evaluate import induction_score, passkey_accuracy, perplexity_at_lengths
+from loravariants.longlora import extend_context
 
 pytestmark = pytest.mark.slow
 
@@ -134,10 +136,6 @@ def test_circuit_base_at_4x_linear_interpolation_breaks_retrieval_yarn_keeps_it(
     """Linear interpolation divides every position by 4, so the fixed previous-token head (fast
     RoPE pairs, peak at offset 1) peaks at offset 4; YaRN leaves the fast pairs nearly alone
     and interpolates the slow ones the induction head matches in (docs/data.md)."""
-    import copy
-
-    from loravariants.longlora import extend_context
-
     model, tokenizer, _, _ = circuit_base
     extended = copy.deepcopy(model)
     extend_context(extended, 1024, method=method, trainable=())
