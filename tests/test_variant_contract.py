@@ -99,7 +99,10 @@ def test_merge_unmerge_round_trip(variant, tokens):
     lv.unmerge(model)
     for key, value in frozen.items():
         assert_close(model.state_dict()[key], value, atol=1e-6, rtol=0)
-    assert_close(model(tokens).logits, want, atol=1e-6, rtol=0)
+    # unmerge subtracts dW again (as peft does), so W is back only to rounding; logits sum over
+    # the hidden size, and on some CPUs' kernels that rounding reaches 1.7e-6: the same 1e-5 as
+    # the merged check above
+    assert_close(model(tokens).logits, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variant, fmt", FORMAT_CASES)
