@@ -133,6 +133,10 @@ def statistics_context(accelerator: Any, model: nn.Module) -> AbstractContextMan
     return stack
 
 
+#: the distributed type accelerate gave this launch before FSDP was set (fsdp_accelerator)
+_LAUNCH_TYPE: dict[str, Any] = {}
+
+
 def fsdp_accelerator(model: nn.Module, **kwargs: Any) -> Any:
     """An ``Accelerator`` for an FSDP launch: FSDP2 with the launch config's ``fsdp_config``
     (read from the environment ``accelerate launch`` sets), on GPUs and on CPUs (gloo).
@@ -168,6 +172,15 @@ def fsdp_accelerator(model: nn.Module, **kwargs: Any) -> Any:
             "FSDP2 only; set fsdp_version: 2 in the accelerate config "
             "(configs/accelerate/fsdp.yaml)"
         )
+    # A second train() in this process: the process state still says FSDP (set by the first
+    # one, or by accelerate itself on GPUs), and accelerate then skips the branch that installs
+    # the plugin. Put back the launch's own type so the plugin is installed again.
+    PartialState(cpu=bool(kwargs.get("cpu", False)))  # the launch's processes (kept)
+    shared = PartialState._shared_state
+    if shared["distributed_type"] == DistributedType.FSDP:
+        shared["distributed_type"] = _LAUNCH_TYPE.get("type", DistributedType.MULTI_CPU)
+    else:
+        _LAUNCH_TYPE["type"] = shared["distributed_type"]
     accelerator = Accelerator(fsdp_plugin=plugin, **kwargs)
     state = AcceleratorState()
     if state.distributed_type == DistributedType.MULTI_CPU:
@@ -186,10 +199,36 @@ def fsdp_accelerator(model: nn.Module, **kwargs: Any) -> Any:
 
 def average_replicated_gradients(accelerator: Any, params: list[nn.Parameter]) -> None:
     """Average over processes the gradients of parameters FSDP left whole (the adapters,
-    :func:`fsdp_accelerator`): FSDP reduces only the ones it shards. Sharded parameters
-    (DTensors) are left alone. Collective: every process calls it with the same ``params``."""
+    :func:`fsdp_accelerator`): FSDP reduces only the ones it shards.
+
+    A parameter can have a gradient on one process and none on another (a MixLoRA expert that
+    only the other process's tokens reached): it counts as zero there, so the mean is the
+    one-process gradient, and no process waits for a reduction another one skips. One that no
+    process reached keeps ``grad None``, as in one process (AdamW then skips it). Two
+    collectives in all: which parameters have a gradient anywhere, then one flat buffer of
+    them (fp32). Sharded parameters (DTensors) are left alone. Collective: every process calls
+    it with the same ``params``.
+    """
     from torch.distributed.tensor import DTensor
 
-    for p in params:
-        if p.grad is not None and not isinstance(p, DTensor):
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
+    whole = [p for p in params if not isinstance(p, DTensor)]
+    if not whole:
+        return
+    device = whole[0].device
+    has = torch.tensor([p.grad is not None for p in whole], dtype=torch.float32, device=device)
+    has = accelerator.reduce(has, reduction="sum")
+    reached = [p for p, h in zip(whole, has.tolist(), strict=True) if h > 0]
+    if not reached:
+        return
+    flat = torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            for p in reached
+        ]
+    )
+    flat = accelerator.reduce(flat, reduction="mean")
+    start = 0
+    for p in reached:
+        n = p.numel()
+        p.grad = flat[start : start + n].view_as(p).to(p.dtype)
+        start += n

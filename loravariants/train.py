@@ -353,8 +353,6 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     # refuse a variant/strategy pair before any work (distributed.py)
     strategy = launch_strategy()
     check_supported(model, strategy)
-    if strategy == "fsdp":
-        _check_fsdp_run(config, output_dir, resume)
     seed_everything(config.seed)
     accelerator = _accelerator(config, model, sparse, strategy)
     world = accelerator.num_processes
@@ -465,21 +463,6 @@ def _append_json_line(path: Path, line: dict) -> None:
     """One metrics line (``metrics.jsonl``)."""
     with path.open("a") as f:
         f.write(json.dumps(line) + "\n")
-
-
-def _check_fsdp_run(config: TrainConfig, output_dir, resume: bool) -> None:
-    """Checkpoints under FSDP: the adapters and their optimizer state are whole there (as under
-    DDP), but saving and resuming are untested with a sharded base, so they are refused."""
-    if config.save_every:
-        raise ValueError(
-            "save_every > 0 is not supported under FSDP yet (checkpoints are untested with a "
-            "sharded base); set save_every: 0, or train under DDP (docs/distributed.md)"
-        )
-    if output_dir is not None and resume and latest_checkpoint(Path(output_dir)) is not None:
-        raise ValueError(
-            f"{output_dir} holds a checkpoint, which cannot be resumed under FSDP; resume it "
-            "under DDP or one process, or pass resume=False (docs/distributed.md)"
-        )
 
 
 def _start(out, resume, inner, optimizer, scheduler, cycle, result, config, accelerator) -> int:

@@ -25,7 +25,6 @@ from loravariants.distributed import (
     STRATEGIES,
     check_supported,
     support_table,
-    supported_strategies,
 )
 
 HERE = Path(__file__).parent
@@ -43,8 +42,11 @@ def _port() -> str:
     return str(29600 + os.getpid() % 300)
 
 
-def launch(config: str, args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file CONFIG tests/_train_script.py ARGS`` in a subprocess."""
+def launch(
+    config: str, args: list[str], processes: int = 2, script: str = SCRIPT
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG SCRIPT ARGS`` in a subprocess (default script:
+    tests/_train_script.py)."""
     cmd = [
         sys.executable,
         "-m",
@@ -55,7 +57,7 @@ def launch(config: str, args: list[str], processes: int = 2) -> subprocess.Compl
         str(processes),
         "--main_process_port",
         _port(),
-        SCRIPT,
+        script,
         *args,
     ]
     return subprocess.run(cmd, env=_env(), timeout=600, capture_output=True, text=True)
@@ -118,32 +120,25 @@ def test_support_table_covers_every_variant_and_strategy():
         assert row["single"] is None and row["ddp"] is None, variant
 
 
-@pytest.mark.parametrize("variant", ["cola", "mixlora", "multilora"])
+@pytest.mark.parametrize("variant", ["lora", "cola", "mixlora", "multilora"])
 def test_unsupported_pair_is_refused_naming_the_alternatives(variant):
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
     with pytest.raises(ValueError) as info:
-        check_supported(model, "fsdp")
+        check_supported(model, "deepspeed")
     message = str(info.value)
     assert "\n" not in message
-    assert f"({variant}) cannot train under fsdp" in message
-    assert "supported strategies for it: single, ddp" in message
+    assert f"({variant}) cannot train under deepspeed" in message
+    assert "FSDP2 is the supported sharded path" in message
+    assert "supported strategies for it: single, ddp, fsdp" in message
     check_supported(model, "ddp")  # supported: no error
-
-
-def test_deepspeed_is_refused_as_untested():
-    model = lv.attach(make_tiny_llama(), DDP_VARIANTS["lora"]())
-    with pytest.raises(
-        ValueError, match="DeepSpeed is not tested.*supported strategies for it: single, ddp, fsdp"
-    ):
-        check_supported(model, "deepspeed")
-    assert supported_strategies(lv.adapter_config(model)) == ["single", "ddp", "fsdp"]
+    check_supported(model, "fsdp")
 
 
 def test_cola_rank_step_down_is_refused_under_ddp_only():
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS["cola-step-down"]())
     with pytest.raises(
         ValueError,
-        match=r"link_ranks=\[2, 1\] steps the rank down.*strategies for it: single ",
+        match=r"link_ranks=\[2, 1\] steps the rank down.*strategies for it: single, fsdp ",
     ):
         check_supported(model, "ddp")
     check_supported(model, "single")
@@ -151,21 +146,22 @@ def test_cola_rank_step_down_is_refused_under_ddp_only():
 
 @pytest.mark.parametrize(
     ("launch_env", "variant"),
-    [("ACCELERATE_USE_FSDP", "cola"), ("ACCELERATE_USE_DEEPSPEED", "lora")],
+    [("WORLD_SIZE", "cola-step-down"), ("ACCELERATE_USE_DEEPSPEED", "lora")],
 )
-def test_fsdp_or_deepspeed_launch_is_refused_before_any_work(
+def test_an_unsupported_launch_is_refused_before_any_work(
     launch_env, variant, monkeypatch, tmp_path
 ):
-    """What ``accelerate launch`` with an FSDP or DeepSpeed config sets; on a machine without
-    GPUs accelerate itself would quietly run DDP instead, so the request is what counts."""
+    """What ``accelerate launch`` with a DDP (two processes) or DeepSpeed config sets; on a
+    machine without GPUs accelerate itself would quietly run DDP for DeepSpeed, so the request
+    is what counts."""
     from _train_script import random_blocks
 
     from loravariants.train import TrainConfig, train
 
-    monkeypatch.setenv(launch_env, "true")
+    monkeypatch.setenv(launch_env, "2" if launch_env == "WORLD_SIZE" else "true")
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    match = rf"\({variant}\) cannot train under .*supported strategies"
+    match = rf"\({lv.adapter_config(model).variant}\) cannot train under .*supported strategies"
     with pytest.raises(ValueError, match=match):
         train(model, random_blocks(n=4), TrainConfig(max_steps=1), output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()

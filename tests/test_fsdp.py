@@ -1,7 +1,11 @@
-"""Issue 17: LoRA under FSDP2 (``accelerate launch --config_file configs/accelerate/fsdp.yaml``,
-gloo on CPU) equals one process at the same global batch: losses, every model tensor (the
-sharded frozen base gathered) and the adapter ``save_adapter`` writes on each process. Other
-variants, and checkpoints under FSDP, are refused before any work.
+"""Issues 17 and 29: every variant under FSDP2 (``accelerate launch --config_file
+configs/accelerate/fsdp.yaml``, gloo on CPU) equals one process at the same global batch:
+losses, balance losses, router statistics, every model tensor (the sharded frozen base
+gathered: COLA folds its links into it) and the adapter ``save_adapter`` writes on each
+process. The frozen base's resident bytes per process halve from one process to two.
+
+One launch trains every variant in turn (tests/_fsdp_script.py): an interpreter start-up and a
+process group cost more than the tiny runs themselves.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_script import DDP_VARIANTS, random_blocks, variant_main
+from _train_script import DDP_VARIANTS
 from conftest import make_tiny_llama
 from safetensors.torch import load_file
 from test_distributed import ROOT, launch
@@ -19,67 +23,93 @@ from torch.testing import assert_close
 
 import loravariants as lv
 from loravariants.distributed import check_supported, supported_strategies
-from loravariants.train import TrainConfig, train
 
 FSDP_CONFIG = str(ROOT / "configs" / "accelerate" / "fsdp.yaml")
+SCRIPT = str(Path(__file__).parent / "_fsdp_script.py")
+
+#: COLA knots at 2 and 4 (two links folded into the sharded base), its rank step-down (the
+#: link resized in place), MultiLoRA's per-channel branch scales, MixLoRA with 8 experts so
+#: that an expert gets tokens on one process only (checked below)
+FAST = ["lora", "cola", "cola-step-down", "multilora-channel", "mixlora-sparse"]
+SLOW = ["multilora", "mixlora", "mixlora-per-layer"]
 
 
-def test_lora_fsdp_equals_one_process(tmp_path):
-    steps = 5
-    variant_main(["lora", str(tmp_path / "one"), "4", str(steps)])
-    proc = launch(FSDP_CONFIG, ["variant", "lora", str(tmp_path / "two"), "2", str(steps)])
+def _check_fsdp_equals_one_process(variants: list[str], tmp_path: Path, steps: int = 5) -> None:
+    import _fsdp_script
+
+    # one process at batch 4, in this process (no second interpreter start-up) ...
+    _fsdp_script.variants_main([str(tmp_path / "one"), "4", str(steps), *variants])
+    # ... and two FSDP2 processes at batch 2 each: the same global batch, the same rows
+    args = ["variants", str(tmp_path / "two"), "2", str(steps), *variants]
+    proc = launch(FSDP_CONFIG, args, script=SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "result.json").read_text())
-    two = json.loads((tmp_path / "two" / "result.json").read_text())
-    # sharded for real: the frozen decoder-layer weights were DTensors, the adapters whole
-    assert one["sharded"] == []
-    assert any(".layers.0.self_attn.q_proj." in n for n in two["sharded"]), two["sharded"]
-    assert not set(two["sharded"]) & set(two["trainable"])
-    assert two["trainable"] == one["trainable"] != []
-    assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
-    ref = load_file(tmp_path / "one" / "state-rank0.safetensors")
+    for variant in variants:
+        _check_variant(tmp_path / "one" / variant, tmp_path / "two" / variant, variant)
+    # the gradient average itself: a gradient on both processes, on rank 0 only, on rank 1
+    # only (zero elsewhere: the mean is half of it), on neither (stays None)
     for rank in (0, 1):
-        state = load_file(tmp_path / "two" / f"state-rank{rank}.safetensors")
+        grads = json.loads((tmp_path / "two" / f"average-rank{rank}.json").read_text())
+        assert grads == [[1.5] * 3, [2.0] * 3, [2.0] * 3, None]
+
+
+def _check_variant(one: Path, two: Path, variant: str) -> None:
+    a = json.loads((one / "result.json").read_text())
+    b = json.loads((two / "result.json").read_text())
+    # sharded for real: the frozen decoder-layer weights were DTensors, the adapters whole
+    assert a["sharded"] == []
+    assert any(".layers.0.self_attn.q_proj.base_layer" in n for n in b["sharded"]), variant
+    assert not set(b["sharded"]) & set(b["trainable"])
+    assert b["trainable"] == a["trainable"] != []
+    assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), atol=1e-5, rtol=1e-5)
+    assert_close(torch.tensor(b["aux"]), torch.tensor(a["aux"]), atol=1e-5, rtol=1e-5)
+    assert b["router"] == a["router"], variant  # the global batch's routing
+    ref = load_file(one / "state-rank0.safetensors")
+    for rank in (0, 1):
+        state = load_file(two / f"state-rank{rank}.safetensors")
         assert state.keys() == ref.keys()
-        for key in ref:
-            assert_close(state[key], ref[key], atol=1e-5, rtol=1e-4, msg=key)
-        # the adapter as the library saves it, from each process of the sharded run
-        saved = load_file(tmp_path / "two" / f"adapter-rank{rank}" / "adapter_model.safetensors")
-        want = load_file(tmp_path / "one" / "adapter-rank0" / "adapter_model.safetensors")
+        for key in ref:  # every tensor, the frozen (folded) weights included
+            assert_close(state[key], ref[key], atol=1e-5, rtol=1e-4, msg=f"{variant} {key}")
+        saved = load_file(two / f"adapter-rank{rank}" / "adapter_model.safetensors")
+        want = load_file(one / "adapter-rank0" / "adapter_model.safetensors")
         assert saved.keys() == want.keys() and saved
         for key in want:
-            assert_close(saved[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
-    # B starts at zero: the compared adapter did train
-    assert all(ref[k].abs().sum() > 0 for k in ref if k.endswith("lora_B"))
+            assert_close(saved[key], want[key], atol=1e-5, rtol=1e-4, msg=f"{variant} {key}")
+    # the frozen base per process: half of one process's bytes (every unit is sharded)
+    full = json.loads((one / "rank0.json").read_text())["frozen_bytes"]
+    for rank in (0, 1):
+        assert json.loads((two / f"rank{rank}.json").read_text())["frozen_bytes"] == full // 2
+    fresh = make_tiny_llama().state_dict()
+    q = "model.layers.0.self_attn.q_proj.base_layer.weight"
+    if variant.startswith("cola"):
+        # the links were folded into the (sharded) base: it moved, the same way in both runs
+        assert not torch.equal(ref[q], fresh["model.layers.0.self_attn.q_proj.weight"])
+        index = next(k for k in ref if k.endswith("q_proj.adapters.default.link_index"))
+        assert int(ref[index]) == (1 if variant == "cola-step-down" else 2)
+    if variant == "cola-step-down":  # the link after the knot has rank 1
+        a_key = next(k for k in ref if k.endswith("q_proj.adapters.default.lora_A"))
+        assert ref[a_key].shape[0] == 1
+    if variant == "mixlora-sparse":
+        # some step had an expert whose gradient one process had and the other had not
+        m0 = json.loads((two / "rank0.json").read_text())["missing_grads"]
+        m1 = json.loads((two / "rank1.json").read_text())["missing_grads"]
+        assert any(set(x) != set(y) for x, y in zip(m0, m1, strict=True))
+    if variant.startswith("multilora"):  # the branch scales trained (they start at 0)
+        scales = [k for k in ref if k.endswith(".scales")]
+        assert scales and all(ref[k].abs().sum() > 0 for k in scales)
 
 
-def test_only_plain_lora_supports_fsdp():
-    lora = lv.attach(make_tiny_llama(), DDP_VARIANTS["lora"]())
-    check_supported(lora, "fsdp")
-    assert supported_strategies(lv.adapter_config(lora)) == ["single", "ddp", "fsdp"]
-    # COLA is a LoRAConfig subclass: it must not inherit LoRA's FSDP support
-    for variant in ("cola", "multilora", "mixlora"):
+def test_every_variant_under_fsdp_equals_one_process(tmp_path):
+    _check_fsdp_equals_one_process(FAST, tmp_path)
+
+
+@pytest.mark.slow
+def test_more_variant_configs_under_fsdp_equal_one_process(tmp_path):
+    _check_fsdp_equals_one_process(SLOW, tmp_path)
+
+
+def test_every_builtin_variant_supports_fsdp_and_cola_step_down_not_ddp():
+    for variant in ("lora", "cola", "multilora", "mixlora", "cola-step-down"):
         model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
-        with pytest.raises(ValueError, match=r"cannot train under fsdp.*for it: single, ddp \("):
-            check_supported(model, "fsdp")
-
-
-@pytest.mark.parametrize("resume_from_checkpoint", [False, True])
-def test_checkpoints_under_fsdp_are_refused_before_any_work(
-    resume_from_checkpoint, monkeypatch, tmp_path: Path
-):
-    out = tmp_path / "out"
-    config = TrainConfig(max_steps=1, save_every=1)
-    if resume_from_checkpoint:  # a checkpoint written by a one-process run
-        model = lv.attach(make_tiny_llama(), DDP_VARIANTS["lora"]())
-        train(model, random_blocks(n=4), config, output_dir=out, progress=False)
-        config = TrainConfig(max_steps=2)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    model = lv.attach(make_tiny_llama(), DDP_VARIANTS["lora"]())
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    listing = sorted(out.rglob("*")) if out.exists() else None
-    match = "holds a checkpoint" if resume_from_checkpoint else "save_every > 0 is not supported"
-    with pytest.raises(ValueError, match=match):
-        train(model, random_blocks(n=4), config, output_dir=out, progress=False)
-    assert (sorted(out.rglob("*")) if out.exists() else None) == listing
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        check_supported(model, "fsdp")
+        want = ["single", "fsdp"] if variant == "cola-step-down" else ["single", "ddp", "fsdp"]
+        assert supported_strategies(lv.adapter_config(model)) == want

@@ -41,6 +41,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterHost",
     "AdapterLayer",
+    "add_into_",
     "check_range",
     "iter_frozen_modules",
     "match_target",
@@ -136,19 +137,39 @@ def match_target(module_path: str, target_modules: str | Sequence[str]) -> bool:
 
 
 #: why a launch strategy is refused by default (AdapterConfig.unsupported_strategy); the ones
-#: missing here (single, ddp) are supported.
+#: missing here (single, ddp, fsdp) are supported. FSDP2 needs nothing of a variant: its
+#: adapter modules stay whole (left out of the sharding) and a write into a sharded frozen
+#: weight goes through :func:`add_into_` (each process adds its own rows).
 UNSUPPORTED_STRATEGIES: dict[str, str] = {
-    "fsdp": (
-        "FSDP2 is tested for plain LoRA only (LoRAConfig opts in); this variant's layers are "
-        "not, and COLA's in-place link changes or MixLoRA's cross-process statistics would need "
-        "their own check; DDP trains it (docs/distributed.md)"
-    ),
     "deepspeed": (
-        "DeepSpeed is not tested with loravariants (the deepspeed package is not part of the "
-        "tested setup); the training loop's gradient-accumulation, clipping and checkpoint code "
-        "is accelerate's plain path"
+        "DeepSpeed is not supported (its engine steps and clips inside backward and keeps "
+        "flat per-rank optimizer partitions, which the loop's gradient accumulation, COLA's "
+        "optimizer reset and the checkpoints do not follow); FSDP2 is the supported sharded "
+        "path (configs/accelerate/fsdp.yaml)"
     ),
 }
+
+
+def add_into_(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """``weight += delta`` in place, also when ``weight`` is sharded (an FSDP2 ``DTensor``).
+
+    Each process then adds the rows of ``delta`` it holds, cut from the full ``delta`` as the
+    weight is cut (``distribute_tensor`` without communication): the gathered result equals
+    the one-process ``weight + delta`` bit for bit.
+
+    Args:
+        weight: ``(out, in)``, a tensor or a DTensor.
+        delta: ``(out, in)`` full-size, the same on every process, in ``weight``'s dtype.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(weight, DTensor):
+        mine = distribute_tensor(
+            delta.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None
+        )
+        weight.to_local().add_(mine.to_local())
+    else:
+        weight += delta
 
 
 @dataclass
@@ -255,11 +276,12 @@ class AdapterConfig:
 
         Returns:
             None, or the reason in a few words. By default one process and DDP work (the loop
-            undoes DDP's gradient mean and finds unused parameters of sparse layers); FSDP and
-            DeepSpeed are refused (docs/distributed.md). A variant overrides this for its own
-            limits (COLA's rank step-down under DDP) or opts in (LoRA: FSDP).
+            undoes DDP's gradient mean and finds unused parameters of sparse layers) and so
+            does FSDP2 (the adapters stay whole; frozen-weight writes use :func:`add_into_`);
+            DeepSpeed is refused (docs/distributed.md). A variant overrides this for its own
+            limits (COLA's rank step-down under DDP).
         """
-        if strategy in ("single", "ddp"):
+        if strategy in ("single", "ddp", "fsdp"):
             return None
         return UNSUPPORTED_STRATEGIES.get(strategy, f"the strategy {strategy!r} is unknown")
 
@@ -495,7 +517,7 @@ class AdapterLayer(nn.Module):
         base = self._check_mergeable()
         if self.merged:
             return
-        base.weight += self.merge_delta().to(base.weight.dtype)
+        add_into_(base.weight, self.merge_delta().to(base.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -504,7 +526,7 @@ class AdapterLayer(nn.Module):
         base = self._check_mergeable()
         if not self.merged:
             return
-        base.weight -= self.merge_delta().to(base.weight.dtype)
+        add_into_(base.weight, -self.merge_delta().to(base.weight.dtype))
         self.merged = False
 
     # -- training hooks -----------------------------------------------------------------------

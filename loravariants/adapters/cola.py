@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, check_range, register_variant
+from .base import AdapterLayer, add_into_, check_range, register_variant
 from .lora import LoRAConfig, init_lora_, lora_scaling
 
 __all__ = [
@@ -208,10 +208,12 @@ class COLAConfig(LoRAConfig):
 
     def unsupported_strategy(self, strategy: str) -> str | None:
         ranks = self.link_ranks or []
-        if strategy != "single" and len(set(ranks)) > 1:
+        if strategy == "ddp" and len(set(ranks)) > 1:
             # the step-down resizes a link's parameters in place mid-run; DDP's gradient
-            # buckets (and any sharding) keep the old sizes. Equal-rank restarts are fine:
-            # every process draws the new link from the same seeded generator.
+            # buckets keep the old sizes. FSDP2 leaves the adapters whole, out of its
+            # sharding, and averages their gradients one tensor at a time: it follows the
+            # resize (tests/test_fsdp.py). Equal-rank restarts are fine everywhere: every
+            # process draws the new link from the same seeded generator.
             return (
                 f"link_ranks={list(ranks)} steps the rank down, which resizes the link's "
                 "parameters in place; DDP's gradient buckets keep the old sizes (use equal "
@@ -322,10 +324,12 @@ class COLALinear(AdapterLayer):
         return out.to(x.dtype)
 
     def _fold(self, sign: float, start: int, stop: int) -> None:
-        """``W += sign * chain_B[:, start:stop] @ chain_A[start:stop]`` (skipped on meta)."""
+        """``W += sign * chain_B[:, start:stop] @ chain_A[start:stop]`` (skipped on meta); under
+        FSDP2 each process adds the rows of the weight it holds (:func:`add_into_`)."""
         W = self.base.weight
         if stop > start and W.device.type != "meta":
-            W += sign * (self.chain_B[:, start:stop] @ self.chain_A[start:stop]).to(W.dtype)
+            delta = sign * (self.chain_B[:, start:stop] @ self.chain_A[start:stop]).to(W.dtype)
+            add_into_(W, delta)
 
     @torch.no_grad()
     def set_shared(self, shared: bool) -> None:

@@ -100,14 +100,6 @@ class LoRAConfig(AdapterConfig):
         r, alpha = self.rank_for(path)
         return LoRALinear(module, self, r=r, alpha=alpha)
 
-    def unsupported_strategy(self, strategy: str) -> str | None:
-        # FSDP2 (tests/test_fsdp.py): plain LoRA only. A subclass (COLA) changes or resizes
-        # its parameters mid-run, which sharded parameters do not follow; it must be tested
-        # under FSDP before it opts in, so it keeps the base refusal.
-        if strategy == "fsdp" and type(self) is LoRAConfig:
-            return None
-        return super().unsupported_strategy(strategy)
-
 
 def _pattern_value(pattern: dict, path: str, default):
     for key, value in pattern.items():
