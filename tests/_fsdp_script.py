@@ -8,11 +8,12 @@ python tests/_fsdp_script.py variants OUT_DIR BATCH_SIZE STEPS VARIANT [VARIANT 
     tensor's local shard) and, per optimizer step, which adapter tensors had no gradient on
     this process before the cross-process average. Then OUT_DIR/average-rank{R}.json: a
     direct check of that average on tensors with a gradient on one process only, or none.
-python tests/_fsdp_script.py resume OUT_DIR VARIANT STEPS KILL_AT
+python tests/_fsdp_script.py resume OUT_DIR VARIANT BATCH_SIZE STEPS KILL_AT
     train VARIANT with a checkpoint every step into OUT_DIR/train, resuming what is there;
     with KILL_AT > 0 rank 0 SIGKILLs itself at the end of optimizer step KILL_AT (before its
-    checkpoint). Every rank writes OUT_DIR/final-rank{R}.safetensors and the main process
-    OUT_DIR/adapter (lv.save_adapter, peft format for the LoRA family) and OUT_DIR/result.json.
+    checkpoint). Every rank writes OUT_DIR/final-rank{R}.safetensors; the main process
+    OUT_DIR/adapter (lv.save_adapter), OUT_DIR/adapter-peft (the LoRA family) and
+    OUT_DIR/result.json.
 python tests/_fsdp_script.py long OUT_DIR BATCH_SIZE STEPS
     LoRA with S2-Attn and gradient checkpointing (2 steps in the test): OUT_DIR/result.json and
     state-rank{R}.safetensors.
@@ -128,7 +129,8 @@ def _check_average(out: Path) -> None:
 
 
 def resume_main(argv: list[str]) -> None:
-    out, variant, steps, kill_at = Path(argv[0]), argv[1], int(argv[2]), int(argv[3])
+    out, variant, batch = Path(argv[0]), argv[1], int(argv[2])
+    steps, kill_at = int(argv[3]), int(argv[4])
     torch.set_num_threads(1)
     model = lv.attach(make_tiny_llama(), DDP_VARIANTS[variant]())
     if kill_at and RANK == 0:
@@ -143,13 +145,14 @@ def resume_main(argv: list[str]) -> None:
 
         lv_train.on_step_end = on_step_end
     config = TrainConfig(
-        max_steps=steps, batch_size=2, lr=1e-2, warmup_steps=0, seed=3, save_every=1
+        max_steps=steps, batch_size=batch, lr=1e-2, warmup_steps=0, seed=3, save_every=1
     )
     result = train(model, random_blocks(masked=True), config, out / "train", progress=False)
     _save_state(model, out / f"final-rank{RANK}.safetensors")
     if RANK == 0:
-        fmt = "peft" if variant in ("lora", "cola") else "native"
-        lv.save_adapter(model, out / "adapter", format=fmt)
+        lv.save_adapter(model, out / "adapter")
+        if variant in ("lora", "cola"):
+            lv.save_adapter(model, out / "adapter-peft", format="peft")
         record = {"losses": result.losses, "resumed_from": result.resumed_from}
         (out / "result.json").write_text(json.dumps(record))
 

@@ -113,3 +113,41 @@ def test_every_builtin_variant_supports_fsdp_and_cola_step_down_not_ddp():
         check_supported(model, "fsdp")
         want = ["single", "fsdp"] if variant == "cola-step-down" else ["single", "ddp", "fsdp"]
         assert supported_strategies(lv.adapter_config(model)) == want
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_run_resumes_to_the_same_final_weights(tmp_path):
+    """COLA (knots at 2 and 4): rank 0 killed at the end of step 3, the launch resumed from
+    step 2's checkpoint: the resumed chain is folded again into the sharded base. The adapter
+    the main process saves loads in one process and (peft format) in peft."""
+    import _fsdp_script
+    import peft
+
+    # one process at batch 4, uninterrupted (in this process)
+    _fsdp_script.resume_main([str(tmp_path / "one"), "cola", "4", "6", "0"])
+    args = ["resume", str(tmp_path / "two"), "cola", "2", "6"]
+    killed = launch(FSDP_CONFIG, [*args, "3"], script=SCRIPT)
+    assert killed.returncode != 0
+    assert not (tmp_path / "two" / "result.json").exists()
+    resumed = launch(FSDP_CONFIG, [*args, "0"], script=SCRIPT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["resumed_from"] == 2 and one["resumed_from"] is None
+    assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
+    ref = load_file(tmp_path / "one" / "final-rank0.safetensors")
+    for rank in (0, 1):
+        state = load_file(tmp_path / "two" / f"final-rank{rank}.safetensors")
+        assert state.keys() == ref.keys()
+        for key in ref:
+            assert_close(state[key], ref[key], atol=1e-5, rtol=1e-4, msg=key)
+    # the saved adapter, in one process: the same model (its chain folded into a fresh base)
+    fresh = lv.load_adapter(make_tiny_llama(), tmp_path / "two" / "adapter")
+    loaded = fresh.state_dict()
+    for key in ref:
+        assert_close(loaded[key], ref[key], atol=1e-5, rtol=1e-4, msg=key)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "two" / "adapter-peft")
+    with torch.no_grad():
+        want = fresh.eval()(tokens).logits
+        assert_close(theirs.eval()(input_ids=tokens).logits, want, atol=1e-5, rtol=1e-4)
