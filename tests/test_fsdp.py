@@ -11,6 +11,7 @@ process group cost more than the tiny runs themselves.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,24 @@ def test_a_killed_fsdp_run_resumes_to_the_same_final_weights(tmp_path):
     with torch.no_grad():
         want = fresh.eval()(tokens).logits
         assert_close(theirs.eval()(input_ids=tokens).logits, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_s2attn_with_gradient_checkpointing_under_fsdp_equals_one_process(tmp_path):
+    """LongLoRA's memory recipe together: S2-Attn (32-token rows, groups of 8), gradient
+    checkpointing (the frozen layers recomputed, all-gathered again in backward) and FSDP2."""
+    import _fsdp_script
+
+    _fsdp_script.long_main([str(tmp_path / "one"), "4", "2"])
+    proc = launch(FSDP_CONFIG, ["long", str(tmp_path / "two"), "2", "2"], script=SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "result.json").read_text())["losses"]
+    two = json.loads((tmp_path / "two" / "result.json").read_text())["losses"]
+    assert len(two) == 2 and all(math.isfinite(x) for x in two)
+    assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5)
+    ref = load_file(tmp_path / "one" / "state-rank0.safetensors")
+    for rank in (0, 1):
+        state = load_file(tmp_path / "two" / f"state-rank{rank}.safetensors")
+        for key in ref:
+            assert_close(state[key], ref[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert any(ref[k].abs().sum() > 0 for k in ref if k.endswith("lora_B"))  # it trained
