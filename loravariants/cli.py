@@ -188,8 +188,15 @@ def train_main(argv: Sequence[str]) -> int:
     seed = config.seeds[0] if args.seed is None else args.seed
     if seed not in config.seeds:
         config = replace(config, seeds=[*config.seeds, seed])
-    # the run lands in the experiment's folder, and the report keeps covering every row
-    out = compare(config, progress=not args.quiet, only=[(rows[0].name, seed)])
+    from .distributed import launch_strategy
+
+    if launch_strategy() != "single":  # accelerate launch / torchrun: every process trains
+        out = _train_launched(config, rows[0], seed, progress=not args.quiet)
+        if out is None:
+            return 0  # not the main process: it trained its share; the main one records it
+    else:
+        # the run lands in the experiment's folder, and the report keeps covering every row
+        out = compare(config, progress=not args.quiet, only=[(rows[0].name, seed)])
     _print_summary(out)
     run_dir = run_folder(out, rows[0].name, seed)
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -200,6 +207,51 @@ def train_main(argv: Sequence[str]) -> int:
         return 1
     print(f"adapter: {run_dir / 'adapter'}")
     return 0
+
+
+def _train_launched(config, row, seed: int, progress: bool):
+    """``loravariants train`` as one of several processes (``accelerate launch --config_file
+    configs/accelerate/{ddp,fsdp}.yaml`` or ``torchrun``): the row trains over every process,
+    ``train.batch_size`` rows per process per micro-batch; the main process writes the adapter
+    into the row's usual folder, evaluates it and records it as a one-process run would.
+
+    Returns:
+        The output folder on the main process, None on the others.
+
+    Raises:
+        ValueError: the launch strategy does not support the row's adapter (before any work).
+    """
+    import os
+
+    import torch
+    from accelerate import PartialState
+
+    from .compare import compare
+    from .compare.env import load_environment
+    from .compare.run import follow_launched_run
+    from .config import load_adapter_spec
+    from .distributed import launch_strategy, supported_strategies
+
+    strategy = launch_strategy()
+    adapter = load_adapter_spec(row.adapter, config.adapter_overrides(row), config.spec_dir)
+    reason = adapter.unsupported_strategy(strategy)
+    if reason is not None:  # train() would refuse it too, but after the base model loaded
+        raise ValueError(
+            f"row {row.name!r} ({adapter.variant}) cannot train under {strategy}: {reason}; "
+            f"supported strategies for it: {', '.join(supported_strategies(adapter))} "
+            "(docs/distributed.md)"
+        )
+    if torch.cuda.is_available():  # "cuda" below means this process's own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        # the main process loads (and, the first time, builds) the base model and data first
+        env = load_environment(config, progress)
+        state.wait_for_everyone()
+        return compare(config, progress=progress, env=env, only=[(row.name, seed)], launched=True)
+    state.wait_for_everyone()
+    follow_launched_run(config, row, seed, load_environment(config, progress=False))
+    return None
 
 
 def eval_main(argv: Sequence[str]) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ __all__ = [
     "statistics_context",
     "fsdp_accelerator",
     "average_replicated_gradients",
+    "is_sharded",
+    "MemoryPlan",
+    "memory_plan",
 ]
 
 #: the strategies a run can have; "single" is one process (no launcher, or one process)
@@ -82,8 +86,8 @@ def refuse_launched(command: str) -> None:
         raise ValueError(
             f"{command} runs in one process, but this one was launched for {strategy} "
             f"(WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')}); spread a comparison over "
-            "processes or machines with --shard i/N, or train one model over several "
-            "processes with loravariants.train.train() under accelerate launch "
+            "processes or machines with --shard i/N, or train one row over several "
+            "processes with loravariants train --run ROW under accelerate launch "
             "(docs/distributed.md)"
         )
 
@@ -232,3 +236,131 @@ def average_replicated_gradients(accelerator: Any, params: list[nn.Parameter]) -
         n = p.numel()
         p.grad = flat[start : start + n].view_as(p).to(p.dtype)
         start += n
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one process holds at the peak of an FSDP2 training step (:func:`memory_plan`).
+
+    Attributes:
+        base_shard: the frozen base's share of this process (its rows of every weight).
+        gathered: frozen weights all-gathered at once: the root unit (embeddings, lm_head and
+            final norm, kept gathered through the step) and two decoder layers (the one
+            computing and the next, prefetched).
+        trainable: weights, gradients and the two AdamW moments of every trained parameter
+            (adapters, and LongLoRA's embeddings / norms), fp32 and whole on every process.
+        checkpoints: the decoder layers' inputs that gradient checkpointing keeps (without
+            it: every layer's activations).
+        layer_work: one decoder layer's activations, recomputed in its backward.
+        logits: the lm_head output and the loss's fp32 copies (upcast, log-softmax).
+    """
+
+    base_shard: int
+    gathered: int
+    trainable: int
+    checkpoints: int
+    layer_work: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.base_shard
+            + self.gathered
+            + self.trainable
+            + self.checkpoints
+            + self.layer_work
+            + self.logits
+        )
+
+
+def memory_plan(
+    model_config: Any,
+    adapter: AdapterConfig,
+    seq_len: int,
+    batch_size: int = 1,
+    world: int = 8,
+    trainable: tuple[str, ...] = (),
+    weight_bytes: int = 2,
+    activation_bytes: int = 2,
+    gradient_checkpointing: bool = True,
+    s2_attn: bool = True,
+) -> MemoryPlan:
+    """What one process of an FSDP2 run holds at the peak of a step, from the model's shapes.
+
+    The parameter counts are exact: the model is built on the meta device from
+    ``model_config`` (no memory), ``adapter`` attached and ``trainable`` marked, as training
+    does. Activations are per token, what autograd saves in a decoder layer (measured on a
+    tiny Llama, tests/test_fsdp.py): ``4h + 2kv + 3I + heads`` values (two norm outputs, q,
+    k, v, the attention output and its projection's input, the softmax log-sum-exp per head;
+    the MLP's gate, up and down inputs), plus ``6I + 3h`` per routed expert for MixLoRA (its
+    ``top_k``: each expert's gate, up and product with their LoRA inputs). Attention is assumed
+    to run in a memory-efficient kernel (flash / SDPA), so no ``n x n`` score matrix; S2-Attn's
+    shifted half of the heads adds ``(h + 2kv) / 2`` (an estimate, not measured). The logits
+    cost ``2 + 4 + 4`` bytes per vocabulary entry (bf16 output, fp32 upcast, fp32
+    log-softmax). Allocator slack, the CUDA context and
+    communication buffers are not counted.
+
+    Args:
+        model_config: a transformers config of a Llama-like model (``hidden_size``,
+            ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
+            ``num_key_value_heads``, ``vocab_size``).
+        adapter: the adapter trained.
+        seq_len: tokens per sequence ``n``.
+        batch_size: sequences per process ``b`` (``train.batch_size``).
+        world: processes the base is sharded over.
+        trainable: whole modules trained besides the adapter (``"embed"``, ``"norm"``).
+        weight_bytes: bytes per frozen weight (2: bf16).
+        activation_bytes: bytes per activation (2: bf16 autocast).
+        gradient_checkpointing: keep only each layer's input (else every activation).
+        s2_attn: training attention is S2-Attn (LongLoRA).
+
+    Returns:
+        A :class:`MemoryPlan`.
+    """
+    import transformers
+
+    from .inject import attach, mark_trainable
+    from .longlora.context import trainable_module_names
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(model_config)
+    attach(model, adapter)
+    if trainable:
+        mark_trainable(model, trainable_module_names(model, trainable))
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = model.model.layers
+    layer_frozen = sum(p.numel() for p in layers[0].parameters() if not p.requires_grad)
+    root_frozen = frozen - sum(
+        p.numel() for layer in layers for p in layer.parameters() if not p.requires_grad
+    )
+    h, inter = model_config.hidden_size, model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    kv = (h // heads) * getattr(model_config, "num_key_value_heads", heads)
+    per_token = 4 * h + 2 * kv + 3 * inter + heads
+    per_token += getattr(adapter, "top_k", 0) * (6 * inter + 3 * h)  # MixLoRA's experts
+    if s2_attn:
+        per_token += (h + 2 * kv) // 2
+    tokens = batch_size * seq_len
+    n_layers = len(layers)
+    layer_work = tokens * per_token * activation_bytes
+    checkpoints = tokens * h * activation_bytes * n_layers
+    if not gradient_checkpointing:
+        checkpoints, layer_work = n_layers * layer_work, 0
+    return MemoryPlan(
+        base_shard=-(-frozen * weight_bytes // world),
+        gathered=(root_frozen + 2 * layer_frozen) * weight_bytes,
+        trainable=trained * 4 * 4,
+        checkpoints=checkpoints,
+        layer_work=layer_work,
+        logits=tokens * model_config.vocab_size * (2 + 4 + 4),
+    )
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 holds some of ``model``'s parameters as shards (DTensors): a forward pass
+    then needs every process, and a full tensor a gather (``.full_tensor()``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

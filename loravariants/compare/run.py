@@ -27,7 +27,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ..config import ExperimentConfig, RunSpec, load_adapter_spec
-from ..distributed import refuse_launched
+from ..distributed import is_sharded, refuse_launched
 from ..inject import (
     attach,
     iter_adapters,
@@ -69,6 +69,7 @@ def compare(
     env: Environment | Mapping[str, Any] | None = None,
     only: list[tuple[str, int]] | None = None,
     shard: Shard | None = None,
+    launched: bool = False,
 ) -> Path:
     """Run (or resume) the comparison; write results and the report after every run.
 
@@ -82,6 +83,9 @@ def compare(
             still covers the whole experiment.
         shard: run only this shard's share of the plan, beside the other shards, and write
             its records to ``output_dir/shards/`` only (see :mod:`loravariants.compare.shard`).
+        launched: ``loravariants train`` under ``accelerate launch`` / ``torchrun``, on the
+            main process: the one run of ``only`` trains over every process (the others run
+            :func:`follow_launched_run`); this process saves, evaluates and records it.
 
     Raises:
         ValueError: ``output_dir`` holds results of a different experiment, or is a file, or
@@ -90,7 +94,10 @@ def compare(
     Returns:
         The output directory.
     """
-    refuse_launched("loravariants compare")  # one process; a grid over many uses --shard
+    if not launched:
+        refuse_launched("loravariants compare")  # one process; a grid over many uses --shard
+    elif only is None or len(only) != 1 or shard is not None:
+        raise ValueError("a launched compare trains exactly one run (loravariants train)")
     with _transformers_progress_bars(progress), contextlib.ExitStack() as locks:
         return _compare(config, progress, log, env, only, locks, shard)
 
@@ -398,11 +405,45 @@ def _run_one(
             )
         record.update(training_record(result, mem))
         save_adapter(model, run_dir / "adapter", format="native")
+        if is_sharded(model):
+            # FSDP left the frozen base sharded over the processes, which have ended their
+            # part: evaluate here, alone, the saved adapter on a fresh base (as a retry does)
+            del model
+            model, _ = _prepare_model(config, row, seed, env)
+            load_adapter(model, run_dir / "adapter", name=name)
     else:
         record.update(variant="none", trainable_params=0, adapter_params=0)
     native = record["native_context"]
     record.update(measure.evaluate_run(model, config, env, seed, native, name, progress))
     return record
+
+
+def follow_launched_run(config: ExperimentConfig, row: RunSpec, seed: int, env: Environment):
+    """``loravariants train`` under a launcher, on a process other than the main one: train
+    run ``(row, seed)`` together with the main process (its :func:`compare` with
+    ``launched``): the same base, adapter, data and :func:`~loravariants.train.train` call,
+    hence the same collectives. Writes nothing of its own (the main process saves, evaluates
+    and records); a run already recorded as done is skipped, as the main process skips it.
+
+    Args:
+        config: the experiment, as the main process has it.
+        row: the trained row.
+        seed: its seed.
+        env: the loaded base model and data (after the main process loaded them).
+    """
+    out = Path(config.output_dir)
+    if load_results(out, config).get(run_key(row, seed), {}).get("status") == "ok":
+        return
+    overrides, _ = matched_overrides(config, env.load_model, lambda line: None)
+    model, record = _prepare_model(config, row, seed, env)
+    _attach_row(model, config, row, overrides.get(row.name, {}), "default")
+    train(
+        model.to(env.device),
+        env.train_blocks(record["context"]),
+        TrainConfig(**{**asdict(config.train), "seed": seed}),
+        output_dir=run_folder(out, row.name, seed) / "train",
+        progress=False,
+    )
 
 
 def _run_concurrent(
