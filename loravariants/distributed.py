@@ -294,7 +294,8 @@ def memory_plan(
     tiny Llama, tests/test_fsdp.py): ``4h + 2kv + 3I + heads`` values (two norm outputs, q,
     k, v, the attention output and its projection's input, the softmax log-sum-exp per head;
     the MLP's gate, up and down inputs), plus ``6I + 3h`` per routed expert for MixLoRA (its
-    ``top_k``: each expert's gate, up and product with their LoRA inputs). Attention is assumed
+    ``top_k``: each expert's gate, up and product with their LoRA inputs), plus ``2h`` when the
+    norms train (their normalised inputs). Attention is assumed
     to run in a memory-efficient kernel (flash / SDPA), so no ``n x n`` score matrix; S2-Attn's
     shifted half of the heads adds ``(h + 2kv) / 2`` (an estimate, not measured). The logits
     cost ``2 + 4 + 4`` bytes per vocabulary entry (bf16 output, fp32 upcast, fp32
@@ -340,6 +341,8 @@ def memory_plan(
     kv = (h // heads) * getattr(model_config, "num_key_value_heads", heads)
     per_token = 4 * h + 2 * kv + 3 * inter + heads
     per_token += getattr(adapter, "top_k", 0) * (6 * inter + 3 * h)  # MixLoRA's experts
+    if "norm" in trainable:  # a trained norm weight also keeps its normalised input
+        per_token += 2 * h
     if s2_attn:
         per_token += (h + 2 * kv) // 2
     tokens = batch_size * seq_len

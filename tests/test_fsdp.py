@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from _train_script import DDP_VARIANTS
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, tiny_llama_config
 from safetensors.torch import load_file
 from test_distributed import ROOT, launch
 from torch.testing import assert_close
 
 import loravariants as lv
-from loravariants.distributed import check_supported, supported_strategies
+from loravariants.distributed import check_supported, memory_plan, supported_strategies
 
 FSDP_CONFIG = str(ROOT / "configs" / "accelerate" / "fsdp.yaml")
 SCRIPT = str(Path(__file__).parent / "_fsdp_script.py")
@@ -77,8 +77,10 @@ def _check_variant(one: Path, two: Path, variant: str) -> None:
             assert_close(saved[key], want[key], atol=1e-5, rtol=1e-4, msg=f"{variant} {key}")
     # the frozen base per process: half of one process's bytes (every unit is sharded)
     full = json.loads((one / "rank0.json").read_text())["frozen_bytes"]
+    plan = memory_plan(tiny_llama_config(), DDP_VARIANTS[variant](), 16, world=2, weight_bytes=4)
     for rank in (0, 1):
-        assert json.loads((two / f"rank{rank}.json").read_text())["frozen_bytes"] == full // 2
+        measured = json.loads((two / f"rank{rank}.json").read_text())["frozen_bytes"]
+        assert measured == full // 2 == plan.base_shard, (variant, measured, full)
     fresh = make_tiny_llama().state_dict()
     q = "model.layers.0.self_attn.q_proj.base_layer.weight"
     if variant.startswith("cola"):
@@ -173,3 +175,85 @@ def test_s2attn_with_gradient_checkpointing_under_fsdp_equals_one_process(tmp_pa
         for key in ref:
             assert_close(state[key], ref[key], atol=1e-5, rtol=1e-4, msg=key)
     assert any(ref[k].abs().sum() > 0 for k in ref if k.endswith("lora_B"))  # it trained
+
+
+def _saved_activation_bytes(model, ids) -> int:
+    """Bytes autograd saves for backward in decoder layer 0 (its input, the weights and the
+    rotary tables left out): what gradient checkpointing recomputes, layer by layer."""
+    layer = model.model.layers[0]
+    x = model.model.embed_tokens(ids).detach().requires_grad_(True)
+    positions = torch.arange(ids.shape[1])[None]
+    rope = model.model.rotary_emb(x, positions)
+    skip = {t.untyped_storage().data_ptr() for t in [x, *model.parameters(), *rope]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, position_embeddings=rope, attention_mask=None, position_ids=positions)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("variant", ["lora", "mixlora"])
+def test_memory_plan_matches_a_measured_tiny_case(variant):
+    """memory_plan's terms against what a tiny fp32 Llama holds (one process; the 2-process
+    base shard is checked against the FSDP launch above)."""
+    from loravariants.adapters import LoRAConfig, MixLoRAConfig
+
+    adapter = {
+        "lora": LoRAConfig(r=2, dropout=0.0),
+        "mixlora": MixLoRAConfig(num_experts=4, top_k=2, r=2, dropout=0.0),
+    }[variant]
+    b, n = 2, 64
+    plan = memory_plan(
+        tiny_llama_config(),
+        adapter,
+        n,
+        batch_size=b,
+        world=1,
+        trainable=("norm",),
+        weight_bytes=4,
+        activation_bytes=4,
+        s2_attn=False,
+    )
+    model = lv.attach(make_tiny_llama(), adapter)
+    lv.mark_trainable(
+        model,
+        [
+            "model.norm",
+            *[f"model.layers.{i}.input_layernorm" for i in (0, 1)],
+            *[f"model.layers.{i}.post_attention_layernorm" for i in (0, 1)],
+        ],
+    )
+    model.train().config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 128, (b, n), generator=torch.Generator().manual_seed(0))
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    assert plan.base_shard == frozen
+    # the trained parameters' weights, gradients and AdamW moments, after one step
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params)
+    inputs: list[int] = []
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs: inputs.append(
+                (args[0] if args else kwargs["hidden_states"]).nbytes
+            ),
+            with_kwargs=True,
+        )
+        for layer in model.model.layers
+    ]
+    output = model(input_ids=ids, labels=ids)
+    for hook in hooks:
+        hook.remove()
+    output.loss.backward()
+    optimizer.step()
+    state = sum(t.nbytes for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    assert plan.trainable == sum(p.nbytes + p.grad.nbytes for p in params) + state
+    assert plan.checkpoints == sum(inputs)  # every decoder layer's input
+    assert plan.logits == output.logits.numel() * 10
+    measured = _saved_activation_bytes(model, ids)
+    assert abs(plan.layer_work - measured) <= 0.1 * measured, (plan.layer_work, measured)
