@@ -163,7 +163,11 @@ def quickstart_main(argv: Sequence[str]) -> int:
 
 
 def train_main(argv: Sequence[str]) -> int:
-    """``loravariants train --config FILE --run NAME [--seed S] [key=value ...]``."""
+    """``loravariants train --config FILE --run NAME [--seed S] [key=value ...]``.
+
+    Under ``accelerate launch`` / ``torchrun`` (DDP or FSDP2) the row trains over every
+    process (:func:`_train_launched`); the main process records it as one process would.
+    """
     from dataclasses import replace
 
     from .compare import compare
