@@ -219,16 +219,18 @@ def _resampled(
     """
     n_seeds, n_docs, k = rows[0].shape
     rng = np.random.default_rng(seed)
-    # resamples per chunk: keeps the (chunk, documents, k) intermediate near 32 MiB
-    chunk = max(1, min(resamples, (1 << 22) // (n_docs * k)))
+    # (documents, seeds * k): one matrix product per row sums every document draw per seed
+    by_doc = [x.transpose(1, 0, 2).reshape(n_docs, n_seeds * k) for x in rows]
+    # resamples per chunk: keeps the (chunk, documents) document weights near 32 MiB
+    chunk = max(1, min(resamples, (1 << 22) // n_docs))
     out = np.empty((resamples, len(rows)))
     for start in range(0, resamples, chunk):
         size = min(chunk, resamples - start)
         w = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=size).astype(float)
         v = rng.multinomial(n_docs, np.full(n_docs, 1 / n_docs), size=size).astype(float)
-        for r, x in enumerate(rows):
-            per_doc = (w @ x.reshape(n_seeds, n_docs * k)).reshape(size, n_docs, k)
-            sums = np.einsum("bdk,bd->bk", per_doc, v)
+        for r, x in enumerate(by_doc):
+            per_seed = (v @ x).reshape(size, n_seeds, k)  # sum_d v[b, d] x[s, d, :]
+            sums = (per_seed * w[:, :, None]).sum(axis=1)  # sum_s w[b, s] (...)
             out[start : start + size, r] = statistic(sums)
     return out
 
