@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,8 @@ __all__ = [
     "windows",
     "perplexity",
     "perplexity_at_lengths",
+    "document_nll",
+    "split_at_eos",
     "passkey_accuracy",
     "PasskeyResult",
     "induction_score",
@@ -105,9 +107,26 @@ def perplexity(
     _check_token_ids(model, tokens)
     was_training = model.training
     model.eval()
+    nll_sum, count = 0.0, 0
+    for _, logp in _scored_windows(model, tokens, context_length, stride, batch_size, progress):
+        nll_sum -= logp.double().sum().item()
+        count += logp.numel()
+    model.train(was_training)
+    return math.exp(nll_sum / count)
+
+
+def _scored_windows(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    context_length: int,
+    stride: int,
+    batch_size: int,
+    progress: bool,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(end, logp)`` for each window of :func:`windows`, in order: ``logp`` ``(n_scored,)``
+    holds ``log p(tokens[t] | window context)`` for ``t`` in ``[end - n_scored, end)``."""
     device = next(model.parameters()).device
     spans = windows(tokens.numel(), context_length, stride)
-    nll_sum, count = 0.0, 0
     bar = tqdm(total=len(spans), desc=f"ppl@{context_length}", disable=not progress, leave=False)
     i = 0
     while i < len(spans):
@@ -122,14 +141,95 @@ def perplexity(
             group.append(spans[i + len(group)])
         ids = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
         target_logp = _next_token_logp(model, ids)  # (g, length - 1)
-        for row, (_, _, scored) in enumerate(group):
-            nll_sum -= target_logp[row, -scored:].double().sum().item()
-            count += scored
+        for row, (_, end, scored) in enumerate(group):
+            yield end, target_logp[row, -scored:]
         i += len(group)
         bar.update(len(group))
     bar.close()
+
+
+def split_at_eos(tokens: torch.Tensor, eos_id: int) -> list[int]:
+    """Document lengths of a stream joined with EOS (``data.join_with_eos``): each document
+    ends with its EOS; tokens after the last EOS (a stream cut at ``max_tokens``) are one more
+    document.
+
+    Args:
+        tokens: 1-D token ids ``(N,)``.
+        eos_id: the separator.
+
+    Returns:
+        Lengths summing to ``N``, each at least 1.
+    """
+    tokens = torch.as_tensor(tokens).flatten()
+    ends = (torch.nonzero(tokens == eos_id).flatten() + 1).tolist()
+    if not ends or ends[-1] != tokens.numel():
+        ends.append(tokens.numel())
+    return [e - b for b, e in zip([0, *ends[:-1]], ends, strict=True) if e > b]
+
+
+@torch.no_grad()
+def document_nll(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    document_lengths: Sequence[int],
+    context_length: int,
+    stride: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Per-document summed NLL and tokens scored, under exactly :func:`perplexity`'s windows.
+
+    The stream is scored once with the strided sliding window over the *joined* stream (a
+    token's context may reach into the previous document, as in :func:`perplexity`); each
+    scored token's NLL is credited to the document that holds it. Hence::
+
+        exp(out[:, 0].sum() / out[:, 1].sum()) == perplexity(model, tokens, context_length, stride)
+
+    (up to float summation order), and the rows are the per-document sums that
+    :func:`loravariants.stats.hierarchical_bootstrap` resamples. The stream's first token is
+    never scored, so the first document counts one token fewer than its length.
+
+    Args:
+        model: a causal LM returning ``.logits`` of shape ``(b, n, vocab)``.
+        tokens: 1-D token ids ``(N,)``, with ``N >= context_length``.
+        document_lengths: ``(D,)`` lengths in stream order, each at least 1, summing to ``N``
+            (:func:`split_at_eos` gives them for an EOS-joined stream).
+        context_length, stride, batch_size, progress: as in :func:`perplexity`.
+
+    Returns:
+        ``(D, 2)`` float64: ``[:, 0]`` summed NLL in nats, ``[:, 1]`` tokens scored.
+
+    Raises:
+        ValueError: as :func:`perplexity`, or lengths that are not positive or do not sum
+            to ``N``.
+    """
+    check_range("context_length", context_length, low=2, integer=True)
+    if stride is None:
+        stride = max(1, context_length // 2)
+    check_range("stride", stride, low=1, high=context_length - 1, integer=True)
+    tokens = torch.as_tensor(tokens).flatten()
+    lengths = [int(n) for n in document_lengths]
+    if not lengths or min(lengths) < 1 or sum(lengths) != tokens.numel():
+        raise ValueError(
+            f"document_lengths must be positive and sum to the {tokens.numel()} tokens, got "
+            f"{len(lengths)} lengths summing to {sum(lengths)}"
+        )
+    if tokens.numel() < context_length:
+        raise ValueError(
+            f"context_length {context_length} exceeds the {tokens.numel()} tokens to score"
+        )
+    _check_token_ids(model, tokens)
+    was_training = model.training
+    model.eval()
+    # doc_of[t]: the document holding token t
+    doc_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    out = torch.zeros(len(lengths), 2, dtype=torch.float64)
+    for end, logp in _scored_windows(model, tokens, context_length, stride, batch_size, progress):
+        docs = doc_of[end - logp.numel() : end]
+        out[:, 0].index_add_(0, docs, -logp.double().cpu())
+        out[:, 1].index_add_(0, docs, torch.ones(docs.numel(), dtype=torch.float64))
     model.train(was_training)
-    return math.exp(nll_sum / count)
+    return out
 
 
 def _next_token_logp(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_llama
 
-from loravariants.evaluate import perplexity, perplexity_at_lengths, windows
+from loravariants.evaluate import (
+    document_nll,
+    perplexity,
+    perplexity_at_lengths,
+    split_at_eos,
+    windows,
+)
 
 
 @pytest.mark.parametrize("n, length, stride", [(10, 4, 2), (33, 8, 7), (33, 8, 3), (5, 8, 4)])
@@ -139,3 +145,44 @@ def test_induction_score_is_seeded_and_checks_its_arguments():
         induction_score(model, span=1)
     with pytest.raises(ValueError, match="low"):
         induction_score(model, low=299)
+
+
+def _brute_force_document_nll(model, tokens, lengths, length, stride):
+    """Per-document NLL sums, scoring token t with exactly its window's context."""
+    doc_of = [d for d, n in enumerate(lengths) for _ in range(n)]
+    out = [[0.0, 0] for _ in lengths]
+    for begin, end, k in windows(tokens.numel(), length, stride):
+        for t in range(end - k, end):
+            logits = model(input_ids=tokens[None, begin:t]).logits[0, -1]
+            out[doc_of[t]][0] -= F.log_softmax(logits.double(), -1)[tokens[t]].item()
+            out[doc_of[t]][1] += 1
+    return out
+
+
+@pytest.mark.parametrize("stride, batch", [(4, 1), (3, 3)])
+def test_document_nll_sums_to_the_corpus_perplexity(stride, batch):
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 128, (41,), generator=torch.Generator().manual_seed(0))
+    lengths = [9, 14, 1, 17]
+    out = document_nll(model, tokens, lengths, 8, stride, batch_size=batch)
+    assert out.shape == (4, 2) and out.dtype == torch.float64
+    # every token but the stream's first is scored once, credited to its own document
+    assert out[:, 1].tolist() == [8, 14, 1, 17]
+    pooled = math.exp(out[:, 0].sum().item() / out[:, 1].sum().item())
+    assert pooled == pytest.approx(perplexity(model, tokens, 8, stride), rel=1e-12)
+    expected = _brute_force_document_nll(model, tokens, lengths, 8, stride)
+    assert out[:, 0].tolist() == pytest.approx([nll for nll, _ in expected], rel=1e-5)
+
+
+def test_split_at_eos_and_bad_lengths():
+    tokens = torch.tensor([5, 6, 2, 7, 2, 2, 8, 9])
+    assert split_at_eos(tokens, 2) == [3, 2, 1, 2]  # the cut tail is a document
+    assert split_at_eos(tokens[:5], 2) == [3, 2]
+    model = make_tiny_llama()
+    stream = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="sum to the 20 tokens"):
+        document_nll(model, stream, [10, 9], 8)
+    with pytest.raises(ValueError, match="positive"):
+        document_nll(model, stream, [20, 0], 8)
+    with pytest.raises(ValueError, match="context_length"):
+        document_nll(model, stream, [20], 32)
