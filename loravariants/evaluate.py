@@ -16,6 +16,10 @@ token has between ``context_length - stride`` and ``context_length - 1`` tokens 
 
 The stream must hold at least ``context_length`` tokens: a shorter one would be scored with
 shorter windows and reported under a length it was never evaluated at.
+
+:func:`document_nll` scores the stream with the same windows and credits each scored token's
+NLL to its document: the per-document sums the seeds x documents bootstrap
+(``loravariants.stats``) resamples.
 """
 
 from __future__ import annotations
