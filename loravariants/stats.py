@@ -10,7 +10,9 @@ spread both rows share; its mean and Student-t 95% interval say whether the rows
 
 Every row is also scored on the *same* evaluation documents, whose sampling error the seeds
 do not see (two untrained rows have zero seed spread). :func:`hierarchical_bootstrap`
-resamples seeds and documents, one draw shared by both rows. The rest of the module: Holm's
+resamples seeds and documents, one draw shared by both rows; :func:`hierarchical_t_interval`
+adds the seeds' t-based variance to the documents' bootstrap variance (right with few seeds,
+where a bootstrap over seeds is too narrow). The rest of the module: Holm's
 step-down over a declared family of contrasts (:func:`holm`), the exact McNemar test for
 per-prompt passkey outcomes (:func:`mcnemar_exact`), the verdict of a contrast
 (:func:`contrast_verdict`: floor and ceiling before "not resolved"), the minimum detectable
@@ -39,6 +41,7 @@ __all__ = [
     "contrast_verdict",
     "final_loss",
     "hierarchical_bootstrap",
+    "hierarchical_t_interval",
     "holm",
     "holm_family",
     "mcnemar_exact",
@@ -294,6 +297,60 @@ def hierarchical_bootstrap(
     p = min(1.0, 2 * (1 + min(below, above)) / (resamples + 1))
     se = float(diffs.std(ddof=1)) if resamples > 1 else float("nan")
     return BootstrapResult(estimate, float(low), float(high), se, p, resamples, confidence)
+
+
+def hierarchical_t_interval(
+    a: ArrayLike,
+    b: ArrayLike,
+    statistic: Callable[[np.ndarray], np.ndarray] = perplexity_of_sums,
+    resamples: int = 4000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
+    """``statistic(a) - statistic(b)`` with a t interval that adds seed and document variance.
+
+    The percentile bootstrap over few seeds is too narrow (3 seeds: 79% coverage of a nominal
+    95%, docs/statistics.md). This interval takes the seed part from the per-seed contrasts,
+    with Student-t tails, and the document part from a paired bootstrap over documents (every
+    seed's sums pooled, one document draw shared by both rows)::
+
+        Δ   = f(Σ_{s,d} a) - f(Σ_{s,d} b)            Δ_s = f(Σ_d a[s]) - f(Σ_d b[s])
+        V_seed = var(Δ_s) / S  (0 for one seed)      V_doc = var*(Δ*)  (documents resampled)
+        se = sqrt(V_seed + V_doc),   ν = se^4 / (V_seed^2 / (S - 1))  (Satterthwaite; ∞ if
+        V_seed = 0, the document part counting as known)
+        CI = Δ ± t_{(1+c)/2, ν} · se,   p = 2 · P(T_ν > |Δ| / se)
+
+    Args:
+        a, b, statistic, resamples, confidence, seed: as in :func:`hierarchical_bootstrap`.
+
+    Returns:
+        A :class:`BootstrapResult` (``se`` as above). Identical rows give ``[0, 0]`` and
+        ``p = 1``; a non-zero difference with nothing to resample (one seed, one document)
+        gives ``p = nan``.
+    """
+    _check_bootstrap_args(resamples, confidence)
+    xa, xb = _sums_array(a, "a"), _sums_array(b, "b")
+    if xa.shape != xb.shape:
+        raise ValueError(f"a and b must have the same shape, got {xa.shape} and {xb.shape}")
+    if np.array_equal(xa, xb):
+        xb = xa
+    n_seeds = xa.shape[0]
+    estimate = float(statistic(xa.sum(axis=(0, 1))) - statistic(xb.sum(axis=(0, 1))))
+    per_seed = statistic(xa.sum(axis=1)) - statistic(xb.sum(axis=1))  # (S,)
+    v_seed = float(per_seed.var(ddof=1)) / n_seeds if n_seeds > 1 else 0.0
+    pooled = _resampled([xa.sum(axis=0)[None], xb.sum(axis=0)[None]], statistic, resamples, seed)
+    v_doc = float((pooled[:, 0] - pooled[:, 1]).var(ddof=1)) if resamples > 1 else 0.0
+    se = math.sqrt(v_seed + v_doc)
+    dof = (v_seed + v_doc) ** 2 / (v_seed**2 / (n_seeds - 1)) if v_seed > 0 else math.inf
+    tail = scipy_stats.t(dof) if math.isfinite(dof) else scipy_stats.norm()
+    half = float(tail.ppf((1 + confidence) / 2)) * se
+    if se > 0:
+        p = float(2 * tail.sf(abs(estimate) / se))
+    else:
+        p = 1.0 if estimate == 0 else float("nan")
+    return BootstrapResult(
+        estimate, estimate - half, estimate + half, se, min(1.0, p), resamples, confidence
+    )
 
 
 def bootstrap_interval(

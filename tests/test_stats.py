@@ -15,6 +15,7 @@ from loravariants.stats import (
     contrast_verdict,
     final_loss,
     hierarchical_bootstrap,
+    hierarchical_t_interval,
     holm,
     holm_family,
     mcnemar_exact,
@@ -185,6 +186,50 @@ def test_bootstrap_coverage_of_a_document_sampling_difference():
         a = np.stack([tokens * difficulty, tokens], -1)
         b = np.stack([tokens * (difficulty + delta), tokens], -1)
         res = hierarchical_bootstrap(a, b, resamples=500, seed=i)
+        covered += res.low <= true <= res.high
+    assert 0.90 <= covered / 200 <= 0.99
+
+
+def test_t_interval_with_one_document_per_seed_is_the_paired_t_test():
+    # one document: nothing to resample there, and a linear statistic (mean of x, one token
+    # each) makes the pooled difference the mean per-seed difference: scipy's paired t-test
+    rng = np.random.default_rng(2)
+    xa, xb = rng.normal(5, 1, 4), rng.normal(4, 1, 4)
+    rows = [np.stack([x, np.ones(4)], -1)[:, None, :] for x in (xa, xb)]  # (4 seeds, 1, 2)
+    res = hierarchical_t_interval(*rows, statistic=lambda s: s[..., 0] / s[..., 1])
+    ref = scipy_stats.ttest_rel(xa, xb)
+    assert res.estimate == pytest.approx((xa - xb).mean(), rel=1e-12)
+    assert res.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    low, high = ref.confidence_interval(0.95)
+    assert (res.low, res.high) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
+
+
+def test_t_interval_of_untrained_rows_is_the_documents_bootstrap():
+    a, b = _rows(1, 100, shift=0.01)
+    res = hierarchical_t_interval(np.repeat(a, 3, 0), np.repeat(b, 3, 0), resamples=4000)
+    boot = hierarchical_bootstrap(a, b, resamples=4000)
+    assert res.estimate == pytest.approx(boot.estimate, rel=1e-12)
+    assert res.se == pytest.approx(boot.se, rel=0.05)  # no seed spread: documents only
+    assert res.high - res.estimate == pytest.approx(1.959964 * res.se, rel=1e-6)
+    same = hierarchical_t_interval(a, a.copy())
+    assert (same.low, same.high, same.p_value) == (0.0, 0.0, 1.0)
+
+
+def test_t_interval_coverage_with_three_noisy_seeds():
+    # seeds carry most of the spread (per-row offsets N(0, 0.05) per token), 3 seeds: the
+    # interval still covers the population difference about 95% of the time
+    rng = np.random.default_rng(1)
+    true = math.exp(4.0) - math.exp(4.02)
+    covered = 0
+    for i in range(200):
+        tokens = rng.integers(50, 150, 100).astype(float)
+        difficulty = rng.normal(4.0, 0.5, 100)
+        delta = rng.normal(0.02, 0.05, 100)
+        offset_a = rng.normal(0, 0.05, 3)
+        offset_b = offset_a + rng.normal(0, 0.05, 3)
+        a = np.stack([np.stack([tokens * (difficulty + o), tokens], -1) for o in offset_a])
+        b = np.stack([np.stack([tokens * (difficulty + delta + o), tokens], -1) for o in offset_b])
+        res = hierarchical_t_interval(a, b, resamples=300, seed=i)
         covered += res.low <= true <= res.high
     assert 0.90 <= covered / 200 <= 0.99
 
