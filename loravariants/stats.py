@@ -181,6 +181,8 @@ class BootstrapResult:
         p_value: two-sided bootstrap p-value for "the difference is 0" (``nan`` for one row).
         resamples: the number of resamples ``B``.
         confidence: the interval's coverage, e.g. 0.95.
+        dof: degrees of freedom of the t interval (:func:`hierarchical_t_interval`); ``inf``
+            for the percentile bootstrap. ``mde_from_se(se, dof=dof)`` is the contrast's MDE.
     """
 
     estimate: float
@@ -190,6 +192,7 @@ class BootstrapResult:
     p_value: float
     resamples: int
     confidence: float
+    dof: float = math.inf
 
 
 def _sums_array(x: ArrayLike, name: str) -> np.ndarray:
@@ -349,7 +352,7 @@ def hierarchical_t_interval(
     else:
         p = 1.0 if estimate == 0 else float("nan")
     return BootstrapResult(
-        estimate, estimate - half, estimate + half, se, min(1.0, p), resamples, confidence
+        estimate, estimate - half, estimate + half, se, min(1.0, p), resamples, confidence, dof
     )
 
 
@@ -590,21 +593,22 @@ def _check_power_args(alpha: float, power: float) -> None:
 
 
 def mde_from_se(
-    se: float, alpha: float = 0.05, power: float = 0.8, dof: int | None = None
+    se: float, alpha: float = 0.05, power: float = 0.8, dof: float | None = None
 ) -> float:
     """Minimum detectable effect of a two-sided test with standard error ``se``::
 
         MDE = (q_{1 - alpha/2} + q_{power}) · se
 
-    with ``q`` the Student-t quantile on ``dof`` degrees of freedom, or the normal quantile
-    when ``dof`` is None (e.g. ``se`` from :func:`hierarchical_bootstrap` over many documents).
+    with ``q`` the Student-t quantile on ``dof`` degrees of freedom (may be fractional, e.g.
+    Satterthwaite's), or the normal quantile when ``dof`` is None or infinite (``se`` from
+    :func:`hierarchical_bootstrap` over many documents).
     """
     _check_power_args(alpha, power)
-    if dof is None:
+    if dof is None or math.isinf(dof):
         q = scipy_stats.norm.ppf(1 - alpha / 2) + scipy_stats.norm.ppf(power)
     else:
-        if dof < 1:
-            raise ValueError(f"dof must be at least 1, got {dof}")
+        if not dof > 0:
+            raise ValueError(f"dof must be positive, got {dof}")
         q = scipy_stats.t.ppf(1 - alpha / 2, dof) + scipy_stats.t.ppf(power, dof)
     return float(q * se)
 

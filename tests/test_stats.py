@@ -200,6 +200,7 @@ def test_t_interval_with_one_document_per_seed_is_the_paired_t_test():
     ref = scipy_stats.ttest_rel(xa, xb)
     assert res.estimate == pytest.approx((xa - xb).mean(), rel=1e-12)
     assert res.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert res.dof == pytest.approx(3.0)
     low, high = ref.confidence_interval(0.95)
     assert (res.low, res.high) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
 
@@ -368,6 +369,8 @@ def test_mde_hand_case_matches_the_issue():
     assert mde == pytest.approx((2.776445 + 0.940965) * 1.5 / math.sqrt(5), rel=1e-6)
     assert mde == pytest.approx(2.494, abs=1e-3)
     assert mde_from_se(1.0) == pytest.approx(1.959964 + 0.841621, rel=1e-6)
+    assert mde_from_se(1.5 / math.sqrt(5), dof=4) == pytest.approx(mde, rel=1e-12)
+    assert mde_from_se(1.0, dof=math.inf) == mde_from_se(1.0)
     # a stricter (Holm) level needs a larger effect
     assert minimum_detectable_effect(1.5, 5, alpha=0.05 / 6) > mde
 
