@@ -348,11 +348,11 @@ def hierarchical_t_interval(
     tail = scipy_stats.t(dof) if math.isfinite(dof) else scipy_stats.norm()
     half = float(tail.ppf((1 + confidence) / 2)) * se
     if se > 0:
-        p = float(2 * tail.sf(abs(estimate) / se))
+        p = min(1.0, float(2 * tail.sf(abs(estimate) / se)))
     else:
         p = 1.0 if estimate == 0 else float("nan")
     return BootstrapResult(
-        estimate, estimate - half, estimate + half, se, min(1.0, p), resamples, confidence, dof
+        estimate, estimate - half, estimate + half, se, p, resamples, confidence, dof
     )
 
 

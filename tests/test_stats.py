@@ -214,6 +214,9 @@ def test_t_interval_of_untrained_rows_is_the_documents_bootstrap():
     assert res.high - res.estimate == pytest.approx(1.959964 * res.se, rel=1e-6)
     same = hierarchical_t_interval(a, a.copy())
     assert (same.low, same.high, same.p_value) == (0.0, 0.0, 1.0)
+    # one seed, one document: nothing to resample, so no test
+    lone = hierarchical_t_interval(a[:, :1], b[:, :1])
+    assert lone.estimate != 0 and lone.se == 0 and math.isnan(lone.p_value)
 
 
 def test_t_interval_coverage_with_three_noisy_seeds():
