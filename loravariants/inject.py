@@ -49,6 +49,9 @@ __all__ = [
 _CONFIGS_ATTR = "loravariants_configs"  # adapter name -> AdapterConfig, kept on the model
 _EXTRA_ATTR = "loravariants_extra_trainable"  # module names trained and saved with adapters
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+# names an nn.ModuleDict already has as attributes (keys, items, training, forward, ...): a
+# host's dict of adapters cannot take them as keys
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
 
 
 def _configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -103,6 +106,10 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"adapter name must match {_NAME_RE.pattern} (no dots), got {name!r}")
+    if name in _RESERVED_NAMES:
+        raise ValueError(
+            f"adapter name {name!r} is reserved (an attribute of nn.ModuleDict); choose another"
+        )
     if name in _configs(model):
         raise ValueError(f"an adapter named {name!r} is already attached")
     hidden = [p for p in modules_inside_hosts(model) if match_target(p, config.target_modules)]
@@ -147,20 +154,34 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
             f"{type(model).__name__}; its linear layers are named {linear_names}{hint}"
         )
     layers: dict[str, AdapterLayer] = {}
-    for path, module in targets:
-        # a new layer follows the model's mode, so dropout is off when attached in eval()
-        layer = config.create_layer(path, module).train(module.training)
-        host = model.get_submodule(path) if path else model
-        if not isinstance(host, AdapterHost):
-            if not path:
-                raise ValueError("cannot wrap the model itself; target one of its submodules")
-            host = AdapterHost(module)
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, child, host)
-        host.add(name, layer)
-        layers[path] = layer
-    config.on_attached(layers)
+    hosts: list[tuple[str, AdapterHost]] = []  # every host touched, to undo a failed attach
+    try:
+        for path, module in targets:
+            # a new layer follows the model's mode, so dropout is off when attached in eval()
+            layer = config.create_layer(path, module).train(module.training)
+            host = model.get_submodule(path) if path else model
+            if not isinstance(host, AdapterHost):
+                if not path:
+                    raise ValueError("cannot wrap the model itself; target one of its submodules")
+                host = AdapterHost(module)
+                parent_path, _, child = path.rpartition(".")
+                parent = model.get_submodule(parent_path) if parent_path else model
+                setattr(parent, child, host)
+            hosts.append((path, host))
+            host.add(name, layer)
+            layers[path] = layer
+        config.on_attached(layers)
+    except BaseException:
+        # any failure (an allocation, a bad layer, Ctrl-C) leaves the model as it was
+        for path, host in reversed(hosts):
+            if name in host.adapters:
+                del host.adapters[name]
+                host._tell_shared()
+            if not host.adapters:
+                parent_path, _, child = path.rpartition(".")
+                parent = model.get_submodule(parent_path) if parent_path else model
+                setattr(parent, child, host.base_layer)
+        raise
     _configs(model)[name] = config
     _refresh_requires_grad(model)
     _guard_save_pretrained(model)

@@ -27,14 +27,14 @@ __all__ = [
     "ADAPTER_FILES",
 ]
 
-# what an adapter folder of any of our formats may hold and still be replaced by a save
-# (native, peft and MixLoRA file names; peft also writes a README)
+# the files a save of ours writes (native, peft and MixLoRA formats): an adapter folder that
+# holds only these, and our mark (loravariants.io.common.check_adapter_replaceable), may be
+# replaced by a save; not a README.md (peft writes one, we never do: it is the user's)
 ADAPTER_FILES = {
     "loravariants_config.json",
     "adapter_config.json",
     "adapter_model.safetensors",
     "adapter_model.bin",
-    "README.md",
 }
 
 

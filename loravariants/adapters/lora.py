@@ -80,6 +80,9 @@ class LoRAConfig(AdapterConfig):
                 setattr(self, name, {})
             elif not isinstance(pattern, dict):
                 raise ValueError(f"{name} must be a mapping module name -> value, got {pattern!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                _check_pattern_key(name, key)
         for key, value in self.rank_pattern.items():
             check_range(f"rank_pattern[{key!r}]", value, low=1, integer=True)
         for key, value in self.alpha_pattern.items():
@@ -99,6 +102,16 @@ class LoRAConfig(AdapterConfig):
     def create_layer(self, path: str, module: nn.Module) -> LoRALinear:
         r, alpha = self.rank_for(path)
         return LoRALinear(module, self, r=r, alpha=alpha)
+
+
+def _check_pattern_key(field: str, key: Any) -> None:
+    """A pattern key is a regular expression (peft's rule wraps it as ``(.*\\.)?(key)$``)."""
+    if not isinstance(key, str):
+        raise ValueError(f"{field} keys must be strings, got {key!r:.60}")
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except re.error as e:
+        raise ValueError(f"{field}[{key!r:.60}] is not a valid regular expression ({e})") from e
 
 
 def _pattern_value(pattern: dict, path: str, default):

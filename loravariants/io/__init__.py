@@ -27,7 +27,7 @@ from torch import nn
 from .._version import __version__
 from ..inject import adapter_config, adapter_names
 from ..longlora.context import apply_extension
-from ..utils import ADAPTER_FILES, atomic_directory, check_replaceable
+from ..utils import atomic_directory
 from .common import (
     FORMATS,
     NATIVE_CONFIG,
@@ -35,6 +35,7 @@ from .common import (
     PEFT_PREFIX,
     WEIGHTS,
     attach_for_loading,
+    check_adapter_replaceable,
     check_allocation,
     check_json_ints,
     check_same_output_fields,
@@ -47,6 +48,7 @@ from .common import (
     read_safetensors,
     rollback_on_error,
     saved_extension,
+    tensor_bytes,
 )
 from .mixlora import load_mixlora, read_mixlora_factors, save_mixlora
 from .native import (
@@ -111,7 +113,7 @@ def save_adapter(
     name = name or adapter_names(model)[0]
     if format == "mixlora":
         return save_mixlora(model, path, name=name, base_model_name_or_path=base_model_name_or_path)
-    check_replaceable(path, ADAPTER_FILES, "an adapter's")
+    check_adapter_replaceable(path)
     if format == "peft":
         tensors, meta = peft_payload(model, name, config)
         config_file = PEFT_CONFIG
@@ -156,18 +158,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     else:
         meta, config, name, extra = read_peft_config(directory, name)
         prefix, extra_prefix = PEFT_PREFIX, PEFT_PREFIX
-    weights_file = directory / WEIGHTS
+    config_file, weights_file = directory / config_name(fmt), directory / WEIGHTS
+    extension = saved_extension(model, meta, fmt, config_file)  # checked before any read
     tensors = read_safetensors(weights_file)
     if fmt == "peft":
         tensors, config = peft_tensors(tensors, config, weights_file)
     extra_modules = extra_candidates(model, extra, fmt, weights_file)
-    extension = saved_extension(model, meta, fmt, directory / config_name(fmt))
     with rollback_on_error(model, name, extra_modules):
-        attach_for_loading(model, name, config, directory, directory / config_name(fmt))
+        attach_for_loading(model, name, config, tensor_bytes(tensors), directory, config_file)
         load_extra(model, tensors, extra_modules, extra_prefix, weights_file)
         load_layers(model, name, tensors, prefix, weights_file)
-    if extension:
-        apply_extension(model, extension, str(directory))
+        if extension:  # last: a failure here also takes the adapter back out
+            apply_extension(model, extension, str(config_file))
     return model
 
 
@@ -184,10 +186,10 @@ def apply_saved_context(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     fmt = detect_format(directory)
     if fmt == "mixlora":
         return model
-    meta = read_json(directory / config_name(fmt))
-    extension = saved_extension(model, meta, fmt, directory / config_name(fmt))
+    config_file = directory / config_name(fmt)
+    extension = saved_extension(model, read_json(config_file), fmt, config_file)
     if extension:
-        apply_extension(model, extension, str(directory))
+        apply_extension(model, extension, str(config_file))
     return model
 
 

@@ -9,8 +9,11 @@ each other nor from the package's ``__init__``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from ..inject import (
 )
 from ..longlora.context import check_extension
 from ..longlora.context import describe_extension as _context_of
-from ..utils import recover_directory
+from ..utils import ADAPTER_FILES, check_replaceable, recover_directory
 
 FORMATS = ("native", "peft", "mixlora")
 
@@ -53,26 +56,286 @@ WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def read_json(file: Path) -> dict[str, Any]:
+# A config of any format is a few KiB (a 70B model's peft rank_pattern: about 50 KiB), a
+# safetensors header of an adapter less than a MiB: anything bigger is refused unread (a
+# sparse 8 GiB "config" would be read whole).
+MAX_JSON_BYTES = 16 * 2**20
+
+
+# No config of ours nests deeper than 5; Python's JSON parser raises RecursionError at ~1000.
+MAX_JSON_DEPTH = 32
+
+
+def _open_regular(file: Path) -> int:
+    """A read-only descriptor of ``file``, which must be a regular file (``O_NONBLOCK``: a
+    FIFO planted under an adapter file's name must not hang the open)."""
     try:
-        data = json.loads(file.read_text())
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise ValueError(f"{file}: cannot be read ({e.strerror})") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{file}: not a regular file")
+    return fd
+
+
+def read_capped(file: Path, cap: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of ``file``, refused unread when it is larger than ``cap``."""
+    fd = _open_regular(file)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > cap:
+            raise ValueError(
+                f"{file}: {size:,} bytes is larger than {cap:,}, the most a config file may be; "
+                "refused unread"
+            )
+        return f.read(cap + 1)
+
+
+def _json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted without recursion (stops past ``limit``)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= limit:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json(raw: bytes, file: Path) -> dict[str, Any]:
+    """A JSON object from ``raw`` (the bytes of ``file``), nested at most ``MAX_JSON_DEPTH``.
+
+    Raises:
+        ValueError: not UTF-8, not JSON, not an object, or nested too deep (file named).
+    """
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{file}: not a valid JSON file ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object")
+    except RecursionError:
+        data = None  # nested past Python's recursion limit
+    else:
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a JSON object")
+    if data is None or _json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ValueError(f"{file}: JSON nested deeper than {MAX_JSON_DEPTH} levels; refused")
     return data
 
 
+def read_json(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``: the one reader of every adapter config (size-capped,
+    depth-checked; see :func:`read_capped`, :func:`parse_json`).
+
+    Raises:
+        FileNotFoundError: ``file`` does not exist.
+        ValueError: anything else wrong with it, the file named, in one line.
+    """
+    return parse_json(read_capped(file), file)
+
+
+# what adapter weights may be: floating point (an int64, bool or complex tensor cast into
+# float weights is a broken file, not a weight)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+_SAFETENSORS_FLOATS = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+# A file system may keep all-zero blocks as holes (ZFS with compression does), and an
+# adapter's B factors start at zero: up to 4x the bytes on disk (plus 1 MiB) is honest.
+_HOLE_FACTOR, _HOLE_SLACK = 4, 2**20
+
+
+def bytes_present(fd: int) -> int:
+    """Bytes of the open file ``fd`` actually stored: its data extents (``SEEK_DATA`` /
+    ``SEEK_HOLE``), else its allocated blocks; a sparse file's holes do not count."""
+    size = os.fstat(fd).st_size
+    present = offset = 0
+    try:
+        for _ in range(4096):  # more extents than this: the rest is not counted
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            offset = os.lseek(fd, start, os.SEEK_HOLE)
+            present += offset - start
+            if offset >= size:
+                break
+        return present
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data after offset: the rest is a hole
+            return present
+    except AttributeError:  # no SEEK_DATA on this system
+        pass
+    blocks = getattr(os.fstat(fd), "st_blocks", None)
+    return size if blocks is None else min(size, blocks * 512)
+
+
+def check_present(file: Path, declared: int, present: int) -> None:
+    """Refuse a file that declares far more tensor bytes than it holds on disk (sparse)."""
+    if declared > _HOLE_FACTOR * present + _HOLE_SLACK:
+        raise ValueError(
+            f"{file}: declares {declared:,} bytes of tensors but holds {present:,} bytes on "
+            "disk (a sparse file); refused before allocating"
+        )
+
+
+def _safetensors_header(file: Path) -> None:
+    """Check a safetensors file's header before any tensor is read: every tensor floating
+    point, its shape matching its byte range, the ranges inside the file, and their sum
+    present on disk.
+
+    Raises:
+        ValueError: naming the file (and the tensor).
+    """
+    fd = _open_regular(file)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(MAX_JSON_BYTES, size - 8):
+            raise ValueError(f"{file}: not a valid safetensors file (header length {n})")
+        header = parse_json(os.pread(fd, n, 8), file)
+        data_len, declared = size - 8 - n, 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = info.get("dtype") if isinstance(info, dict) else None
+            if dtype not in _SAFETENSORS_FLOATS:
+                raise ValueError(
+                    f"{file}: tensor {name!r} has dtype {dtype!r}; adapter weights are "
+                    f"floating point ({', '.join(_SAFETENSORS_FLOATS)})"
+                )
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not (
+                _int_list(shape)
+                and _int_list(offsets)
+                and len(offsets) == 2
+                and 0 <= offsets[0] <= offsets[1] <= data_len
+                and offsets[1] - offsets[0] == math.prod(shape) * _SAFETENSORS_FLOATS[dtype]
+            ):
+                raise ValueError(
+                    f"{file}: tensor {name!r}: shape {shape!r} and data_offsets {offsets!r} do "
+                    f"not fit the file's {data_len:,} data bytes"
+                )
+            declared += offsets[1] - offsets[0]
+        check_present(file, declared, bytes_present(fd))
+    finally:
+        os.close(fd)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
+    """Every tensor floating point and finite.
+
+    Raises:
+        ValueError: naming the file, the tensor and what is wrong.
+    """
+    for key, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{file}: tensor {key!r} has dtype {t.dtype}; adapter weights are floating point"
+            )
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"{file}: tensor {key!r} holds {bad:,} non-finite value(s) (NaN or inf); refused"
+            )
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the tensors read from an adapter's weights file: what its config may ask for."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter's safetensors file, checked before they are read (header:
+    dtypes, shapes, sizes present on disk) and after (finite)."""
     if not file.is_file():
         raise FileNotFoundError(f"{file}: adapter weights not found")
+    _safetensors_header(file)
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{file}: not a valid safetensors file ({e})") from e
+    check_tensors(tensors, file)
+    return tensors
+
+
+def safetensors_metadata(file: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file ({} when unreadable): our provenance."""
+    try:
+        fd = _open_regular(file)
+    except (OSError, ValueError):
+        return {}
+    try:
+        head = os.pread(fd, 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < n <= min(MAX_JSON_BYTES, os.fstat(fd).st_size - 8):
+            return {}
+        meta = parse_json(os.pread(fd, n, 8), file).get("__metadata__")
+    except ValueError:
+        return {}
+    finally:
+        os.close(fd)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _written_by_us(directory: Path) -> bool:
+    """The folder holds an adapter of ours: the mark each format's save writes (native: the
+    config's ``"library"``; MixLoRA: the config's ``loravariants_version``; peft: the weights'
+    metadata ``loravariants_version``)."""
+    marks = (
+        (NATIVE_CONFIG, lambda meta: meta.get("library") == "loravariants"),
+        (PEFT_CONFIG, lambda meta: isinstance(meta.get("loravariants_version"), str)),
+    )
+    for file, ours in marks:
+        try:
+            if ours(read_json(directory / file)):
+                return True
+        except (OSError, ValueError):
+            continue
+    return isinstance(safetensors_metadata(directory / WEIGHTS).get("loravariants_version"), str)
+
+
+def check_adapter_replaceable(path: str | os.PathLike) -> None:
+    """Refuse a save into a folder that is not an adapter of ours: a save replaces the folder
+    as a whole, and no file the library did not write is ever deleted.
+
+    A missing or empty folder is fine; so is one holding only adapter files
+    (:data:`~loravariants.utils.ADAPTER_FILES`, regular files, no links) with our mark in
+    them. A user's ``README.md``, a peft-written adapter or anything else is refused.
+
+    Raises:
+        ValueError: naming the folder and what in it is not ours.
+    """
+    target = Path(path)
+    check_replaceable(target, ADAPTER_FILES, "an adapter's")
+    if not target.is_dir():
+        return
+    entries = sorted(target.iterdir())
+    links = [p.name for p in entries if p.is_symlink() or not p.is_file()]
+    if links:
+        raise ValueError(
+            f"{target} holds entries that are not plain files ({links[:5]}); it would be "
+            "replaced as a whole: save into a new or empty folder"
+        )
+    if entries and not _written_by_us(target):
+        raise ValueError(
+            f"{target} holds an adapter loravariants did not write ({[p.name for p in entries]});"
+            " it would be replaced as a whole: save into a new or empty folder"
+        )
 
 
 def json_str(meta: Mapping[str, Any], key: str, file: Path) -> str | None:
@@ -243,13 +506,22 @@ def rollback_on_error(model: nn.Module, name: str, extra_modules: list[str]):
 
 
 def attach_for_loading(
-    model: nn.Module, name: str, config: AdapterConfig, directory: Path, config_file: Path
+    model: nn.Module,
+    name: str,
+    config: AdapterConfig,
+    held: int,
+    directory: Path,
+    config_file: Path,
 ) -> None:
-    """Attach the saved config under ``name``, or check the attached one can take the file."""
+    """Attach the saved config under ``name``, or check the attached one can take the file.
+
+    ``held``: the bytes of the tensors read from the adapter's weights file
+    (:func:`tensor_bytes`), the bound :func:`check_allocation` holds the config to.
+    """
     if name in adapter_names(model):
         check_same_output_fields(model, name, config, config_file)
         return
-    check_allocation(model, config, directory, config_file)
+    check_allocation(model, config, held, directory, config_file)
     try:
         attach(model, config, name=name)
     except ValueError as e:
@@ -261,19 +533,21 @@ _ALLOCATION_SLACK = 64 * 2**20
 
 
 def check_allocation(
-    model: nn.Module, config: AdapterConfig, directory: Path, config_file: Path
+    model: nn.Module, config: AdapterConfig, held: int, directory: Path, config_file: Path
 ) -> None:
     """Refuse a config whose sizes (r, rank_pattern, num_experts, expert r, ...) would make
-    ``attach`` allocate far more than the adapter's files hold, before anything is allocated.
+    ``attach`` allocate far more than the adapter's weights hold, before anything is allocated.
 
-    The layers are built on shape-only (meta) copies of the modules they would wrap, so the
-    count is exact and costs no memory. A real adapter's files hold all its tensors: twice
-    their size (plus 64 MiB) is an upper bound no honest file exceeds.
+    ``held`` is the bytes of the tensors actually read from the weights file (whose reader
+    checked them against the bytes present on disk), not the folder's byte count: a sparse
+    file or a link beside the weights adds nothing. The layers are built on shape-only (meta)
+    copies of the modules they would wrap, so the count is exact and costs no memory. A real
+    adapter's weights hold all its tensors: twice their size (plus 64 MiB) is an upper bound
+    no honest file exceeds.
 
     Raises:
-        ValueError: naming the file, the bytes asked for and the bytes the files hold.
+        ValueError: naming the file, the bytes asked for and the bytes the weights hold.
     """
-    held = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     check_size_fields(config, held, config_file)
     asked = 0
     try:
@@ -287,8 +561,8 @@ def check_allocation(
     if asked > 2 * held + _ALLOCATION_SLACK:
         raise ValueError(
             f"{config_file}: its sizes (r, rank_pattern, num_experts, ...) ask for more than "
-            f"{asked / 2**20:,.0f} MiB of adapter tensors on this model, but {directory} holds "
-            f"{held / 2**20:,.1f} MiB; refused before allocating"
+            f"{asked / 2**20:,.0f} MiB of adapter tensors on this model, but the weights in "
+            f"{directory} hold {held / 2**20:,.1f} MiB; refused before allocating"
         )
 
 

@@ -44,6 +44,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,19 @@ from ..adapters.base import AdapterLayer
 from ..adapters.lora import LoRALinear
 from ..adapters.mixlora import FFN_PROJECTIONS, MixLoRAConfig, MixLoRAFFN, ffn_activation_name
 from ..inject import adapter_config, adapter_names, iter_adapters
-from ..utils import ADAPTER_FILES, atomic_directory, check_replaceable
-from .common import attach_for_loading, check_json_ints, rollback_on_error
+from ..utils import atomic_directory
+from .common import (
+    attach_for_loading,
+    bytes_present,
+    check_adapter_replaceable,
+    check_json_ints,
+    check_present,
+    check_tensors,
+    json_number,
+    read_json,
+    rollback_on_error,
+    tensor_bytes,
+)
 
 __all__ = ["save_mixlora", "load_mixlora", "read_mixlora_factors"]
 
@@ -189,7 +201,7 @@ def save_mixlora(
             f"format 'mixlora' holds MixLoRA adapters only, got variant {config.variant!r}"
         )
     name = name or adapter_names(model)[0]
-    check_replaceable(path, ADAPTER_FILES, "an adapter's")
+    check_adapter_replaceable(path)
     dropout, expert_dropout = config.dropout, config.expert_lora_dropout
     if loader_dropout is not None:
         if not loader_dropout > 0:
@@ -235,54 +247,98 @@ def _read_config(directory: Path) -> dict[str, Any]:
     file = directory / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: MixLoRA adapter config not found")
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not a valid JSON file ({e})") from e
-    if not isinstance(meta, dict) or meta.get("peft_type") != "MIXLORA":
+    meta = read_json(file)
+    if meta.get("peft_type") != "MIXLORA":
         raise ValueError(f'{file}: not a MixLoRA adapter config (needs "peft_type": "MIXLORA")')
     strategy = meta.get("routing_strategy", "mixlora")
     if strategy != "mixlora":
         raise ValueError(
-            f"{file}: routing_strategy {strategy!r} is not supported (only 'mixlora', top-k)"
+            f"{file}: routing_strategy {strategy!r:.60} is not supported (only 'mixlora', top-k)"
         )
     return meta
+
+
+def _number(meta: dict[str, Any], key: str, default: float | None, field: str) -> float | None:
+    """A float field: absent or null gives ``default``; a string or a boolean is refused
+    (``"8"`` or ``true`` is a broken file, not alpha 8 or 1)."""
+    value = meta.get(key)
+    return default if value is None else json_number(value, field)
+
+
+def _targets(meta: dict[str, Any]) -> list[str]:
+    targets = meta["target_modules"]
+    if isinstance(targets, dict):  # MoE-PEFT also writes {name: bool}
+        if not all(isinstance(v, bool) for v in targets.values()):
+            raise ValueError(f"target_modules must map names to true/false, got {targets!r:.60}")
+        targets = [k for k, v in targets.items() if v]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"target_modules must be a list of module names, got {targets!r:.60}")
+    return targets
 
 
 def _config_from_json(meta: dict[str, Any], file: Path) -> MixLoRAConfig:
     check_json_ints(meta, ("num_experts", "top_k", "r", "expert_lora.r"), file)
     try:
-        targets = meta["target_modules"]
-        if isinstance(targets, dict):  # MoE-PEFT also writes {name: bool}
-            targets = [k for k, v in targets.items() if v]
+        targets = _targets(meta)
         expert = meta.get("expert_lora") or {}
+        if not isinstance(expert, dict):
+            raise ValueError(f"expert_lora must be a mapping, got {expert!r:.60}")
         ffn = [t for t in targets if t in FFN_PROJECTIONS]
         aggregation = meta.get("balance_loss_aggregation", "global")  # ours; MoE-PEFT: global
         return MixLoRAConfig(
-            num_experts=int(meta["num_experts"]),
-            top_k=int(meta["top_k"]),
-            r=int(meta["r"]),
-            alpha=float(meta["lora_alpha"]),
-            dropout=float(meta.get("lora_dropout") or 0.0),
-            expert_r=int(expert["r"]) if "r" in expert else None,
-            expert_alpha=float(expert["lora_alpha"]) if "lora_alpha" in expert else None,
-            expert_dropout=(float(expert["lora_dropout"]) if "lora_dropout" in expert else None),
+            num_experts=meta["num_experts"],
+            top_k=meta["top_k"],
+            r=meta["r"],
+            alpha=json_number(meta["lora_alpha"], "lora_alpha"),
+            dropout=_number(meta, "lora_dropout", 0.0, "lora_dropout"),
+            expert_r=expert.get("r"),
+            expert_alpha=_number(expert, "lora_alpha", None, "expert_lora.lora_alpha"),
+            expert_dropout=_number(expert, "lora_dropout", None, "expert_lora.lora_dropout"),
             # absent keys: the reference code's defaults (coef 0.001, range 0.02, no jitter)
-            router_aux_loss_coef=float(meta.get("router_aux_loss_coef", 0.001)),
-            router_init_range=float(meta.get("router_init_range", 0.02)),
-            jitter_noise=float(meta.get("jitter_noise", 0.0)),
+            router_aux_loss_coef=_number(
+                meta, "router_aux_loss_coef", 0.001, "router_aux_loss_coef"
+            ),
+            router_init_range=_number(meta, "router_init_range", 0.02, "router_init_range"),
+            jitter_noise=_number(meta, "jitter_noise", 0.0, "jitter_noise"),
             target_modules=[t for t in targets if t not in FFN_PROJECTIONS],
             ffn_projections=ffn or list(FFN_PROJECTIONS),
             balance_loss_aggregation=aggregation,
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{file}: invalid MixLoRA config ({e!r})") from e
+        raise ValueError(f"{file}: invalid MixLoRA config ({e!r:.200})") from e
+
+
+def _check_zip(file: Path) -> None:
+    """What ``torch.load`` would inflate, checked before it runs: a torch zip archive whose
+    entries are all stored uncompressed (``torch.save`` writes them so) and whose sizes are
+    present on disk. A deflated entry lets a 1 MB file unpack to a GiB.
+
+    Raises:
+        ValueError: naming the file (and the entry).
+    """
+    try:
+        with zipfile.ZipFile(file) as archive:
+            entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(
+            f"{file}: not a torch zip archive (torch.save's format; the legacy format is not "
+            f"read) ({e})"
+        ) from e
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(
+                f"{file}: entry {entry.filename!r:.80} is compressed; torch.save stores its "
+                "entries uncompressed, and a compressed one is refused unread"
+            )
+    with file.open("rb") as f:
+        check_present(file, sum(e.file_size for e in entries), bytes_present(f.fileno()))
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     file = directory / WEIGHTS_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: MixLoRA adapter weights not found")
+    _check_zip(file)
     try:
         data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip/pickle, or a pickle that is more than tensors
@@ -291,6 +347,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
         raise ValueError(f"{file}: expected a dict of named tensors")
+    check_tensors(data, file)
     return data
 
 
@@ -316,10 +373,10 @@ def load_mixlora(model: nn.Module, path: str | os.PathLike, name: str = "default
         except ValueError:
             own = None
         if own is not None and own != act:
-            raise ValueError(f"{config_file}: act_fn {act!r} but the model's FFN uses {own!r}")
+            raise ValueError(f"{config_file}: act_fn {act!r:.60} but the model's FFN uses {own!r}")
     tensors = _read_weights(directory)
     with rollback_on_error(model, name, []):
-        attach_for_loading(model, name, config, directory, config_file)
+        attach_for_loading(model, name, config, tensor_bytes(tensors), directory, config_file)
         _copy_tensors(model, name, tensors, weights_file)
     return model
 

@@ -29,6 +29,7 @@ from .common import (
     module_spec,
     read_json,
     read_safetensors,
+    tensor_bytes,
 )
 
 TENSOR_PREFIX, EXTRA_PREFIX = "adapter.", "extra."
@@ -80,7 +81,7 @@ def read_native_factors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.
     modules = meta.get("modules") or {}
     if not isinstance(modules, dict):
         raise ValueError(f"{directory / NATIVE_CONFIG}: modules must be a mapping")
-    check_size_fields(config, (directory / WEIGHTS).stat().st_size, directory / NATIVE_CONFIG)
+    check_size_fields(config, tensor_bytes(tensors), directory / NATIVE_CONFIG)
     out = {}
     for module, spec in modules.items():
         state = {

@@ -110,7 +110,7 @@ def lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
         return LoRAConfig(
             r=meta.get("r", 8),
             alpha=json_number(meta.get("lora_alpha", 8), "lora_alpha"),
-            dropout=json_number(meta.get("lora_dropout", 0.0) or 0.0, "lora_dropout"),
+            dropout=json_number(_or(meta.get("lora_dropout"), 0.0), "lora_dropout"),
             use_rslora=use_rslora,
             target_modules=sorted(target) if isinstance(target, (list, tuple)) else target,
             rank_pattern=dict(meta.get("rank_pattern") or {}),
@@ -120,6 +120,11 @@ def lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{file}: invalid LoRA config ({e})") from e
+
+
+def _or(value: Any, default: Any) -> Any:
+    """``default`` for an absent (null) value only: ``false`` or ``""`` is not a number."""
+    return default if value is None else value
 
 
 def peft_tensors(

@@ -38,11 +38,13 @@ __all__ = [
     "FACTOR_ROUNDINGS",
     "METHODS",
     "TRAINABLE",
+    "MAX_FACTOR",
     "apply_extension",
     "check_extension",
     "describe_extension",
     "extend_context",
     "trainable_module_names",
+    "validate_extension",
 ]
 
 
@@ -301,8 +303,80 @@ def _phrase(ext: dict[str, Any] | None) -> str:
     )
 
 
+#: the largest context factor a saved extension may carry; LongLoRA goes to 32x (Llama-2 7B,
+#: 4k -> 100k tokens: 25x) and YaRN reports up to 128x, so more is a broken file
+MAX_FACTOR = 1024.0
+
+
+_EXTENSION_KEYS = ("method", "factor", "original_length", "target_length")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_extension(saved: Any, source: str) -> dict[str, Any] | None:
+    """A saved context extension (as :func:`describe_extension` writes it), checked.
+
+    Args:
+        saved: the value read from an adapter's config (None: not extended).
+        source: the file it was read from, for messages.
+
+    Returns:
+        ``{"method", "factor", "original_length", "target_length"}`` with checked types, or
+        None.
+
+    Raises:
+        ValueError: naming ``source``, the field and its value: not a mapping, a missing or
+            unknown key, an unknown method, lengths that are not positive integers, a target
+            not above the original (a shrinking "extension"), a factor outside
+            ``(1, MAX_FACTOR]`` or one that does not give ``target_length``.
+    """
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or set(saved) != set(_EXTENSION_KEYS):
+        raise ValueError(
+            f"{source}: the saved context extension must be a mapping with exactly the keys "
+            f"{list(_EXTENSION_KEYS)}, got {_short(saved)}"
+        )
+    method, factor = saved["method"], saved["factor"]
+    original, target = saved["original_length"], saved["target_length"]
+    if method not in METHODS:
+        raise ValueError(
+            f"{source}: context extension method must be one of {METHODS}, got {_short(method)}"
+        )
+    for key, value in (("original_length", original), ("target_length", target)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{source}: context extension {key} must be a positive integer, got {_short(value)}"
+            )
+    if target <= original:
+        raise ValueError(
+            f"{source}: context extension target_length {target} is not above "
+            f"original_length {original}: an extension never shrinks the context"
+        )
+    if (
+        isinstance(factor, bool)
+        or not isinstance(factor, (int, float))
+        or not 1.0 < factor <= MAX_FACTOR
+        or round(original * factor) != target
+    ):
+        raise ValueError(
+            f"{source}: context extension factor must be a number in (1, {MAX_FACTOR:g}] with "
+            f"original_length x factor = target_length ({original} -> {target}), "
+            f"got {_short(factor)}"
+        )
+    return {
+        "method": method,
+        "factor": float(factor),
+        "original_length": original,
+        "target_length": target,
+    }
+
+
 def check_extension(
-    model: nn.Module, saved: dict[str, Any] | None, source: str, recorded: bool = True
+    model: nn.Module, saved: Any, source: str, recorded: bool = True
 ) -> dict[str, Any] | None:
     """Compare an adapter's saved context extension with the model it is loaded into.
 
@@ -318,13 +392,21 @@ def check_extension(
         extended), else None.
 
     Raises:
-        ValueError: the model carries a different extension than the adapter was trained with,
-            in one line that says what to load it into.
+        ValueError: ``saved`` is malformed (:func:`validate_extension`), or the model carries
+            a different extension than the adapter was trained with (or has another native
+            context), in one line that says what to load it into.
     """
+    saved = validate_extension(saved, source)
     current = describe_extension(model)
     if saved is None and not recorded:
         return None
     if saved is not None and current is None:
+        native = _native_length(model)
+        if native is not None and native != saved["original_length"]:
+            raise ValueError(
+                f"{source}: the adapter was trained with {_phrase(saved)}, but this model's "
+                f"native context is {native} tokens; load it into the base it was trained on"
+            )
         return saved
     same = (saved is None) == (current is None) and (
         saved is None
@@ -343,16 +425,34 @@ def check_extension(
     return None
 
 
+def _native_length(model: nn.Module) -> int | None:
+    """The context length of an unextended RoPE model (None: no such config)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    length = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return length if isinstance(length, int) else None
+
+
 def apply_extension(model: nn.Module, saved: dict[str, Any], source: str = "adapter") -> None:
     """Apply a saved context extension to an unextended model (no module is marked trainable),
-    with a warning that says so."""
-    extend_context(
-        model,
-        int(saved["target_length"]),
-        method=saved["method"],
-        trainable=(),
-        original_length=int(saved["original_length"]),
-    )
+    with a warning that says so.
+
+    Raises:
+        ValueError: the extension is malformed or cannot be applied to ``model``, naming
+            ``source``; the model is left unchanged (:func:`extend_context`).
+    """
+    saved = validate_extension(saved, source)
+    try:
+        extend_context(
+            model,
+            saved["target_length"],
+            method=saved["method"],
+            trainable=(),
+            original_length=saved["original_length"],
+        )
+    except ValueError as e:
+        raise ValueError(f"{source}: cannot apply the saved context extension ({e})") from e
     warnings.warn(
         f"{source}: applied the adapter's {_phrase(saved)} to the model, as in training",
         stacklevel=3,
