@@ -460,3 +460,23 @@ def test_a_non_float_tensor_is_refused_naming_it(saved, tmp_path, fmt, dtype):
     )
     with pytest.raises(ValueError, match="floating"):
         read_factors(folder)
+
+
+def test_an_integer_buffer_loads_and_takes_no_float(tmp_path):
+    """COLA's link index is an int64 buffer: it loads as one, and a float in its place (or
+    an integer in a float's) is refused, not cast."""
+    from loravariants.adapters import COLAConfig
+
+    model = lv.attach(make_tiny_llama(), COLAConfig(r=2))
+    lv.save_adapter(model, tmp_path / "a")
+    lv.load_adapter(make_tiny_llama(), tmp_path / "a")  # the round trip still works
+
+    def float_index(tensors):
+        key = next(k for k in sorted(tensors) if k.endswith("link_index"))
+        tensors[key] = tensors[key].float() + 0.5
+
+    _edit_tensors(tmp_path / "a", "native", float_index)
+    plain = make_tiny_llama()
+    before = _snapshot(plain)
+    weights = tmp_path / "a" / WEIGHTS["native"]
+    _refused_unchanged(plain, before, lambda: lv.load_adapter(plain, tmp_path / "a"), weights)

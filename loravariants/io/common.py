@@ -141,12 +141,39 @@ def read_json(file: Path) -> dict[str, Any]:
     return parse_json(read_capped(file), file)
 
 
-# what adapter weights may be: floating point (an int64, bool or complex tensor cast into
-# float weights is a broken file, not a weight)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# what a weights file may hold: floating-point weights and integer buffers (COLA's link
+# index); booleans and complex numbers are never adapter state. Each tensor must also be of
+# the kind of the tensor it goes into (:func:`check_kinds`): no cast between kinds.
+_SAFETENSORS_DTYPES = {
+    "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8,
+}  # fmt: skip
 
 
-_SAFETENSORS_FLOATS = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+def dtype_kind(dtype: torch.dtype) -> str:
+    if dtype is torch.bool:
+        return "boolean"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
+def check_kinds(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], file: Path, prefix=""
+) -> None:
+    """Each tensor of ``state`` of the kind (floating point, integer) of the model's tensor
+    of that name in ``expected``: an int64, bool or complex tensor is a broken file, not a
+    weight to cast.
+
+    Raises:
+        ValueError: naming the file, the tensor and both dtypes.
+    """
+    for key, t in state.items():
+        if key in expected and dtype_kind(t.dtype) != dtype_kind(expected[key].dtype):
+            raise ValueError(
+                f"{file}: tensor {prefix + key!r} is {t.dtype} ({dtype_kind(t.dtype)}), where "
+                f"the model holds {expected[key].dtype} ({dtype_kind(expected[key].dtype)}): "
+                "no cast between kinds; refused"
+            )
 
 
 # A file system may keep all-zero blocks as holes (ZFS with compression does), and an
@@ -206,10 +233,10 @@ def _safetensors_header(file: Path) -> None:
             if name == "__metadata__":
                 continue
             dtype = info.get("dtype") if isinstance(info, dict) else None
-            if dtype not in _SAFETENSORS_FLOATS:
+            if dtype not in _SAFETENSORS_DTYPES:
                 raise ValueError(
-                    f"{file}: tensor {name!r} has dtype {dtype!r}; adapter weights are "
-                    f"floating point ({', '.join(_SAFETENSORS_FLOATS)})"
+                    f"{file}: tensor {name!r:.80} has dtype {dtype!r:.20}; adapter tensors are "
+                    "floating point (or integer buffers), never boolean or complex"
                 )
             shape, offsets = info.get("shape"), info.get("data_offsets")
             if not (
@@ -217,7 +244,7 @@ def _safetensors_header(file: Path) -> None:
                 and _int_list(offsets)
                 and len(offsets) == 2
                 and 0 <= offsets[0] <= offsets[1] <= data_len
-                and offsets[1] - offsets[0] == math.prod(shape) * _SAFETENSORS_FLOATS[dtype]
+                and offsets[1] - offsets[0] == math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
             ):
                 raise ValueError(
                     f"{file}: tensor {name!r}: shape {shape!r} and data_offsets {offsets!r} do "
@@ -236,21 +263,37 @@ def _int_list(value: Any) -> bool:
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
-    """Every tensor floating point and finite.
+    """Every tensor real (no boolean, no complex) and every floating-point one finite.
 
     Raises:
         ValueError: naming the file, the tensor and what is wrong.
     """
     for key, t in tensors.items():
-        if t.dtype not in FLOAT_DTYPES:
+        if dtype_kind(t.dtype) in ("boolean", "complex"):
             raise ValueError(
-                f"{file}: tensor {key!r} has dtype {t.dtype}; adapter weights are floating point"
+                f"{file}: tensor {key!r:.80} is {t.dtype}; adapter tensors are floating point "
+                "(or integer buffers), never boolean or complex"
             )
-        if not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(
-                f"{file}: tensor {key!r} holds {bad:,} non-finite value(s) (NaN or inf); refused"
+                f"{file}: tensor {key!r:.80} holds {bad:,} non-finite value(s) (NaN or inf); "
+                "refused"
             )
+
+
+def check_factors(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], file: Path
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRA factors read without a model (:func:`~loravariants.io.read_factors`) are
+    floating point: an integer ``B`` or ``A`` is a broken file, not a factor to cast."""
+    for module, pair in factors.items():
+        for t in pair:
+            if not t.is_floating_point():
+                raise ValueError(
+                    f"{file}: the factors of {module!r:.80} are {t.dtype}, not floating point"
+                )
+    return dict(factors)
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -449,10 +492,12 @@ def check_spec(config: AdapterConfig, path: str, spec: Any, state) -> None:
         raise ValueError(f"module spec {spec!r} asks for {asked:,} values, the file holds {held:,}")
 
 
-def layer_from_state(config: AdapterConfig, path: str, spec: Mapping[str, Any], state):
-    """Rebuild one adapter layer from saved tensors on a shape-only stand-in base module."""
+def layer_from_state(config: AdapterConfig, path: str, spec: Mapping[str, Any], state, file):
+    """Rebuild one adapter layer from saved tensors (read from ``file``) on a shape-only
+    stand-in base module."""
     layer = config.create_layer(path, config.stand_in(spec))
     layer.to_empty(device="cpu")
+    check_kinds(state, layer.adapter_state(), file, f"{path}.")
     layer.load_adapter_state(state)
     return layer
 
@@ -653,6 +698,7 @@ def load_extra(model, tensors, candidates: list[str], prefix, file) -> None:
             state_by_module[full] = state
     for full, state in state_by_module.items():
         module = model.get_submodule(full)
+        check_kinds(state, module.state_dict(), file, f"{prefix}{full}.")
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -672,6 +718,7 @@ def load_layers(model, name, tensors, prefix, file) -> None:
                 raise ValueError(f"{file}: missing tensor {full!r} for adapter {name!r}")
             state[key] = tensors[full]
             used.add(full)
+        check_kinds(state, expected, file, f"{prefix}{path}.")
         try:
             layer.load_adapter_state(state)
         except (RuntimeError, ValueError) as e:

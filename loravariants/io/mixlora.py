@@ -61,7 +61,9 @@ from .common import (
     attach_for_loading,
     bytes_present,
     check_adapter_replaceable,
+    check_factors,
     check_json_ints,
+    check_kinds,
     check_present,
     check_tensors,
     json_number,
@@ -394,6 +396,7 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
                 if key not in tensors:
                     raise ValueError(f"{file}: missing tensor {key!r}")
                 t = tensors[key]
+                check_kinds({key: t}, {key: param}, file)
                 if tuple(t.shape) != tuple(param.shape):
                     raise ValueError(
                         f"{file}: {key} has shape {tuple(t.shape)}, the model needs "
@@ -444,5 +447,8 @@ def read_mixlora_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tenso
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{directory / WEIGHTS_FILE}: {module} lacks lora_A or lora_B")
-        out[module] = (ab["B"].float() * scales[module], ab["A"].float())
-    return out
+        out[module] = (ab["B"], ab["A"])
+    return {
+        module: (B.float() * scales[module], A.float())
+        for module, (B, A) in check_factors(out, directory / WEIGHTS_FILE).items()
+    }

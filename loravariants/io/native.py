@@ -91,7 +91,7 @@ def read_native_factors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.
         }
         try:
             check_spec(config, module, spec, state)
-            layer: AdapterLayer = layer_from_state(config, module, spec, state)
+            layer: AdapterLayer = layer_from_state(config, module, spec, state, directory / WEIGHTS)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{directory / WEIGHTS}: cannot rebuild {module} ({e})") from e
         out.update({module + suffix: pair for suffix, pair in layer.named_factors().items()})

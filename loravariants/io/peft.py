@@ -26,6 +26,7 @@ from .common import (
     PEFT_PREFIX,
     WEIGHTS,
     base_name,
+    check_factors,
     check_json_ints,
     describe_extension,
     extra_tensors,
@@ -156,7 +157,9 @@ def peft_tensors(
     modules: list[str] = []
     for key, t in tensors.items():
         if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"{file}: unexpected key {key!r} (expected {PEFT_PREFIX}...)")
+            raise ValueError(f"{file}: unexpected key {key!r:.80} (expected {PEFT_PREFIX}...)")
+        if not t.is_floating_point():  # peft's LoRA files hold weights only, no buffers
+            raise ValueError(f"{file}: tensor {key!r:.80} is {t.dtype}, not floating point")
         rest = key[len(PEFT_PREFIX) :]
         for part in ("lora_A", "lora_B"):
             tail = f".{part}.weight"
@@ -190,10 +193,12 @@ def read_peft_factors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Te
     tensors = read_safetensors(directory / WEIGHTS)
     config = lora_config_from_peft(read_json(directory / PEFT_CONFIG), directory / PEFT_CONFIG)
     tensors, config = peft_tensors(tensors, config, directory / WEIGHTS, True)
+    pairs = {
+        m: (tensors[f"{PEFT_PREFIX}{m}.lora_B"], tensors[f"{PEFT_PREFIX}{m}.lora_A"])
+        for m in config.target_modules
+    }
     out = {}
-    for module in config.target_modules:
+    for module, (B, A) in check_factors(pairs, directory / WEIGHTS).items():
         scale = lora_scaling(*config.rank_for(module), config.use_rslora)
-        A = tensors[f"{PEFT_PREFIX}{module}.lora_A"].float()
-        B = tensors[f"{PEFT_PREFIX}{module}.lora_B"].float()
-        out[module] = (B * scale, A)
+        out[module] = (B.float() * scale, A.float())
     return out
