@@ -211,6 +211,24 @@ def test_a_compressed_mixlora_bin_is_refused_unread(saved, tmp_path):
     assert _max_rss_mib() - rss < 64, "inflated before the refusal"
 
 
+def test_a_zero_stride_view_in_a_mixlora_bin_is_refused(saved, tmp_path):
+    """A tensor of 2^40 values over a 4-byte storage (zero strides): a 2 KB file."""
+    folder = _copy(saved, tmp_path, "mixlora")
+
+    def expand(tensors):
+        key = sorted(tensors)[-1]
+        tensors[key] = torch.zeros(1).expand(2**20, 2**20)
+
+    _edit_tensors(folder, "mixlora", expand)
+    weights = folder / WEIGHTS["mixlora"]
+    assert weights.stat().st_size < 2**20
+    with pytest.raises(ValueError, match="view larger than"):
+        read_factors(folder)
+    model = make_tiny_llama()
+    before = _snapshot(model)
+    _refused_unchanged(model, before, lambda: lv.load_adapter(model, folder), weights, "view")
+
+
 # ---------------------------------------------------------------------------------------------
 # items 7 and 10: every JSON config read is size-capped and depth-checked
 # ---------------------------------------------------------------------------------------------

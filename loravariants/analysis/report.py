@@ -29,6 +29,7 @@ from torch import nn
 
 from ..inject import adapter_config, adapter_names, iter_adapters
 from ..io import read_factors
+from ..io.common import read_json
 from .svd import (
     amplification_factor,
     effective_rank,
@@ -173,25 +174,15 @@ def _updates_from_directory(directory: Path) -> list[Update]:
     return [Update(module, pair, variant) for module, pair in factors.items()]
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not a valid JSON file ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return data
-
-
 def _variant_from_files(directory: Path) -> str:
     native = directory / "loravariants_config.json"
     if native.is_file():
-        return str((_read_json(native).get("config") or {}).get("variant", ""))
+        return str((read_json(native).get("config") or {}).get("variant", ""))
     peft = directory / "adapter_config.json"
     if peft.is_file():
         # a foreign format holds one variant: the one registered under its lower-cased
         # peft_type (peft's "LORA" is our "lora", MixLoRA's "MIXLORA" our "mixlora")
-        return str(_read_json(peft).get("peft_type")).lower()
+        return str(read_json(peft).get("peft_type")).lower()
     raise ValueError(f"{directory}: not an adapter directory (no adapter_config.json)")
 
 

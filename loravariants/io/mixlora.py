@@ -349,6 +349,14 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
         raise ValueError(f"{file}: expected a dict of named tensors")
+    for key, t in data.items():
+        # a pickle may give a tensor zero strides over a tiny storage: 1e12 values from 4 bytes,
+        # which any whole-tensor operation (the finite check, a cast) would allocate
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise ValueError(
+                f"{file}: tensor {key!r:.80} of shape {tuple(t.shape)} is a view larger than the "
+                f"{t.untyped_storage().nbytes():,} bytes it stores; refused"
+            )
     check_tensors(data, file)
     return data
 
