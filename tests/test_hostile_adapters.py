@@ -498,3 +498,25 @@ def test_an_integer_buffer_loads_and_takes_no_float(tmp_path):
     before = _snapshot(plain)
     weights = tmp_path / "a" / WEIGHTS["native"]
     _refused_unchanged(plain, before, lambda: lv.load_adapter(plain, tmp_path / "a"), weights)
+
+
+FALSY = [
+    ("peft", "use_dora", 0),
+    ("peft", "fan_in_fan_out", 0),
+    ("peft", "layers_to_transform", 0),  # peft reads it as "layer 0 only"
+    ("peft", "modules_to_save", 0),
+    ("peft", "target_modules", 0),
+    ("peft", "alpha_pattern", 0),
+    ("peft", "rank_pattern", False),
+    ("native", "extra_trainable", False),
+    ("native", "modules", "4"),
+]
+
+
+@pytest.mark.parametrize("fmt, field, value", FALSY, ids=[f"{f}-{k}={v!r}" for f, k, v in FALSY])
+def test_a_zero_or_false_is_not_null(saved, tmp_path, fmt, field, value):
+    folder = _copy(saved, tmp_path, fmt)
+    _edit_config(folder, fmt, lambda m: m.update({field: value}))
+    model = make_tiny_llama()
+    before = _snapshot(model)
+    _refused_unchanged(model, before, lambda: lv.load_adapter(model, folder), folder, field)

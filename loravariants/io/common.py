@@ -389,9 +389,10 @@ def json_str(meta: Mapping[str, Any], key: str, file: Path) -> str | None:
 
 
 def json_str_list(meta: Mapping[str, Any], key: str, file: Path) -> list[str]:
-    value = meta.get(key) or []
+    value = meta.get(key)
+    value = [] if value is None else value  # null: none; 0, false or "" is a broken file
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{file}: {key} must be a list of module names, got {value!r}")
+        raise ValueError(f"{file}: {key} must be a list of module names, got {value!r:.60}")
     return list(value)
 
 

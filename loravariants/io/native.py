@@ -61,6 +61,8 @@ def read_native_config(directory: Path, name: str | None) -> tuple[dict, Adapter
     """``(meta, config, adapter name, extra trainable modules)`` from a native directory."""
     meta = read_json(directory / NATIVE_CONFIG)
     config = _saved_config(meta, directory)
+    if not isinstance(meta.get("modules", {}), dict):  # read by read_factors only, but ours
+        raise ValueError(f"{directory / NATIVE_CONFIG}: modules must be a mapping")
     name = name or json_str(meta, "adapter_name", directory / NATIVE_CONFIG) or "default"
     return meta, config, name, json_str_list(meta, "extra_trainable", directory / NATIVE_CONFIG)
 

@@ -94,14 +94,17 @@ def lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
         "use_qalora": False,
     }
     for key, ok in unsupported.items():
-        if meta.get(key, ok) not in (ok, None):
-            raise ValueError(f"{file}: {key}={meta[key]!r} is not supported (only {ok!r})")
-    if meta.get("layers_to_transform") or meta.get("layer_replication"):
-        raise ValueError(f"{file}: layers_to_transform/layer_replication are not supported")
+        value = meta.get(key)
+        # `is`/type, not ==: 0 is not false (a number is not a boolean, nor the reverse)
+        if value is not None and (type(value) is not type(ok) or value != ok):
+            raise ValueError(f"{file}: {key}={value!r:.60} is not supported (only {ok!r})")
+    for key in ("layers_to_transform", "layer_replication"):
+        if meta.get(key) is not None:  # peft reads 0 as "layer 0 only"
+            raise ValueError(f"{file}: {key}={meta[key]!r:.60} is not supported (only null)")
     check_json_ints(meta, ("r",), file)
     try:
-        target = meta.get("target_modules") or ["q_proj", "v_proj"]
-        alpha_pattern = meta.get("alpha_pattern") or {}
+        target = _or(meta.get("target_modules"), ["q_proj", "v_proj"])
+        alpha_pattern = _or(meta.get("alpha_pattern"), {})
         if not isinstance(alpha_pattern, dict):
             raise ValueError(f"alpha_pattern must be a mapping, got {alpha_pattern!r}")
         use_rslora = meta.get("use_rslora", False)
@@ -114,7 +117,7 @@ def lora_config_from_peft(meta: Mapping[str, Any], file: Path) -> LoRAConfig:
             dropout=json_number(_or(meta.get("lora_dropout"), 0.0), "lora_dropout"),
             use_rslora=use_rslora,
             target_modules=sorted(target) if isinstance(target, (list, tuple)) else target,
-            rank_pattern=dict(meta.get("rank_pattern") or {}),
+            rank_pattern=_or(meta.get("rank_pattern"), {}),
             alpha_pattern={
                 k: json_number(v, f"alpha_pattern[{k}]") for k, v in alpha_pattern.items()
             },
