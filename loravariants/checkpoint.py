@@ -137,8 +137,10 @@ def save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, confi
     accelerator.wait_for_everyone()
 
 
-# may change between a run and its resumption (a longer budget, other bookkeeping)
-_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every"}
+# may change between a run and its resumption (a longer budget, other bookkeeping: how often
+# to save, log and validate, and which trackers the lines go to)
+_RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every", "report_to"}
+_RESUMABLE_CHANGES |= {"eval_every"}
 
 
 def _scaler_state(accelerator) -> dict[str, Any] | None:

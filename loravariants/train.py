@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import tracking
 from .adapters.base import check_range
 from .checkpoint import (
     TrainingDiverged,
@@ -84,6 +85,9 @@ class TrainConfig:
         save_every: checkpoint every N steps (0: never); needs an output directory.
         keep_last: checkpoints kept, >= 1.
         log_every: steps between metric lines, >= 1.
+        report_to: experiment trackers the metric lines also go to, any of ``tensorboard``,
+            ``wandb``, ``trackio``, ``mlflow`` (default none; :mod:`loravariants.tracking`).
+        eval_every: validation perplexity every N steps (0: never); needs ``eval_data``.
     """
 
     max_steps: int = 100
@@ -101,6 +105,8 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     log_every: int = 1
+    report_to: list[str] = field(default_factory=list)
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads `2e-4` (no dot) as a string: take it as the number it spells
@@ -134,6 +140,9 @@ class TrainConfig:
         check_range("save_every", self.save_every, low=0, integer=True)
         check_range("keep_last", self.keep_last, low=1, integer=True)
         check_range("log_every", self.log_every, low=1, integer=True)
+        # a tracker that is not installed: one line with its `pip install`, before any work
+        self.report_to = tracking.check_report_to(self.report_to)
+        check_range("eval_every", self.eval_every, low=0, integer=True)
 
 
 def _number(name: str, value: Any) -> Any:
@@ -266,7 +275,9 @@ def collate(dataset, rows: Sequence[int]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
 
-def _accelerator(config: TrainConfig, model: nn.Module, has_sparse_layers: bool, strategy: str):
+def _accelerator(
+    config: TrainConfig, model: nn.Module, has_sparse_layers: bool, strategy: str, out=None
+):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -286,6 +297,7 @@ def _accelerator(config: TrainConfig, model: nn.Module, has_sparse_layers: bool,
     settings = dict(
         mixed_precision=precision, kwargs_handlers=handlers, cpu=not torch.cuda.is_available()
     )
+    settings.update(tracking.tracker_settings(config.report_to, out))  # {} without trackers
     if strategy == "fsdp":
         return fsdp_accelerator(model, **settings)
     return Accelerator(**settings)
@@ -302,6 +314,8 @@ def train(
     output_dir: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
+    eval_data: torch.Tensor | None = None,
+    run_name: str | None = None,
 ) -> TrainResult:
     """Train the model's adapters (and marked modules) on ``dataset``.
 
@@ -317,6 +331,9 @@ def train(
             must have been written with the same settings, ``max_steps`` and bookkeeping
             aside); ``False`` starts over and deletes that directory's old checkpoints.
         progress: show a tqdm bar (main process only).
+        eval_data: validation tokens ``(N,)`` for ``config.eval_every`` (perplexity at the
+            training block length, logged as ``val_ppl``).
+        run_name: the run's name in the trackers of ``config.report_to``.
 
     Returns:
         A :class:`TrainResult`.
@@ -328,7 +345,9 @@ def train(
             save_every without a directory, or ``output_dir`` in use by another process.
     """
     with contextlib.ExitStack() as stack:
-        return _train(model, dataset, config, output_dir, resume, progress, stack)
+        return _train(
+            model, dataset, config, output_dir, resume, progress, stack, eval_data, run_name
+        )
 
 
 def _check_inputs(dataset, config: TrainConfig, output_dir) -> None:
@@ -346,19 +365,23 @@ def _check_inputs(dataset, config: TrainConfig, output_dir) -> None:
 # The loop stays one function on purpose (about 100 lines, as nanoGPT's): setup, loop,
 # checkpoint, done, readable top to bottom; its parts with a name of their own are _start
 # (resume or clean), _accumulate (micro-batches), _update (the optimizer step).
-def _train(model, dataset, config, output_dir, resume, progress, stack) -> TrainResult:
+def _train(
+    model, dataset, config, output_dir, resume, progress, stack, eval_data=None, run_name=None
+) -> TrainResult:
     _check_inputs(dataset, config, output_dir)
+    block_length = int(torch.as_tensor(dataset[0]["input_ids"]).shape[-1])
+    tracking.check_eval_data(config, eval_data, block_length)
     names = adapter_names(model)
     sparse = any(layer.sparse_gradients for _, layer in _layers(model))
     # refuse a variant/strategy pair before any work (distributed.py)
     strategy = launch_strategy()
     check_supported(model, strategy)
     seed_everything(config.seed)
-    accelerator = _accelerator(config, model, sparse, strategy)
+    out = Path(output_dir) if output_dir is not None else None
+    accelerator = _accelerator(config, model, sparse, strategy, out)
     world = accelerator.num_processes
     # MixLoRA's balance loss and router statistics over the global batch (distributed.py)
     stack.enter_context(statistics_context(accelerator, model))
-    out = Path(output_dir) if output_dir is not None else None
     if out is not None and accelerator.is_main_process:
         # one writer per folder: a second run there would interleave checkpoints and metrics
         stack.enter_context(output_lock(make_dirs(out)))
@@ -388,6 +411,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     if metrics_file is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(metrics_file, start_step)
+    tracking.start_trackers(accelerator, config, run_name, stack)  # none without report_to
 
     model.train()
     bar = tqdm(
@@ -400,7 +424,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
     )
     log = metrics_file if accelerator.is_main_process else None  # one writer
     t0 = time.perf_counter()
-    run_tokens = 0
+    run_tokens, eval_s = 0, 0.0  # eval_s: validation time, left out of the throughput
     for step in range(start_step, config.max_steps):
         rows = global_rows(len(dataset), config.seed, step * per_step, per_step)
         # the step's loss is the mean over all its label tokens, every process's included
@@ -411,7 +435,7 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
         lm_mean = accelerator.reduce(lm_total, reduction="sum").item()
         aux_mean = accelerator.reduce(aux_total, reduction="sum").item()
         _raise_if_diverged(lm_mean, aux_mean, step + 1, out, bar)
-        _update(params, optimizer, accelerator, config, step, out, bar)
+        grad_norm = _update(params, optimizer, accelerator, config, step, out, bar)
         reset = on_step_end(inner, step + 1, optimizer)
         advance_schedule(scheduler, cycle, step + 1, bool(reset) and restart_lr)
 
@@ -426,25 +450,41 @@ def _train(model, dataset, config, output_dir, resume, progress, stack) -> Train
         result.aux_losses.append(aux_mean)
         result.steps = step + 1
         elapsed = time.perf_counter() - t0
-        tps = run_tokens / max(elapsed, 1e-9)
+        tps = run_tokens / max(elapsed - eval_s, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{lm_mean:.4f}", tok_s=f"{tps:,.0f}")
-        if log is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps):
+        val_ppl, eval_s = _validate(inner, eval_data, block_length, config, step + 1, eval_s)
+        logs = (step + 1) % config.log_every == 0 or step + 1 == config.max_steps
+        if logs or val_ppl is not None:
             line = {"step": step + 1, "loss": lm_mean, "aux_loss": aux_mean}
             line.update(lr=scheduler.get_last_lr()[0], tokens=result.tokens)
-            _append_json_line(log, line | {"tokens_per_s": tps, "elapsed_s": elapsed})
+            line.update(tokens_per_s=tps, elapsed_s=elapsed, grad_norm=grad_norm)
+            line.update({"val_ppl": val_ppl} if val_ppl is not None else {})
+            if log is not None:
+                _append_json_line(log, line)
+            tracking.log_line(accelerator, inner, line)  # a no-op without report_to
         if out is not None and config.save_every and (step + 1) % config.save_every == 0:
             save_checkpoint(
                 out, inner, optimizer, scheduler, cycle, result, step + 1, config, accelerator
             )
     bar.close()
     result.wall_time = time.perf_counter() - t0
-    result.tokens_per_second = run_tokens / max(result.wall_time, 1e-9)
+    result.tokens_per_second = run_tokens / max(result.wall_time - eval_s, 1e-9)
     if config.gradient_checkpointing and hasattr(inner, "gradient_checkpointing_disable"):
         inner.gradient_checkpointing_disable()
     inner.eval()
     accelerator.wait_for_everyone()
     return result
+
+
+def _validate(inner, eval_data, block_length, config, step, eval_s) -> tuple[float | None, float]:
+    """``config.eval_every``: the validation perplexity after ``step`` (else None), and the
+    validation time so far. Every process computes it (FSDP needs each one's forward)."""
+    if not config.eval_every or step % config.eval_every:
+        return None, eval_s
+    start = time.perf_counter()
+    ppl = tracking.validation_perplexity(inner, eval_data, block_length, config.batch_size)
+    return ppl, eval_s + time.perf_counter() - start
 
 
 def _raise_if_diverged(lm_mean: float, aux_mean: float, step: int, out, bar) -> None:
@@ -487,18 +527,22 @@ def _start(out, resume, inner, optimizer, scheduler, cycle, result, config, acce
     return start_step
 
 
-def _update(params, optimizer, accelerator, config, step, out, bar) -> None:
-    """Clip, step and clear the gradients, refusing non-finite gradients or weights."""
+def _update(params, optimizer, accelerator, config, step, out, bar) -> float:
+    """Clip, step and clear the gradients, refusing non-finite gradients or weights.
+    Returns the gradient norm before clipping."""
     if accelerator.is_fsdp2:
         average_replicated_gradients(accelerator, params)
     if config.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     # a NaN gradient can come with a finite loss, and a finite update can overflow the
     # weights (lr=1e6): neither may reach a checkpoint
     _check_finite(params, "gradient", step, out, bar, grads=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     _check_finite(params, "trainable weight", step, out, bar)
+    return float(grad_norm)
 
 
 def _accumulate(model, inner, dataset, rows, step_label_tokens, config, accelerator):

@@ -496,6 +496,12 @@ class AdapterLayer(nn.Module):
         (``{record key: JSON-ready value}``); none by default (MixLoRA: tokens per expert)."""
         return {}
 
+    def metrics(self) -> dict[str, float]:
+        """Scalars of the last training step for experiment trackers (``train.report_to``):
+        ``{name: value}``, averaged over the adapter's layers by the training loop; none by
+        default (COLA: its link index; MixLoRA: the router's load per expert)."""
+        return {}
+
     # -- merging ------------------------------------------------------------------------------
     def _check_mergeable(self) -> nn.Linear:
         if not self.mergeable:

@@ -459,6 +459,10 @@ class COLALinear(AdapterLayer):
                 reset = params
         return reset or None
 
+    def metrics(self) -> dict[str, float]:
+        """``{"link_index": links folded so far}``: the chain's position, for trackers."""
+        return {"link_index": float(self.link_index)}
+
     # -- saving -------------------------------------------------------------------------------
     @torch.no_grad()
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -758,6 +758,16 @@ class MixLoRAFFN(AdapterLayer):
         counts = stats["tokens_per_expert"].flatten().tolist()
         return {"router_tokens_per_expert": [int(x) for x in counts]}
 
+    def metrics(self) -> dict[str, float]:
+        """``{"router_load/expert_<i>": share of the last forward's routed tokens}`` (the
+        shares sum to 1; ``1 / num_experts`` each when balanced), for trackers."""
+        stats = self.router_stats()
+        if stats is None:
+            return {}
+        counts = stats["tokens_per_expert"].flatten().float()
+        shares = (counts / counts.sum().clamp(min=1.0)).tolist()
+        return {f"router_load/expert_{i}": share for i, share in enumerate(shares)}
+
     def router_stats(self) -> dict[str, Any] | None:
         """Routing of the last forward over its real tokens (padding excluded, see
         :func:`token_mask`): ``{"tokens_per_expert": (E,) long, "num_tokens": T}``.
