@@ -40,7 +40,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": (
         "loravariants.cli",
         "eval_main",
-        "perplexity at several lengths (+ passkey) of a base model with an optional adapter",
+        "perplexity at several lengths (+ passkey, lm-eval tasks) of a base model with an "
+        "optional adapter",
     ),
     "pretrain-base": (
         "loravariants.cli",
@@ -266,6 +267,10 @@ def eval_main(argv: Sequence[str]) -> int:
     evaluated up to that context. With it: the experiment's base model, data, context
     extension (applied before the adapter is loaded; an adapter trained with another
     extension is refused) and evaluation settings.
+
+    ``--lm-eval TASKS`` (or the config's ``eval.lm_eval``) runs lm-eval tasks on the model,
+    its adapter attached; their names are checked before anything loads. With tasks,
+    perplexity runs only when ``--lengths`` is given.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -288,6 +293,7 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--adapter", default=None, help="adapter directory (ours or peft)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths")
     parser.add_argument("--passkey", type=int, nargs="*", default=None, help="passkey lengths")
+    _add_lm_eval_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the experiment YAML")
     args = parser.parse_args(argv)
     if args.config:
@@ -296,6 +302,7 @@ def eval_main(argv: Sequence[str]) -> int:
         if args.overrides:
             raise ValueError("key=value overrides need --config")
         config = ExperimentConfig(runs=[RunSpec(name="eval")], data=DataConfig(), eval=EvalConfig())
+    lm_tasks = _lm_eval_settings(args, config.eval)  # names checked before any work
     if args.model:
         config.base_model, config.base_model_config = args.model, None
     path, tokenizer = resolve_base_model(config.base_model, config=config.builtin_base())
@@ -316,18 +323,59 @@ def eval_main(argv: Sequence[str]) -> int:
         if extension and not (target and target > native):  # evaluate up to its context too
             config.context.target_length = extension["target_length"]
             native = extension["original_length"]
-    lengths = args.lengths or eval_lengths(config, native)
-    tokens = load_validation_tokens(config.data, tokenizer, config.eval.max_tokens)
-    ppl = perplexity_at_lengths(
-        model, tokens, lengths, stride_ratio=config.eval.stride_ratio, progress=True
-    )
-    result: dict = {"perplexity": ppl}
+    result: dict = {}
+    if not lm_tasks or args.lengths:
+        lengths = args.lengths or eval_lengths(config, native)
+        tokens = load_validation_tokens(config.data, tokenizer, config.eval.max_tokens)
+        result["perplexity"] = perplexity_at_lengths(
+            model, tokens, lengths, stride_ratio=config.eval.stride_ratio, progress=True
+        )
+    if lm_tasks:
+        from .integrations.lm_eval import evaluate_tasks
+
+        e = config.eval
+        result["lm_eval"], result["lm_eval_metrics"] = evaluate_tasks(
+            model, tokenizer, lm_tasks, e.lm_eval_include, e.lm_eval_limit, e.lm_eval_batch_size
+        )
     passkey = config.eval.passkey_lengths if args.passkey is None else args.passkey
     if passkey:
         pk = passkey_accuracy(model, tokenizer, passkey, config.eval.passkey_trials)
         result["passkey"] = {n: r.accuracy for n, r in pk.items()}
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _add_lm_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lm-eval",
+        action="append",
+        default=None,
+        metavar="TASKS",
+        help="lm-eval task names, comma-separated (e.g. arc_easy,gsm8k); the [eval] extra",
+    )
+    parser.add_argument(
+        "--lm-eval-include", default=None, metavar="DIR", help="a folder of your own task YAMLs"
+    )
+    parser.add_argument(
+        "--lm-eval-limit", type=int, default=None, metavar="N", help="documents per task"
+    )
+
+
+def _lm_eval_settings(args: argparse.Namespace, eval_config) -> list[str]:
+    """The lm-eval tasks to run (the command line's, else the config's), written into
+    ``eval_config``; every name checked now, before any model loads."""
+    from .integrations.lm_eval import task_manager
+
+    if args.lm_eval:
+        eval_config.lm_eval = [t.strip() for a in args.lm_eval for t in a.split(",") if t.strip()]
+    if args.lm_eval_include is not None:
+        eval_config.lm_eval_include = args.lm_eval_include
+    if args.lm_eval_limit is not None:
+        eval_config.lm_eval_limit = args.lm_eval_limit
+    eval_config.__post_init__()  # the fields' checks (a limit >= 1, a list of names)
+    if eval_config.lm_eval:
+        task_manager(eval_config.lm_eval, eval_config.lm_eval_include)
+    return list(eval_config.lm_eval)
 
 
 def pretrain_base_main(argv: Sequence[str]) -> int:

@@ -164,6 +164,11 @@ class EvalConfig:
         stride_ratio: sliding-window stride as a share of the length, in (0, 1).
         passkey_lengths: prompt lengths for passkey retrieval (empty: skipped).
         passkey_trials: prompts per length.
+        lm_eval: lm-eval task, group or tag names run on every row (the ``[eval]`` extra;
+            empty: none); each task's first metric is recorded as ``lm_eval@<task>``.
+        lm_eval_include: a folder of task YAMLs of your own (None: lm-eval's tasks only).
+        lm_eval_limit: documents per task, >= 1 (None: all).
+        lm_eval_batch_size: requests per forward, >= 1.
     """
 
     lengths: list[int] | None = None
@@ -171,6 +176,10 @@ class EvalConfig:
     stride_ratio: float = 0.5
     passkey_lengths: list[int] = field(default_factory=list)
     passkey_trials: int = 10
+    lm_eval: list[str] = field(default_factory=list)
+    lm_eval_include: str | None = None
+    lm_eval_limit: int | None = None
+    lm_eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.lengths is not None:
@@ -181,6 +190,23 @@ class EvalConfig:
         )
         self.passkey_lengths = _int_list("eval.passkey_lengths", self.passkey_lengths, low=16)
         check_range("eval.passkey_trials", self.passkey_trials, low=1, integer=True)
+        if isinstance(self.lm_eval, str):  # `lm_eval: arc_easy` means [arc_easy]
+            self.lm_eval = [self.lm_eval]
+        if not isinstance(self.lm_eval, (list, tuple)) or not all(
+            isinstance(t, str) and t and "@" not in t for t in self.lm_eval
+        ):
+            raise ValueError(
+                f"eval.lm_eval must be a list of lm-eval task names, got {self.lm_eval!r}"
+            )
+        self.lm_eval = list(self.lm_eval)
+        _check_str("eval.lm_eval_include", self.lm_eval_include, optional=True)
+        if self.lm_eval_limit is not None:
+            check_range("eval.lm_eval_limit", self.lm_eval_limit, low=1, integer=True)
+        check_range("eval.lm_eval_batch_size", self.lm_eval_batch_size, low=1, integer=True)
+        if self.lm_eval:
+            from .integrations.lm_eval import require_lm_eval
+
+            require_lm_eval()  # names are checked by check_lm_eval_tasks (an index to build)
 
 
 @dataclass
@@ -339,6 +365,11 @@ class ExperimentConfig:
             raise ValueError(
                 "concurrent: true needs every trained row to share extend_context and attention"
             )
+        if self.train.report_to or self.train.eval_every:
+            raise ValueError(
+                "concurrent: true does not support train.report_to or train.eval_every yet; "
+                "drop them or set concurrent: false"
+            )
         bad = [r.name for r in trained if r.trainable]
         if bad:
             raise ValueError(
@@ -355,6 +386,14 @@ class ExperimentConfig:
                     load_adapter_spec(row.adapter, self.adapter_overrides(row), self.spec_dir)
                 except (FileNotFoundError, ValueError) as e:
                     raise ValueError(f"runs[{row.name}]: {e}") from e
+
+    def check_lm_eval_tasks(self) -> None:
+        """Every ``eval.lm_eval`` name known to lm-eval: a typo is a config error before any
+        work (building lm-eval's index takes seconds, so this is not in ``__post_init__``)."""
+        if self.eval.lm_eval:
+            from .integrations.lm_eval import task_manager
+
+            task_manager(self.eval.lm_eval, self.eval.lm_eval_include)
 
     def adapter_overrides(self, row: RunSpec) -> dict[str, Any]:
         """The row's adapter overrides, plus what the run itself decides
@@ -488,6 +527,7 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
     if config.spec_dir is None:
         config.spec_dir = str(Path(path).resolve().parent)
     config.check_adapter_specs()
+    config.check_lm_eval_tasks()
     return config
 
 

@@ -13,7 +13,8 @@ the seeds both ran (``stats.paired_difference``)::
     does a variant differ from LoRA?           <variant> - lora        (every other trained row)
 
 on two metrics at the longest length evaluated (4x the native context in the quickstart):
-passkey accuracy (higher is better) and perplexity (lower is better). A contrast is
+passkey accuracy (higher is better) and perplexity (lower is better), and on every lm-eval
+task of ``eval.lm_eval`` (its main metric, ``lm_eval@<task>``; higher is better). A contrast is
 "resolved" when the 95% Student-t interval of the mean difference excludes 0.
 
 Rows are recognised by what they are, not by their names: the untrained rows without and
@@ -123,8 +124,9 @@ def planned_contrasts(config) -> list[Contrast]:
 
 
 def headline_metrics(config, results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """``passkey@N`` at the longest passkey length and ``ppl@N`` at the longest length that a
-    finished run was scored at (the 4x length in the quickstart); either may be absent."""
+    """``passkey@N`` at the longest passkey length, ``ppl@N`` at the longest length that a
+    finished run was scored at (the 4x length in the quickstart), and ``lm_eval@<task>`` for
+    every lm-eval task a finished run was scored on; any of them may be absent."""
     ok = [r for r in results.values() if r.get("status") == "ok"]
     metrics = []
     passkey = {int(k) for r in ok for k in r.get("passkey", {})}
@@ -133,6 +135,7 @@ def headline_metrics(config, results: Mapping[str, Mapping[str, Any]]) -> list[s
     ppl = {int(k) for r in ok for k in r.get("ppl", {})}
     if ppl:
         metrics.append(f"ppl@{max(ppl)}")
+    metrics += [f"lm_eval@{t}" for t in sorted({t for r in ok for t in r.get("lm_eval", {})})]
     return metrics
 
 
@@ -175,7 +178,8 @@ def findings_section(config, results: Mapping[str, Mapping[str, Any]]) -> list[s
         "",
         "The study's planned contrasts, each the paired difference a − b over the seeds both "
         "rows ran, with its 95% interval (Student t). **resolved**: the interval excludes 0. "
-        "Passkey accuracy: higher is better; perplexity: lower is better. Untrained rows "
+        "Passkey accuracy and lm-eval task scores: higher is better; perplexity: lower is "
+        "better. Untrained rows "
         "change with the seed only through the passkey prompts (key and depth), so their "
         "perplexity has no spread.",
         "",
@@ -188,7 +192,9 @@ def findings_section(config, results: Mapping[str, Mapping[str, Any]]) -> list[s
     for contrast, by_metric in by_contrast.items():
         cells = []
         for m in metrics:
-            pattern = "{:+.2f}" if m.startswith("passkey") else "{:+.1f}"
+            pattern = (
+                "{:+.1f}" if m.startswith("ppl") else "{:+.3f}" if "lm_eval" in m else "{:+.2f}"
+            )
             cells += list(_cell(by_metric[m].difference, pattern))
         lines.append(
             f"| {contrast.a} − {contrast.b} | {contrast.question} | " + " | ".join(cells) + " |"

@@ -1,6 +1,6 @@
-"""Measure a run: peak memory and throughput records, perplexity, passkey, the SVD summary,
-per-layer statistics the variant reports, and subspace similarities (to the same seed's LoRA
-row, and across seeds).
+"""Measure a run: peak memory and throughput records, perplexity, passkey, lm-eval tasks,
+the SVD summary, per-layer statistics the variant reports, and subspace similarities (to the
+same seed's LoRA row, and across seeds).
 """
 
 from __future__ import annotations
@@ -132,6 +132,11 @@ def evaluate_run(
                 ).items()
             },
         )
+    if config.eval.lm_eval:  # downstream tasks (lm-eval): {task: main metric}, then all
+        tasks: dict[str, Any] = {}
+        metric("lm_eval", lambda: _lm_eval(model, config, env, tasks))
+        if tasks:
+            record["lm_eval_metrics"] = tasks
     if name is not None:
         metric("svd", lambda: _svd_summary(model, env, seed, name))
         try:
@@ -143,6 +148,20 @@ def evaluate_run(
     if errors:
         record["metric_errors"] = errors
     return record
+
+
+def _lm_eval(
+    model: nn.Module, config: ExperimentConfig, env: Environment, metrics: dict[str, Any]
+) -> dict[str, float]:
+    """``{task: main metric}`` of ``eval.lm_eval``; every metric goes into ``metrics``."""
+    from ..integrations.lm_eval import evaluate_tasks
+
+    e = config.eval
+    headline, found = evaluate_tasks(
+        model, env.tokenizer, e.lm_eval, e.lm_eval_include, e.lm_eval_limit, e.lm_eval_batch_size
+    )
+    metrics.update(found)
+    return headline
 
 
 def _layer_stats(model: nn.Module, name: str | None = None) -> dict[str, dict[str, Any]]:

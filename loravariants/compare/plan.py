@@ -142,6 +142,30 @@ def run_folder(out: Path, row_name: str, seed: int) -> Path:
 
 # may differ between a comparison and its resumption: more seeds or rows, another folder
 _RESUMABLE_KEYS = {"seeds", "runs", "output_dir", "spec_dir"}
+# ... and, inside a section, bookkeeping that changes no record: trackers, validation curves
+_RESUMABLE_FIELDS = {"train": ("report_to", "eval_every")}
+# fields newer than some saved configs: a saved config without one had its default
+_NEWER_FIELDS = {
+    "eval": {
+        "lm_eval": [],
+        "lm_eval_include": None,
+        "lm_eval_limit": None,
+        "lm_eval_batch_size": 8,
+    },
+    "train": {"report_to": [], "eval_every": 0},
+}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with the newer fields filled in and the bookkeeping fields left out."""
+    config = dict(config)
+    for section, defaults in _NEWER_FIELDS.items():
+        if isinstance(config.get(section), dict):
+            config[section] = {**defaults, **config[section]}
+    for section, keys in _RESUMABLE_FIELDS.items():
+        if isinstance(config.get(section), dict):
+            config[section] = {k: v for k, v in config[section].items() if k not in keys}
+    return config
 
 
 def check_same_experiment(out: Path, saved: dict[str, Any], config: ExperimentConfig) -> None:
@@ -153,8 +177,8 @@ def check_same_experiment(out: Path, saved: dict[str, Any], config: ExperimentCo
     Raises:
         ValueError: naming the first differences.
     """
-    now = config_dict(config)
-    differ = config_differences(saved, now, _RESUMABLE_KEYS, show=json.dumps)
+    now = _comparable(config_dict(config))
+    differ = config_differences(_comparable(saved), now, _RESUMABLE_KEYS, show=json.dumps)
     saved_rows = {r.get("name"): r for r in saved.get("runs") or []}
     differ += [
         f"runs[{r['name']}] changed"

@@ -101,10 +101,12 @@ CSV_FIELDS = [
 def _write_csv(file: Path, results: dict[str, dict[str, Any]]) -> None:
     ppl_keys = sorted({k for r in results.values() for k in r.get("ppl", {})}, key=int)
     pk_keys = sorted({k for r in results.values() for k in r.get("passkey", {})}, key=int)
+    task_keys = sorted({k for r in results.values() for k in r.get("lm_eval", {})})
     fields = (
         CSV_FIELDS
         + [f"ppl@{k}" for k in ppl_keys]
         + [f"passkey@{k}" for k in pk_keys]
+        + [f"lm_eval@{k}" for k in task_keys]
         + ["effective_rank", "energy_top4", "similarity_to_lora", "similarity_to_lora_right"]
     )
     tmp = file.with_suffix(".csv.tmp")
@@ -115,6 +117,7 @@ def _write_csv(file: Path, results: dict[str, dict[str, Any]]) -> None:
             flat = dict(r)
             flat.update({f"ppl@{k}": v for k, v in r.get("ppl", {}).items()})
             flat.update({f"passkey@{k}": v for k, v in r.get("passkey", {}).items()})
+            flat.update({f"lm_eval@{k}": v for k, v in r.get("lm_eval", {}).items()})
             flat.update({k: v for k, v in r.get("svd", {}).items() if not isinstance(v, dict)})
             writer.writerow(flat)
     os.replace(tmp, file)
@@ -157,8 +160,7 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
             columns.append(title)
             keys.append((key, pattern))
     extra = sorted(
-        {k for r in summary for k in r if "@" in k or k.startswith("svd.")},
-        key=lambda k: (k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0),
+        {k for r in summary for k in r if "@" in k or k.startswith("svd.")}, key=_column_order
     )
     for k in extra:
         columns.append(k.replace("svd.", ""))
@@ -180,6 +182,12 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _column_order(key: str) -> tuple[str, int, str]:
+    """``ppl@N`` / ``passkey@N`` by length, ``lm_eval@<task>`` by name, in their groups."""
+    group, _, sub = key.partition("@")
+    return (group, int(sub), "") if sub.isdigit() else (group, 0, sub)
 
 
 def _paired_section(reference: str | None, diffs: dict[str, dict[str, Any]]) -> list[str]:

@@ -51,6 +51,7 @@ from .plan import (
     run_folder,
     run_key,
 )
+from .progress import GridClock, run_line
 from .report import write_outputs
 from .shard import (
     Shard,
@@ -139,6 +140,7 @@ def _compare(
         raise ValueError(f"output_dir {out}: a parent of it is a file")
     if shard is not None:
         _check_shardable(config)
+    config.check_lm_eval_tasks()  # an unknown lm-eval task name: before any work
     if out.is_dir() and shard is None:
         _lock(out, locks)
     results = load_results(out, config)
@@ -161,6 +163,7 @@ def _compare(
     write = _writer(out, config, env, shard, {k: results[k] for k in _keys(plan) if k in results})
     if config.concurrent:
         _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log)
+    clock = GridClock()  # the per-run line and the grid's ETA (compare/progress.py)
     for i, (row, seed) in enumerate(plan, 1):
         key = run_key(row, seed)
         run_dir = run_folder(out, row.name, seed)
@@ -180,6 +183,8 @@ def _compare(
             results[key] = _with_match(record, matched.get(row.name))
             _log_metric_errors(record, log)
             write(results, key)
+            clock.add(row.name, record["elapsed_s"])
+            log(f"{where}: {run_line(record)}{clock.eta(_left(config, plan[i:], results))}")
         # a shard sees part of the plan: its first LoRA run of a seed need not be the plan's
         # first, so shards leave the similarity to LoRA to the merge (fill_lora_similarity)
         record = results[key]
@@ -187,6 +192,16 @@ def _compare(
         if shard is None and reference:
             env.lora_reference.setdefault(seed, run_dir / "adapter")
     return out
+
+
+def _left(config: ExperimentConfig, plan, results: dict[str, dict[str, Any]]) -> list[str]:
+    """The rows of the runs of ``plan`` this loop still has to run."""
+    return [
+        row.name
+        for row, seed in plan
+        if results.get(run_key(row, seed), {}).get("status") != "ok"
+        and not (config.concurrent and row.trains)
+    ]
 
 
 def _keys(plan: list[tuple[RunSpec, int]]) -> list[str]:
@@ -402,6 +417,11 @@ def _run_one(
                 train_cfg,
                 output_dir=run_dir / "train",
                 progress=progress,
+                # train.eval_every: validation perplexity on the evaluation tokens
+                eval_data=env.val_tokens[: config.eval.max_tokens]
+                if train_cfg.eval_every
+                else None,
+                run_name=run_key(row, seed),  # the run's name in train.report_to's trackers
             )
         record.update(training_record(result, mem))
         save_adapter(model, run_dir / "adapter", format="native")

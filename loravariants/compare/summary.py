@@ -51,7 +51,7 @@ def _variant_of(fields: dict[str, Any]) -> type[AdapterConfig]:
 
 def per_seed(results: dict[str, dict[str, Any]], row: str, metric: str) -> dict[int, float]:
     """``{seed: value}`` of one row's finished runs; ``metric`` is a record key or ``ppl@N``,
-    ``passkey@N``, ``svd.<key>``."""
+    ``passkey@N``, ``lm_eval@<task>`` (any ``<group>@<key>`` of a record's dict), ``svd.<key>``."""
     out = {}
     for r in results.values():
         if r["row"] != row or r.get("status") != "ok":
@@ -105,6 +105,7 @@ def summarize(
         metric_keys = [k for k, _, _ in SUMMARY_METRICS] + ["adapter_params"]
         ppl_keys = sorted({k for r in ok for k in r.get("ppl", {})}, key=int)
         pk_keys = sorted({k for r in ok for k in r.get("passkey", {})}, key=int)
+        task_keys = sorted({k for r in ok for k in r.get("lm_eval", {})})
         for key in metric_keys:
             row[key] = mean_ci([r.get(key, float("nan")) for r in ok])
         for key in TIMING_METRICS:
@@ -114,6 +115,10 @@ def summarize(
         for key in pk_keys:
             row[f"passkey@{key}"] = mean_ci(
                 [r.get("passkey", {}).get(key, float("nan")) for r in ok]
+            )
+        for key in task_keys:  # lm-eval tasks: each task's main metric
+            row[f"lm_eval@{key}"] = mean_ci(
+                [r.get("lm_eval", {}).get(key, float("nan")) for r in ok]
             )
         for key in ("effective_rank", "energy_top4"):
             vals = [r["svd"].get(key, float("nan")) for r in ok if "svd" in r]
@@ -169,7 +174,7 @@ def paired_differences(
     """Every trained row against a reference row, per seed, on each quality metric.
 
     The reference is the first trained LoRA row (else the first trained row). Metrics: final
-    train loss and perplexity at every evaluated length.
+    train loss, perplexity at every evaluated length and every lm-eval task.
 
     Returns:
         ``(reference row, {row: {metric: PairedDifference}})``.
@@ -184,6 +189,7 @@ def paired_differences(
         {k for n in trained for k in by_name[n] if k.startswith("ppl@")},
         key=lambda k: int(k.split("@")[1]),
     )
+    metrics += sorted({k for n in trained for k in by_name[n] if k.startswith("lm_eval@")})
     out = {}
     for name in trained:
         if name != reference:

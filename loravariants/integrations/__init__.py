@@ -1,0 +1,1 @@
+"""Bridges to other libraries' training and evaluation tools (each imported on use)."""
