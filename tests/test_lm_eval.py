@@ -154,3 +154,68 @@ def test_eval_command_reports_the_task(tiny_base, at_root, capsys, tmp_path):
     expected, _ = evaluate_tasks(model, tokenizer, [TASK], include=TASKS)
     assert result["lm_eval"] == pytest.approx(expected)
     assert "perplexity" not in result  # --lm-eval alone: the tasks only
+
+
+def test_compare_records_tasks_and_findings_pair_them_across_seeds(
+    tiny_base, at_root, tmp_path, monkeypatch
+):
+    from _train_script import random_blocks
+    from transformers import AutoModelForCausalLM
+
+    from loravariants.compare import Environment, compare
+    from loravariants.compare.findings import findings
+    from loravariants.config import experiment_from_dict
+
+    path, _, tokenizer = tiny_base
+    env = Environment(
+        base_path=str(path),
+        tokenizer=tokenizer,
+        device=torch.device("cpu"),
+        load_model=lambda: AutoModelForCausalLM.from_pretrained(path),
+        train_blocks=lambda n: random_blocks(n=8, length=n),
+        val_tokens=torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0)),
+    )
+    config = experiment_from_dict(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "train": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "lr": 0.05},
+            "eval": {
+                "max_tokens": 128,
+                "lengths": [32],
+                "lm_eval": [TASK],
+                "lm_eval_include": str(TASKS),
+            },
+            "seeds": [0, 1],
+            "runs": [
+                {"name": "lora", "adapter": "lora"},
+                {"name": "lora-r8", "adapter": "lora", "overrides": {"r": 8}},
+            ],
+        }
+    )
+    # the plots (redrawn after every run) are not what this checks, and take most of its time
+    monkeypatch.setattr("loravariants.compare.report.make_report_plots", lambda *a: {})
+    logs: list[str] = []
+    compare(config, progress=False, log=logs.append, env=env)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = {r["key"]: r for r in data["runs"]}
+    assert all(r["status"] == "ok" for r in runs.values())
+    for r in runs.values():  # the task's accuracy, and every metric lm-eval reported
+        assert 0 <= r["lm_eval"][TASK] <= 1
+        assert r["lm_eval_metrics"][TASK]["acc,none"] == r["lm_eval"][TASK]
+    # Findings: the contrast lora-r8 - lora on the task, paired seed by seed
+    metric = f"lm_eval@{TASK}"
+    (found,) = [f for f in findings(config, runs) if f.metric == metric]
+    assert found.contrast.a == "lora-r8" and found.difference.seeds == (0, 1)
+    assert list(found.difference.differences) == pytest.approx(
+        [
+            runs[f"lora-r8/seed{s}"]["lm_eval"][TASK] - runs[f"lora/seed{s}"]["lm_eval"][TASK]
+            for s in (0, 1)
+        ]
+    )
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert metric in report and "## Findings" in report
+    assert metric in (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
+    # one line per finished run (row, seed, time, final loss, main metric) and the ETA
+    done = [line for line in logs if " ok in " in line]
+    assert len(done) == 4 and all("final loss" in line and "ppl@32" in line for line in done)
+    assert "ETA" in done[0] and "(3 runs)" in done[0] and "ETA" not in done[-1]
