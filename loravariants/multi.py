@@ -222,6 +222,8 @@ def _check_jobs(model: nn.Module, jobs: Sequence[Job]) -> None:
         raise ValueError(f"no adapter named {unknown} attached; attached: {adapter_names(model)}")
     if len({job.config.grad_accum for job in jobs}) != 1:
         raise ValueError("all jobs must use the same grad_accum")
+    if any(job.config.report_to or job.config.eval_every for job in jobs):
+        raise ValueError("train_concurrent does not support report_to or eval_every yet")
     if extra_trainable_modules(model):
         raise ValueError(
             "concurrent training cannot share trainable base modules "

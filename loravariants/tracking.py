@@ -61,13 +61,15 @@ def check_report_to(value: Any) -> list[str]:
         ValueError: not a list of strings, an unknown name, or a tracker that is not
             installed (naming the ``pip install`` command).
     """
-    import accelerate.utils as accelerate_utils
-
     if value is None:
         return []
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"report_to must be a list of {list(TRACKERS)}, got {value!r}")
+    if not names:
+        return []
+    import accelerate.utils as accelerate_utils  # on use: most configs name no tracker
+
     for name in names:
         if name not in TRACKERS:
             raise ValueError(f"report_to must name trackers among {list(TRACKERS)}, got {name!r}")

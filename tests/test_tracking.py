@@ -166,6 +166,21 @@ def test_tracking_mistakes_are_caught_before_training(tmp_path):
         train(model, blocks, _config(eval_every=1), progress=False, eval_data=VAL[:8])
     with pytest.raises(ValueError, match="tensorboard needs an output directory"):
         train(model, blocks, _config(report_to=["tensorboard"]), progress=False)
+    from loravariants.multi import Job, train_concurrent
+
+    job = Job("default", blocks, _config(report_to=["tensorboard"]))
+    with pytest.raises(ValueError, match="does not support report_to"):
+        train_concurrent(model, [job], progress=False)
+    from loravariants.config import experiment_from_dict
+
+    with pytest.raises(ValueError, match="concurrent: true does not support train.report_to"):
+        experiment_from_dict(
+            {
+                "concurrent": True,
+                "train": {"report_to": ["tensorboard"]},
+                "runs": [{"name": "a", "adapter": "lora"}, {"name": "b", "adapter": "lora"}],
+            }
+        )
     assert not any(p.requires_grad and p.grad is not None for p in model.parameters())
 
 
@@ -205,3 +220,40 @@ def test_compare_sends_each_run_to_the_trackers(tmp_path, monkeypatch):
     assert [s for s, _ in tb["eval/perplexity"]] == [1, 2] and len(tb["train/loss"]) == 2
     (line,) = [x for x in logs if "ok in" in x]
     assert line.startswith("[1/1] lora/seed0: ok in ") and "final loss" in line and "ppl@32" in line
+
+
+def test_a_comparison_resumes_with_other_trackers_and_from_older_records(tmp_path, monkeypatch):
+    """report_to and eval_every change no result: a rerun with them keeps the finished runs,
+    and so does a results.json written before these fields (and eval.lm_eval) existed."""
+    from loravariants.compare import Environment, compare
+    from loravariants.config import experiment_from_dict
+
+    monkeypatch.setattr("loravariants.compare.report.make_report_plots", lambda *a: {})
+    env = Environment(
+        base_path="tiny",
+        tokenizer=None,
+        device=torch.device("cpu"),
+        load_model=lambda: make_tiny_llama(max_position_embeddings=32),
+        train_blocks=lambda n: random_blocks(n=8, length=n),
+        val_tokens=VAL,
+    )
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0},
+        "eval": {"max_tokens": 64, "lengths": [32]},
+        "runs": [{"name": "lora", "adapter": "lora"}],
+    }
+    compare(experiment_from_dict(base), progress=False, log=lambda _: None, env=env)
+    results = tmp_path / "out" / "results.json"
+    data = json.loads(results.read_text())
+    for section, keys in {"train": ("report_to", "eval_every"), "eval": ("lm_eval",)}.items():
+        for key in keys:
+            del data["config"][section][key]  # as an older version wrote it
+    results.write_text(json.dumps(data))
+    logs: list[str] = []
+    again = {**base, "train": {**base["train"], "report_to": ["tensorboard"], "eval_every": 1}}
+    compare(experiment_from_dict(again), progress=False, log=logs.append, env=env)
+    assert logs == ["[1/1] lora/seed0: done earlier, kept"]
+    changed = {**base, "eval": {**base["eval"], "lm_eval_limit": 5}}
+    with pytest.raises(ValueError, match="holds results of a different experiment"):
+        compare(experiment_from_dict(changed), progress=False, log=logs.append, env=env)
