@@ -3,7 +3,8 @@
     setup  -> seed, accelerator, optimizer over adapter (+ marked) parameters, LR schedule
     loop   -> micro-batches (grad accumulation) -> loss = LM loss + lv.aux_loss(model)
               -> clip, step -> lv.on_step_end (COLA restarts reset their Adam state)
-              -> log (tqdm + metrics.jsonl) -> checkpoint every N steps
+              -> log (tqdm + metrics.jsonl + report_to's trackers; eval_every: validation
+                 perplexity; tracking.py) -> checkpoint every N steps
     done   -> TrainResult (losses, tokens/s, wall time)
 
 Variants differ only through their layers, ``aux_loss()`` and ``on_step_end()``; nothing here
@@ -542,6 +543,8 @@ def _update(params, optimizer, accelerator, config, step, out, bar) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     _check_finite(params, "trainable weight", step, out, bar)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
     return float(grad_norm)
 
 
