@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import training_hooks
 from .adapters.base import (
     AdapterConfig,
     AdapterHost,
@@ -184,25 +186,71 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         raise
     _configs(model)[name] = config
     _refresh_requires_grad(model)
-    _guard_save_pretrained(model)
+    _refresh_model_hooks(model)
     return model
 
 
-def _save_pretrained_refused(*args, **kwargs) -> None:
-    raise ValueError(
-        "this model has loravariants adapters attached: save_pretrained would write wrapped "
-        "weights (base_layer) that transformers cannot load back. Save the adapter with "
-        "lv.save_adapter(model, path), or a merged plain checkpoint with "
-        "lv.save_merged(model, path) (or lv.merge_and_unload(model) first)"
-    )
+def _save_pretrained(self: nn.Module, save_directory, **kwargs) -> None:
+    """``model.save_pretrained`` while adapters are attached: the adapters, as peft's models do
+    (see :func:`loravariants.io.save_pretrained`; a merged plain checkpoint:
+    :func:`save_merged`)."""
+    from .io import save_pretrained  # late: io imports this module
+
+    save_pretrained(self, save_directory, **kwargs)
 
 
-def _guard_save_pretrained(model: nn.Module) -> None:
-    """A transformers model with adapters refuses ``save_pretrained`` (this instance only)."""
-    if adapter_names(model) and callable(getattr(type(model), "save_pretrained", None)):
-        model.__dict__["save_pretrained"] = _save_pretrained_refused
+# the tensor that marks a Trainer-resumable file (io.save_pretrained writes it)
+RESUME_SENTINEL = "loravariants.adapter_checkpoint"
+_HOOKS_ATTR = "_loravariants_hooks"
+_RESUMED_ATTR = "_loravariants_resumed"
+
+
+def _refresh_model_hooks(model: nn.Module) -> None:
+    """Per instance, never the class: ``save_pretrained`` writes the adapters while any are
+    attached; ``load_state_dict`` takes a file with :data:`RESUME_SENTINEL` (what Trainer's
+    resume feeds it); the training-hook watch (:mod:`.training_hooks`) is up to date."""
+    names = adapter_names(model)
+    if names and callable(getattr(type(model), "save_pretrained", None)):
+        # a bound method: copy.deepcopy rebinds it to the copy
+        model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, model)
     else:
         model.__dict__.pop("save_pretrained", None)
+    if names and _HOOKS_ATTR not in model.__dict__:
+        pre = getattr(model, "register_load_state_dict_pre_hook", None)  # torch >= 2.5
+        model.__dict__[_HOOKS_ATTR] = (
+            pre(_resume_pre_hook)
+            if pre is not None
+            else model._register_load_state_dict_pre_hook(_resume_pre_hook, with_module=True),
+            model.register_load_state_dict_post_hook(_resume_post_hook),
+        )
+    training_hooks.refresh_watch(model, list(iter_adapters(model)) if names else [])
+
+
+@torch.no_grad()
+def _resume_pre_hook(module, state_dict, prefix, *_args) -> None:
+    """``model.load_state_dict(file)`` of a file :func:`loravariants.io.save_pretrained` wrote:
+    each adapter layer takes its tensors through ``load_adapter_state`` (COLA's chain changes
+    shape and is folded into the frozen weight there, which plain loading cannot do); marked
+    modules (embeddings, norms) load the plain way. Anything else loads as torch does."""
+    if prefix + RESUME_SENTINEL not in state_dict:
+        return
+    del state_dict[prefix + RESUME_SENTINEL]
+    for path, name, layer in iter_adapters(module):
+        start = f"{prefix}{path}.adapters.{name}."
+        keys = [k for k in state_dict if k.startswith(start)]
+        if not keys:
+            raise ValueError(
+                f"the checkpoint holds no tensors for adapter {name!r} at {path}: it was saved "
+                "from a model with other adapters; attach the ones it was trained with"
+            )
+        layer.load_adapter_state({k[len(start) :]: state_dict.pop(k) for k in keys})
+    module.__dict__[_RESUMED_ATTR] = True
+
+
+def _resume_post_hook(module, incompatible_keys) -> None:
+    """The frozen base is not in an adapter checkpoint: not a missing key."""
+    if module.__dict__.pop(_RESUMED_ATTR, False):
+        incompatible_keys.missing_keys.clear()
 
 
 def _remove_from_host(model: nn.Module, path: str, host: AdapterHost, name: str) -> None:
@@ -229,7 +277,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         _remove_from_host(model, path, host, name)
     del _configs(model)[name]
     _refresh_requires_grad(model)
-    _guard_save_pretrained(model)
+    _refresh_model_hooks(model)
     return model
 
 
@@ -351,7 +399,7 @@ def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
                 _remove_from_host(model, path, host, n)
             del _configs(model)[n]
     _refresh_requires_grad(model)
-    _guard_save_pretrained(model)
+    _refresh_model_hooks(model)
     return model
 
 
@@ -403,6 +451,7 @@ def aux_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
             nothing to the gradient. Non-reentrant checkpointing works.
     """
     total: torch.Tensor | None = None
+    training_hooks.saw_aux_loss(model)
     for path, _, layer in iter_adapters(model, name):
         loss = layer.aux_loss()
         if loss is None:
@@ -438,6 +487,7 @@ def on_step_end(
         The parameters whose state was (or must be) reset.
     """
     reset: list[nn.Parameter] = []
+    training_hooks.saw_step_end(model)
     for _, _, layer in iter_adapters(model, name):
         params = layer.on_step_end(step)
         if params:

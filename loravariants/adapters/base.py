@@ -548,6 +548,17 @@ class AdapterLayer(nn.Module):
         """
         return None
 
+    def uses_step_end(self) -> bool:
+        """Whether training this layer needs :meth:`on_step_end` after every optimizer step
+        (a loop that never calls it trains something else). Default: the method is overridden;
+        a variant whose hook is a no-op for some configs (COLA without knots) says so."""
+        return type(self).on_step_end is not AdapterLayer.on_step_end
+
+    def uses_aux_loss(self) -> bool:
+        """Whether training this layer needs :meth:`aux_loss` added to the loss (MixLoRA's
+        balance loss). Default: the method is overridden."""
+        return type(self).aux_loss is not AdapterLayer.aux_loss
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The parameters this adapter trains."""
         return [p for p in self.parameters()]

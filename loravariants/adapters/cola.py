@@ -463,6 +463,10 @@ class COLALinear(AdapterLayer):
         """``{"link_index": links folded so far}``: the chain's position, for trackers."""
         return {"link_index": float(self.link_index)}
 
+    def uses_step_end(self) -> bool:
+        """Only a chain with knots restarts by itself; without knots :func:`restart` is manual."""
+        return bool(self.knots)
+
     # -- saving -------------------------------------------------------------------------------
     @torch.no_grad()
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:

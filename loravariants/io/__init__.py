@@ -18,16 +18,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
-from ..inject import adapter_config, adapter_names
+from ..inject import (
+    RESUME_SENTINEL,
+    adapter_config,
+    adapter_names,
+    extra_trainable_modules,
+    iter_adapters,
+)
 from ..longlora.context import apply_extension
-from ..utils import atomic_directory
+from ..utils import atomic_directory, make_dirs
 from .common import (
     FORMATS,
     NATIVE_CONFIG,
@@ -71,7 +80,11 @@ __all__ = [
     "load_adapter",
     "read_factors",
     "save_adapter",
+    "save_pretrained",
 ]
+
+# what transformers' Trainer loads on resume (model.load_state_dict of this file, strict=False)
+RESUME_WEIGHTS = "model.safetensors"
 
 
 def save_adapter(
@@ -206,3 +219,126 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
         "mixlora": read_mixlora_factors,
     }
     return readers[detect_format(directory)](directory)
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    format: str = "native",
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    **ignored,
+) -> Path:
+    """What ``model.save_pretrained`` does while adapters are attached (as a peft model's does:
+    the adapters only, never the frozen base).
+
+    Writes into ``save_directory`` (created if needed; other files in it are kept, since
+    ``Trainer.save_model`` puts the tokenizer and its arguments there too):
+
+    * the adapter in ``format`` (``native``: every variant, lossless; ``peft``: the LoRA
+      family, for ``peft.PeftModel.from_pretrained``), read back by :func:`load_adapter`; with
+      several adapters attached, each in ``save_directory/<name>/``;
+    * ``model.safetensors``: the same adapter tensors (and marked modules) under the model's
+      own ``state_dict`` names, marked with a sentinel tensor. It is what Trainer's
+      ``resume_from_checkpoint`` and ``load_best_model_at_end`` load (with
+      ``model.load_state_dict``), and what the model's load hook turns back into the adapters
+      (COLA's chain position included). No ``config.json`` is written, so
+      ``from_pretrained`` never takes it for a full model.
+
+    Each file is written to a temporary name and renamed into place.
+
+    Args:
+        model: a model with adapters attached.
+        save_directory: the output directory.
+        format: ``"native"`` or ``"peft"``.
+        is_main_process: ``False`` writes nothing (the other processes of a distributed run).
+        push_to_hub: not supported here (``Trainer(push_to_hub=True)`` uploads the folder).
+        **ignored: other ``save_pretrained`` arguments (``state_dict``, ``safe_serialization``,
+            ``max_shard_size``): the adapters are small, always saved whole, as safetensors.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ValueError: ``push_to_hub``, a format the variant cannot hold, or a
+            ``model.safetensors`` in the folder that is not ours (a real model: not replaced).
+    """
+    if push_to_hub:
+        raise ValueError(
+            "save_pretrained(push_to_hub=True) is not supported with loravariants adapters "
+            "attached; save, then upload the folder with huggingface_hub.upload_folder"
+        )
+    if format not in ("native", "peft"):
+        raise ValueError(f"format must be 'native' or 'peft', got {format!r}")
+    target = Path(save_directory)
+    if not is_main_process:
+        return target
+    resume_file = target / RESUME_WEIGHTS
+    if resume_file.exists() and not _is_resume_file(resume_file):
+        raise ValueError(
+            f"{resume_file} exists and is not a loravariants adapter checkpoint; save the "
+            "adapters into another folder (a full model is never overwritten)"
+        )
+    names = adapter_names(model)
+    make_dirs(target)
+    tmp = Path(tempfile.mkdtemp(prefix=".loravariants-save-", dir=target))
+    try:
+        moves: list[tuple[Path, Path]] = []
+        config_file = NATIVE_CONFIG if format == "native" else PEFT_CONFIG
+        other_config = PEFT_CONFIG if format == "native" else NATIVE_CONFIG
+        # the other format's config from an earlier save of ours would shadow the new one
+        stale = [
+            out / other_config
+            for out in ([target] if len(names) == 1 else [target / n for n in names])
+            if (out / other_config).is_file() and _written_by_us(out / other_config)
+        ]
+        for name in names:
+            out = target if len(names) == 1 else target / name
+            written = save_adapter(model, tmp / name, format=format, name=name)
+            # weights before the config: a reader that sees the new config sees new weights
+            files = sorted(written.iterdir(), key=lambda f: f.name == config_file)
+            moves.extend((f, out / f.name) for f in files)
+        tensors = _resume_tensors(model)
+        meta = {"format": "pt", "loravariants_version": __version__, "loravariants": "resume"}
+        save_file(tensors, str(tmp / RESUME_WEIGHTS), metadata=meta)
+        moves.append((tmp / RESUME_WEIGHTS, resume_file))
+        for src, dst in moves:
+            make_dirs(dst.parent)
+            os.replace(src, dst)
+        for file in stale:
+            file.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resume_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor and every marked module's tensor, by the model's state_dict name."""
+    tensors = {RESUME_SENTINEL: torch.ones(1, dtype=torch.int8)}
+    for path, name, layer in iter_adapters(model):
+        for key, t in layer.adapter_state().items():
+            tensors[f"{path}.adapters.{name}.{key}"] = t.detach().cpu().clone().contiguous()
+    for module_name in extra_trainable_modules(model):
+        for key, t in model.get_submodule(module_name).state_dict().items():
+            tensors[f"{module_name}.{key}"] = t.detach().cpu().clone().contiguous()
+    return tensors
+
+
+def _is_resume_file(file: Path) -> bool:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get("loravariants") == "resume"
+    except Exception:  # not a safetensors file at all: not ours
+        return False
+
+
+def _written_by_us(config_file: Path) -> bool:
+    """A config file of one of our saves (native: library field; peft: our weights' metadata)."""
+    try:
+        if config_file.name == NATIVE_CONFIG:
+            return read_json(config_file).get("library") == "loravariants"
+        with safe_open(str(config_file.parent / WEIGHTS), framework="pt") as f:
+            return "loravariants_version" in (f.metadata() or {})
+    except Exception:
+        return False

@@ -1,0 +1,138 @@
+"""Notice a training loop that skips the adapters' training hooks, and say so once.
+
+Two variants need the loop's help: a COLA chain restarts only when ``lv.on_step_end`` runs after
+the optimizer step, and MixLoRA's balance loss trains only when ``lv.aux_loss(model)`` is added
+to the loss. A loop that does neither (``transformers.Trainer`` without our callback) trains
+something else, silently. This module makes that loud.
+
+How it knows: torch's process-wide optimizer step hook
+(``torch.optim.optimizer.register_optimizer_step_post_hook``, an official extension point, not
+a patch) runs after every ``optimizer.step()`` of any optimizer, fused or not. When the stepped
+optimizer holds a parameter of a model whose layers need a hook, it checks what happened since
+the previous step: ``lv.aux_loss`` read at least once (MixLoRA), ``lv.on_step_end`` called
+(COLA, checked at the next step, since it runs after this one). The models are held weakly; a
+model without such layers is never looked at. The cost is one pass over the stepped
+optimizer's parameter list per step.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["refresh_watch", "saw_aux_loss", "saw_step_end"]
+
+_WATCH_ATTR = "_loravariants_watch"
+_TRAINER_FIX = (
+    "under transformers' Trainer or TRL pass "
+    "callbacks=[loravariants.integrations.transformers.LoRAVariantsCallback()]"
+)
+
+
+@dataclass(eq=False)
+class _Watch:
+    """What one model's layers need, and what the loop did since the last optimizer step."""
+
+    model: weakref.ref
+    step_end: list[str] = field(default_factory=list)  # "adapter 'x' (cola)"
+    aux: list[tuple[str, nn.Module]] = field(default_factory=list)
+    param_ids: set[int] = field(default_factory=set)
+    aux_seen: bool = False
+    step_end_seen: bool = False
+    stepped: bool = False
+    warned: set[str] = field(default_factory=set)
+
+
+_WATCHED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id(watch) -> watch
+_HOOK: list = []  # the one registered optimizer hook's handle
+
+
+def refresh_watch(model: nn.Module, layers) -> None:
+    """(Re)read which of ``model``'s adapter layers need a hook.
+
+    Args:
+        model: the model adapters are attached to.
+        layers: ``(module path, adapter name, layer)`` for every adapter layer.
+    """
+    step_end, aux, ids = [], [], set()
+    for _, name, layer in layers:
+        variant = getattr(layer.config, "variant", type(layer).__name__)
+        label = f"adapter {name!r} ({variant})"
+        needs_step_end, needs_aux = layer.uses_step_end(), layer.uses_aux_loss()
+        if needs_step_end and label not in step_end:
+            step_end.append(label)
+        if needs_aux:
+            aux.append((label, layer))
+        if needs_step_end or needs_aux:
+            ids.update(id(p) for p in layer.parameters())
+    old: _Watch | None = model.__dict__.get(_WATCH_ATTR)
+    if not ids:
+        model.__dict__.pop(_WATCH_ATTR, None)
+        return
+    watch = _Watch(weakref.ref(model), step_end, aux, ids)
+    if old is not None:
+        watch.warned = old.warned
+    # a plain attribute (not a submodule); the watch holds the model only weakly
+    model.__dict__[_WATCH_ATTR] = watch
+    _WATCHED[id(watch)] = watch
+    if not _HOOK:
+        _HOOK.append(torch.optim.optimizer.register_optimizer_step_post_hook(_after_step))
+
+
+def saw_aux_loss(model: nn.Module) -> None:
+    """``lv.aux_loss(model)`` ran: the extra loss can reach this step."""
+    watch = model.__dict__.get(_WATCH_ATTR)
+    if watch is not None:
+        watch.aux_seen = True
+
+
+def saw_step_end(model: nn.Module) -> None:
+    """``lv.on_step_end(model, ...)`` ran."""
+    watch = model.__dict__.get(_WATCH_ATTR)
+    if watch is not None:
+        watch.step_end_seen = True
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    watches = [w for w in list(_WATCHED.values()) if w.model() is not None]
+    if not watches:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for watch in watches:
+        if watch.model().__dict__.get(_WATCH_ATTR) is not watch or not (watch.param_ids & stepped):
+            continue
+        if watch.aux and not watch.aux_seen and _aux_matters(watch):
+            _warn_once(
+                watch,
+                "aux",
+                f"{watch.aux[0][0]} has an extra loss that did not reach this optimizer step: "
+                f"add loravariants.aux_loss(model) to the loss, or {_TRAINER_FIX}",
+            )
+        if watch.step_end and watch.stepped and not watch.step_end_seen:
+            _warn_once(
+                watch,
+                "step_end",
+                f"{watch.step_end[0]} needs loravariants.on_step_end(model, step, optimizer) "
+                f"after every optimizer step, which did not run: call it, or {_TRAINER_FIX}",
+            )
+        watch.stepped, watch.aux_seen, watch.step_end_seen = True, False, False
+
+
+def _aux_matters(watch: _Watch) -> bool:
+    """A zero extra loss (coefficient 0, or no forward yet) changes nothing: no warning."""
+    with torch.no_grad():
+        for _, layer in watch.aux:
+            loss = layer.aux_loss()
+            if loss is not None and float(loss) != 0.0:
+                return True
+    return False
+
+
+def _warn_once(watch: _Watch, kind: str, message: str) -> None:
+    if kind not in watch.warned:
+        watch.warned.add(kind)
+        warnings.warn(message, UserWarning, stacklevel=3)
