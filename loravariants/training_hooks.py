@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["refresh_watch", "saw_aux_loss", "saw_step_end"]
 
@@ -80,7 +81,7 @@ def refresh_watch(model: nn.Module, layers) -> None:
     model.__dict__[_WATCH_ATTR] = watch
     _WATCHED[id(watch)] = watch
     if not _HOOK:
-        _HOOK.append(torch.optim.optimizer.register_optimizer_step_post_hook(_after_step))
+        _HOOK.append(register_optimizer_step_post_hook(_after_step))
 
 
 def saw_aux_loss(model: nn.Module) -> None:
