@@ -25,6 +25,11 @@ What the Trainer does not know about, and the callback adds:
   - otherwise the Trainer divides the whole loss by the number of micro-batches, and the
     extra loss is added as it is.
 
+  TRL's ``SFTTrainer`` computes its loss from the output's per-token ``log_probs`` (its fused
+  LM head) instead: the hook lowers each scored token's log-probability by the extra loss,
+  which puts it into that loss once, with the same share (for ``loss_type="nll"``, the
+  default; ``"dft"`` weighs it by each token's probability).
+
   ``loravariants.train`` weighs micro-batches equally (``1 / grad_accum``); the two agree
   exactly when the micro-batches hold equally many label tokens, and otherwise differ only in
   how the step's balance losses are averaged.
@@ -57,8 +62,11 @@ def fold_aux_loss(module: nn.Module, args, kwargs, output):
 
     ``share`` is ``n_micro / num_items_in_batch`` when the Trainer passed
     ``num_items_in_batch`` (the micro-batch's label tokens over the step's), else 1 (see the
-    module docstring). An output without a loss is left alone (the loss is computed outside
-    the model then; the training-hook watch warns that the extra loss is missing).
+    module docstring). TRL's fused LM head (``SFTTrainer``) computes its loss from the output's
+    per-token ``log_probs``: each scored token's log-probability is lowered by the extra loss,
+    which adds it to that loss with the same share. An output without a loss is left alone
+    (the loss is computed outside the model then; the training-hook watch warns that the
+    extra loss is missing).
     """
     if not module.training:
         return None
@@ -66,6 +74,12 @@ def fold_aux_loss(module: nn.Module, args, kwargs, output):
     if loss is None:
         return None
     extra = aux_loss(module)
+    log_probs, mask = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
+    if log_probs is not None and mask is not None:
+        # TRL's fused LM head: SFTTrainer's loss is -sum(log_probs) / tokens, not output.loss.
+        # Every scored token carries the extra loss once: the token mean then holds it once,
+        # with the same share n_micro / N as below under num_items_in_batch.
+        output.log_probs = log_probs - extra.to(log_probs.dtype) * mask.to(log_probs.dtype)
     n_items = kwargs.get("num_items_in_batch")
     if n_items is not None:
         labels = kwargs.get("shift_labels")
