@@ -1,4 +1,4 @@
-"""merge_and_unload, the merged transformers checkpoint, and a guarded save_pretrained."""
+"""merge_and_unload, the merged transformers checkpoint, and save_pretrained with adapters."""
 
 from __future__ import annotations
 
@@ -50,13 +50,27 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(tokens, stac
     assert (model(tokens).logits - make_tiny_llama()(tokens).logits).abs().max() > 1e-3
 
 
-def test_save_pretrained_with_adapters_is_refused_with_a_pointer(tmp_path, stacked):
-    model, _ = stacked
-    with pytest.raises(ValueError, match=r"lv.save_adapter.*lv.save_merged"):
-        model.save_pretrained(tmp_path / "x")
+def test_save_pretrained_with_adapters_writes_them_not_the_base(tmp_path, tokens, stacked):
+    """Several adapters: one folder each (as peft does), plus the model.safetensors Trainer's
+    resume loads; a plain model again (merged) writes a plain checkpoint."""
+    from safetensors.torch import load_file
+
+    model, ref = stacked
+    model.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x" / "config.json").exists()
+    for name in ("lora", "cola", "m"):
+        assert (tmp_path / "x" / name / "loravariants_config.json").is_file()
+    fresh = make_tiny_llama()
+    lv.attach(fresh, LoRAConfig(r=2, target_modules=["q_proj"]), name="lora")
+    lv.attach(fresh, COLAConfig(r=2, knots=[1], target_modules=["v_proj"]), name="cola")
+    lv.attach(fresh, MultiLoRAConfig(r=2, num_branches=2, target_modules=["o_proj"]), name="m")
+    lv.mark_trainable(fresh, ["model.norm"])
+    result = fresh.load_state_dict(load_file(tmp_path / "x" / "model.safetensors"), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_close(fresh(tokens).logits, ref)  # COLA's folded link and the trained norm too
     lv.merge_and_unload(model)
-    model.save_pretrained(tmp_path / "x")  # a plain model again
-    assert (tmp_path / "x" / "config.json").is_file()
+    model.save_pretrained(tmp_path / "y")  # a plain model again
+    assert (tmp_path / "y" / "config.json").is_file()
 
 
 def test_detaching_the_last_adapter_lifts_the_guard(tmp_path):
