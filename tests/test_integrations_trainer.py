@@ -348,3 +348,23 @@ def test_a_resumed_trainer_run_equals_an_uninterrupted_one(tmp_path, variant):
 @pytest.mark.parametrize("variant", ["lora", "multilora"])
 def test_a_resumed_trainer_run_equals_an_uninterrupted_one_slow(tmp_path, variant):
     resume_matches_uninterrupted(tmp_path, variant)
+
+
+# -- coexisting with peft ----------------------------------------------------------------------
+
+
+def test_get_peft_model_on_our_adapters_is_refused_in_one_line(tokens):
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = attached("lora").eval()
+    before = model(tokens).logits
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match=r"^peft cannot wrap .*lv.merge_and_unload") as err:
+        peft.get_peft_model(model, config)
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert_close(model(tokens).logits, before)
+    # a plain attribute probe of ours is still an AttributeError
+    host = model.model.layers[0].self_attn.q_proj
+    assert not hasattr(host, "no_such_attribute")

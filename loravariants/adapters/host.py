@@ -8,6 +8,7 @@ and :func:`route_rows` says which batch rows each adapter applies to.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,14 @@ __all__ = ["AdapterHost", "route_rows", "rows_by_adapter"]
 # The routing set by `route_rows`, read by every host during a forward. A one-element list so
 # the context manager can swap it without a `global` statement.
 _ROW_ROUTING: list[Mapping[str, slice | torch.Tensor] | None] = [None]
+
+
+_PEFT_REFUSAL = (
+    "peft cannot wrap a module that already carries loravariants adapters: use one library "
+    "per model (train LoRA with lv.attach(model, LoRAConfig(...)); lv.save_adapter(model, "
+    "path, format='peft') writes peft's format), or remove ours first with "
+    "lv.merge_and_unload(model) or lv.detach(model)"
+)
 
 
 class AdapterHost(nn.Module):
@@ -39,6 +48,18 @@ class AdapterHost(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] | None = None  # None = all
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # submodules live here: base_layer, adapters
+        except AttributeError:
+            # peft's get_peft_model on a module we already wrap: it probes attributes a host
+            # lacks (first `_hf_tp_plan`) and, failing, raises deep in its dispatch with the
+            # whole module tree in the message. A probe from peft's code gets one line instead.
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller == "peft" or caller.startswith("peft."):
+                raise ValueError(_PEFT_REFUSAL) from None
+            raise
 
     def add(self, name: str, layer: nn.Module) -> None:
         """Host ``layer`` (an :class:`~loravariants.adapters.base.AdapterLayer`) as ``name``."""
