@@ -451,7 +451,7 @@ def aux_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
             nothing to the gradient. Non-reentrant checkpointing works.
     """
     total: torch.Tensor | None = None
-    training_hooks.saw_aux_loss(model)
+    training_hooks.saw_aux_loss(model, name)
     for path, _, layer in iter_adapters(model, name):
         loss = layer.aux_loss()
         if loss is None:
@@ -487,7 +487,7 @@ def on_step_end(
         The parameters whose state was (or must be) reset.
     """
     reset: list[nn.Parameter] = []
-    training_hooks.saw_step_end(model)
+    training_hooks.saw_step_end(model, name)
     for _, _, layer in iter_adapters(model, name):
         params = layer.on_step_end(step)
         if params:

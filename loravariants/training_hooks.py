@@ -35,16 +35,24 @@ _TRAINER_FIX = (
 
 
 @dataclass(eq=False)
-class _Watch:
-    """What one model's layers need, and what the loop did since the last optimizer step."""
+class _Adapter:
+    """What one adapter's layers need, and what the loop did since its last optimizer step."""
 
-    model: weakref.ref
-    step_end: list[str] = field(default_factory=list)  # "adapter 'x' (cola)"
-    aux: list[tuple[str, nn.Module]] = field(default_factory=list)
+    label: str  # "adapter 'x' (cola)"
+    step_end: bool = False
+    aux: list[nn.Module] = field(default_factory=list)
     param_ids: set[int] = field(default_factory=set)
     aux_seen: bool = False
     step_end_seen: bool = False
     stepped: bool = False
+
+
+@dataclass(eq=False)
+class _Watch:
+    """One model's adapters that need a hook (by name), and the warnings already given."""
+
+    model: weakref.ref
+    adapters: dict[str, _Adapter]
     warned: set[str] = field(default_factory=set)
 
 
@@ -59,24 +67,22 @@ def refresh_watch(model: nn.Module, layers) -> None:
         model: the model adapters are attached to.
         layers: ``(module path, adapter name, layer)`` for every adapter layer.
     """
-    step_end, aux, ids = [], [], set()
+    adapters: dict[str, _Adapter] = {}
     for _, name, layer in layers:
-        variant = getattr(layer.config, "variant", type(layer).__name__)
-        label = f"adapter {name!r} ({variant})"
         needs_step_end, needs_aux = layer.uses_step_end(), layer.uses_aux_loss()
-        if needs_step_end and label not in step_end:
-            step_end.append(label)
+        if not (needs_step_end or needs_aux):
+            continue
+        variant = getattr(layer.config, "variant", type(layer).__name__)
+        entry = adapters.setdefault(name, _Adapter(f"adapter {name!r} ({variant})"))
+        entry.step_end = entry.step_end or needs_step_end
         if needs_aux:
-            aux.append((label, layer))
-        if needs_step_end or needs_aux:
-            ids.update(id(p) for p in layer.parameters())
+            entry.aux.append(layer)
+        entry.param_ids.update(id(p) for p in layer.parameters())
     old: _Watch | None = model.__dict__.get(_WATCH_ATTR)
-    if not ids:
+    if not adapters:
         model.__dict__.pop(_WATCH_ATTR, None)
         return
-    watch = _Watch(weakref.ref(model), step_end, aux, ids)
-    if old is not None:
-        watch.warned = old.warned
+    watch = _Watch(weakref.ref(model), adapters, old.warned if old is not None else set())
     # a plain attribute (not a submodule); the watch holds the model only weakly
     model.__dict__[_WATCH_ATTR] = watch
     _WATCHED[id(watch)] = watch
@@ -84,18 +90,25 @@ def refresh_watch(model: nn.Module, layers) -> None:
         _HOOK.append(register_optimizer_step_post_hook(_after_step))
 
 
-def saw_aux_loss(model: nn.Module) -> None:
-    """``lv.aux_loss(model)`` ran: the extra loss can reach this step."""
+def _entries(model: nn.Module, name: str | None) -> list[_Adapter]:
     watch = model.__dict__.get(_WATCH_ATTR)
-    if watch is not None:
-        watch.aux_seen = True
+    if watch is None:
+        return []
+    return list(watch.adapters.values()) if name is None else [watch.adapters.get(name)]
 
 
-def saw_step_end(model: nn.Module) -> None:
-    """``lv.on_step_end(model, ...)`` ran."""
-    watch = model.__dict__.get(_WATCH_ATTR)
-    if watch is not None:
-        watch.step_end_seen = True
+def saw_aux_loss(model: nn.Module, name: str | None = None) -> None:
+    """``lv.aux_loss(model, name)`` ran: the extra loss can reach this step."""
+    for entry in _entries(model, name):
+        if entry is not None:
+            entry.aux_seen = True
+
+
+def saw_step_end(model: nn.Module, name: str | None = None) -> None:
+    """``lv.on_step_end(model, ..., name=name)`` ran."""
+    for entry in _entries(model, name):
+        if entry is not None:
+            entry.step_end_seen = True
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -104,29 +117,32 @@ def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         return
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for watch in watches:
-        if watch.model().__dict__.get(_WATCH_ATTR) is not watch or not (watch.param_ids & stepped):
+        if watch.model().__dict__.get(_WATCH_ATTR) is not watch:
             continue
-        if watch.aux and not watch.aux_seen and _aux_matters(watch):
-            _warn_once(
-                watch,
-                "aux",
-                f"{watch.aux[0][0]} has an extra loss that did not reach this optimizer step: "
-                f"add loravariants.aux_loss(model) to the loss, or {_TRAINER_FIX}",
-            )
-        if watch.step_end and watch.stepped and not watch.step_end_seen:
-            _warn_once(
-                watch,
-                "step_end",
-                f"{watch.step_end[0]} needs loravariants.on_step_end(model, step, optimizer) "
-                f"after every optimizer step, which did not run: call it, or {_TRAINER_FIX}",
-            )
-        watch.stepped, watch.aux_seen, watch.step_end_seen = True, False, False
+        for entry in watch.adapters.values():
+            if not entry.param_ids & stepped:
+                continue
+            if entry.aux and not entry.aux_seen and _aux_matters(entry):
+                _warn_once(
+                    watch,
+                    "aux",
+                    f"{entry.label} has an extra loss that did not reach this optimizer step: "
+                    f"add loravariants.aux_loss(model) to the loss, or {_TRAINER_FIX}",
+                )
+            if entry.step_end and entry.stepped and not entry.step_end_seen:
+                _warn_once(
+                    watch,
+                    "step_end",
+                    f"{entry.label} needs loravariants.on_step_end(model, step, optimizer) "
+                    f"after every optimizer step, which did not run: call it, or {_TRAINER_FIX}",
+                )
+            entry.stepped, entry.aux_seen, entry.step_end_seen = True, False, False
 
 
-def _aux_matters(watch: _Watch) -> bool:
+def _aux_matters(entry: _Adapter) -> bool:
     """A zero extra loss (coefficient 0, or no forward yet) changes nothing: no warning."""
     with torch.no_grad():
-        for _, layer in watch.aux:
+        for layer in entry.aux:
             loss = layer.aux_loss()
             if loss is not None and float(loss) != 0.0:
                 return True
