@@ -190,13 +190,16 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     return model
 
 
+# the writer of an attached model's save_pretrained: loravariants.io.save_pretrained, which
+# registers itself on import (io imports this module, not the other way round)
+SAVE_PRETRAINED: list = []
+
+
 def _save_pretrained(self: nn.Module, save_directory, **kwargs) -> None:
     """``model.save_pretrained`` while adapters are attached: the adapters, as peft's models do
     (see :func:`loravariants.io.save_pretrained`; a merged plain checkpoint:
     :func:`save_merged`)."""
-    from .io import save_pretrained  # late: io imports this module
-
-    save_pretrained(self, save_directory, **kwargs)
+    SAVE_PRETRAINED[0](self, save_directory, **kwargs)
 
 
 # the tensor that marks a Trainer-resumable file (io.save_pretrained writes it)

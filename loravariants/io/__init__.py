@@ -30,6 +30,7 @@ from torch import nn
 from .._version import __version__
 from ..inject import (
     RESUME_SENTINEL,
+    SAVE_PRETRAINED,
     adapter_config,
     adapter_names,
     extra_trainable_modules,
@@ -342,3 +343,8 @@ def _written_by_us(config_file: Path) -> bool:
             return "loravariants_version" in (f.metadata() or {})
     except Exception:
         return False
+
+
+SAVE_PRETRAINED[:] = [
+    save_pretrained
+]  # what model.save_pretrained calls while adapters are attached
