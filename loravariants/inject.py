@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import re
-import types
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -195,11 +194,19 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 SAVE_PRETRAINED: list = []
 
 
-def _save_pretrained(self: nn.Module, save_directory, **kwargs) -> None:
+class _SavePretrained:
     """``model.save_pretrained`` while adapters are attached: the adapters, as peft's models do
-    (see :func:`loravariants.io.save_pretrained`; a merged plain checkpoint:
-    :func:`save_merged`)."""
-    SAVE_PRETRAINED[0](self, save_directory, **kwargs)
+    (:func:`loravariants.io.save_pretrained`; a merged plain checkpoint: :func:`save_merged`).
+
+    An object holding its model, not a closure: ``copy.deepcopy`` and pickling give the copy
+    one that saves the copy.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs) -> None:
+        SAVE_PRETRAINED[0](self.model, save_directory, **kwargs)
 
 
 # the tensor that marks a Trainer-resumable file (io.save_pretrained writes it)
@@ -214,18 +221,17 @@ def _refresh_model_hooks(model: nn.Module) -> None:
     resume feeds it); the training-hook watch (:mod:`.training_hooks`) is up to date."""
     names = adapter_names(model)
     if names and callable(getattr(type(model), "save_pretrained", None)):
-        # a bound method: copy.deepcopy rebinds it to the copy
-        model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, model)
+        model.__dict__["save_pretrained"] = _SavePretrained(model)
     else:
         model.__dict__.pop("save_pretrained", None)
     if names and _HOOKS_ATTR not in model.__dict__:
         pre = getattr(model, "register_load_state_dict_pre_hook", None)  # torch >= 2.5
-        model.__dict__[_HOOKS_ATTR] = (
+        if pre is not None:
             pre(_resume_pre_hook)
-            if pre is not None
-            else model._register_load_state_dict_pre_hook(_resume_pre_hook, with_module=True),
-            model.register_load_state_dict_post_hook(_resume_post_hook),
-        )
+        else:
+            model._register_load_state_dict_pre_hook(_resume_pre_hook, with_module=True)
+        model.register_load_state_dict_post_hook(_resume_post_hook)
+        model.__dict__[_HOOKS_ATTR] = True  # once per model (copies keep hooks and flag)
     training_hooks.refresh_watch(model, list(iter_adapters(model)) if names else [])
 
 

@@ -27,7 +27,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["refresh_watch", "saw_aux_loss", "saw_step_end"]
 
-_WATCH_ATTR = "_loravariants_watch"
 _TRAINER_FIX = (
     "under transformers' Trainer or TRL pass "
     "callbacks=[loravariants.integrations.transformers.LoRAVariantsCallback()]"
@@ -51,12 +50,13 @@ class _Adapter:
 class _Watch:
     """One model's adapters that need a hook (by name), and the warnings already given."""
 
-    model: weakref.ref
     adapters: dict[str, _Adapter]
     warned: set[str] = field(default_factory=set)
 
 
-_WATCHED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id(watch) -> watch
+# model -> its watch, outside the model (so pickling and deepcopy of a model are unaffected;
+# a copy is not watched); weak keys: a model that is gone is dropped
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HOOK: list = []  # the one registered optimizer hook's handle
 
 
@@ -78,20 +78,17 @@ def refresh_watch(model: nn.Module, layers) -> None:
         if needs_aux:
             entry.aux.append(layer)
         entry.param_ids.update(id(p) for p in layer.parameters())
-    old: _Watch | None = model.__dict__.get(_WATCH_ATTR)
+    old: _Watch | None = _WATCHED.get(model)
     if not adapters:
-        model.__dict__.pop(_WATCH_ATTR, None)
+        _WATCHED.pop(model, None)
         return
-    watch = _Watch(weakref.ref(model), adapters, old.warned if old is not None else set())
-    # a plain attribute (not a submodule); the watch holds the model only weakly
-    model.__dict__[_WATCH_ATTR] = watch
-    _WATCHED[id(watch)] = watch
+    _WATCHED[model] = _Watch(adapters, old.warned if old is not None else set())
     if not _HOOK:
         _HOOK.append(register_optimizer_step_post_hook(_after_step))
 
 
 def _entries(model: nn.Module, name: str | None) -> list[_Adapter]:
-    watch = model.__dict__.get(_WATCH_ATTR)
+    watch = _WATCHED.get(model)
     if watch is None:
         return []
     return list(watch.adapters.values()) if name is None else [watch.adapters.get(name)]
@@ -112,13 +109,11 @@ def saw_step_end(model: nn.Module, name: str | None = None) -> None:
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    watches = [w for w in list(_WATCHED.values()) if w.model() is not None]
+    watches = list(_WATCHED.values())
     if not watches:
         return
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for watch in watches:
-        if watch.model().__dict__.get(_WATCH_ATTR) is not watch:
-            continue
         for entry in watch.adapters.values():
             if not entry.param_ids & stepped:
                 continue
