@@ -14,6 +14,11 @@ The result is saved with ``save_pretrained`` (model and tokenizer) under
 ``<cache>/base-models/<name>-<hash of the config>``; the build is atomic (temporary folder,
 then rename) and reused until the config, the data pipeline, the library or the Python
 version (the stdlib is the data) change. ``docs/data.md`` records its time, loss and perplexity.
+
+Two recipes (:data:`RECIPES`): ``cpu``, the default base, and ``gpu``, a larger model and
+many more tokens of the same data for a few minutes of one GPU. Every build's record also holds
+its acceptance figures (:func:`acceptance_measurements`): passkey at the native length, passkey
+and perplexity at 4x without position interpolation, and validation perplexity.
 """
 
 from __future__ import annotations
@@ -35,8 +40,13 @@ from .adapters.base import check_range
 from .utils import default_cache_dir
 
 __all__ = [
+    "ACCEPTANCE",
     "BaseModelConfig",
     "DEFAULT_NAME",
+    "RECIPES",
+    "acceptance_measurements",
+    "recipe_config",
+    "resolve_device",
     "default_cache_dir",
     "base_model_path",
     "build_base_model",
@@ -184,9 +194,11 @@ class BaseModelConfig:
         if not isinstance(self.data_source, str) or not self.data_source:
             raise ValueError(f"data_source must be a non-empty string, got {self.data_source!r}")
 
-    def key(self) -> str:
+    def key(self, device: str = "cpu") -> str:
         """A short hash of everything that determines the weights: this config, the data
-        pipeline and library versions, and the Python version (whose stdlib is the data)."""
+        pipeline and library versions, the Python version (whose stdlib is the data) and,
+        when it is not the CPU, the device it is built on (a GPU build is not bit-identical
+        to a CPU one, and uses bf16 autocast)."""
         from ._version import __version__
         from .copy_circuit import COPY_CIRCUIT_VERSION
         from .data import DATA_PIPELINE_VERSION
@@ -199,6 +211,8 @@ class BaseModelConfig:
             # added later and off by default: a build without it keeps the key it had before
             # the field existed, so cached bases stay valid
             del config["copy_circuit"]
+        if device != "cpu":  # a CPU build keeps the key it had before builds had a device
+            parts["device"] = device
         blob = json.dumps(
             {
                 "config": config,
@@ -229,11 +243,57 @@ class BaseModelConfig:
         )
 
 
-def base_model_path(config: BaseModelConfig, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where ``config``'s model is (or would be) cached."""
+#: named recipes (``loravariants pretrain-base --recipe NAME``): fields changed from
+#: :class:`BaseModelConfig`'s defaults. ``cpu`` is the default base (about 3 min on 2 CPU
+#: cores). ``gpu`` is sized for a few minutes of one H200 (not yet run; docs/data.md, "GPU work
+#: pending"): the same architecture family, native length, tokenizer and data mix, a 3x wider
+#: and deeper model (about 17 M parameters) and 40x the tokens (32.8 M), in bf16 autocast.
+RECIPES: dict[str, dict] = {
+    "cpu": {},
+    "gpu": dict(
+        hidden_size=384,
+        num_layers=8,
+        num_heads=6,
+        num_kv_heads=2,
+        intermediate_size=1024,
+        steps=2000,
+        batch_size=64,
+        lr=1e-3,
+        warmup_steps=100,
+        val_tokens=65536,
+    ),
+}
+
+
+def recipe_config(name: str) -> BaseModelConfig:
+    """The :class:`BaseModelConfig` of recipe ``name`` (a key of :data:`RECIPES`)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    return BaseModelConfig(**RECIPES[name])
+
+
+def resolve_device(device: str) -> str:
+    """``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available) as the device to build on.
+
+    Raises:
+        ValueError: an unknown name, or ``"cuda"`` on a machine without CUDA.
+    """
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be one of cpu, cuda, auto, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def base_model_path(
+    config: BaseModelConfig, cache_dir: str | os.PathLike | None = None, device: str = "cpu"
+) -> Path:
+    """Where ``config``'s model (built on ``device``) is (or would be) cached."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     c = config
-    name = f"llama-{c.num_layers}L{c.hidden_size}d-ctx{c.context_length}-{c.key()}"
+    name = f"llama-{c.num_layers}L{c.hidden_size}d-ctx{c.context_length}-{c.key(device)}"
     return root / "base-models" / name
 
 
@@ -288,12 +348,112 @@ class _RetrievalMix:
         return torch.stack(rows), mask
 
 
+#: the acceptance of a base that retrieves (issue 28): thresholds the build record checks
+ACCEPTANCE = {
+    "passkey_native_min": 0.9,  # passkey at the native length
+    "passkey_4x_no_pi_max": 0.1,  # passkey at 4x without interpolation, keys beyond native
+    "ppl_4x_ratio_min": 1.1,  # ppl at 4x / ppl at 1x without interpolation: "clearly above"
+    # today's default base (cpu recipe, cache key 75a32dcb6592, docs/data.md): no worse
+    "validation_perplexity_max": 131.77,
+}
+#: seed of the acceptance prompts (seeds 7000 onwards; pretraining draws its from 10**9 up)
+ACCEPTANCE_SEED = 7
+
+
+def acceptance_measurements(
+    model: nn.Module,
+    tokenizer,
+    val_tokens: torch.Tensor,
+    native: int,
+    validation_perplexity: float,
+    prompts: int = 100,
+    factor: int = 4,
+    seed: int = ACCEPTANCE_SEED,
+) -> dict:
+    """The acceptance figures of a base: can it retrieve at its native length, and does that
+    (and its perplexity) break at ``factor`` times that length without interpolation?
+
+    * passkey over ``prompts`` prompts of ``native - 16`` tokens (room for the answer), key
+      depths spread evenly over the whole prompt;
+    * passkey over ``prompts`` prompts of ``factor * native - 16`` tokens, the key always
+      further than ``1.25 * native`` tokens from the question (a key inside the native span
+      is reachable without any extension, so it would not test the extension);
+    * perplexity at ``native`` and ``factor * native`` tokens on the same held-out tokens
+      (``evaluate.perplexity_at_lengths``, stride 1/2);
+    * each figure against :data:`ACCEPTANCE` (``checks``).
+
+    A length the passkey prompt does not fit (tiny test models) is recorded as ``None``.
+
+    Args:
+        model: the base, in its native positions (no interpolation).
+        tokenizer: its tokenizer.
+        val_tokens: held-out tokens ``(n,)``, ``n >= factor * native``.
+        native: the native context length.
+        validation_perplexity: the build's validation perplexity (checked, not recomputed).
+        prompts: passkey prompts per length, at least 1.
+        factor: the extension factor tested, at least 2.
+        seed: base seed of the prompts' keys.
+
+    Returns:
+        A JSON-ready dict of the figures and their checks.
+    """
+    from .data.retrieval import passkey_min_tokens
+    from .evaluate import passkey_trials, perplexity_at_lengths
+
+    check_range("prompts", prompts, low=1, integer=True)
+    check_range("factor", factor, low=2, integer=True)
+    long = factor * native
+    shortest = passkey_min_tokens(tokenizer)
+
+    def passkey(length: int, depth_range: tuple[float, float]) -> float | None:
+        if length - 16 < shortest:
+            return None
+        trials = passkey_trials(model, tokenizer, length - 16, prompts, seed, depth_range)
+        return sum(t.hit for t in trials) / len(trials)
+
+    far = max(0.0, 1 - 1.25 * native / long)
+    val_tokens = val_tokens.flatten()
+    if val_tokens.numel() < long:
+        raise ValueError(
+            f"acceptance: {val_tokens.numel()} validation tokens are fewer than {factor} x the "
+            f"native length ({long}); raise val_tokens"
+        )
+    ppl = perplexity_at_lengths(model, val_tokens, [native, long])
+    out = {
+        "prompts": prompts,
+        "seed": seed,
+        "native": native,
+        "factor": factor,
+        "passkey_native": passkey(native, (0.0, 1.0)),
+        "passkey_4x_no_pi_beyond_native": passkey(long, (0.0, far)),
+        "ppl_native_no_pi": ppl[native],
+        "ppl_4x_no_pi": ppl[long],
+        "validation_perplexity": validation_perplexity,
+    }
+    a = ACCEPTANCE
+    checks = {
+        "ppl_4x_clearly_above_1x": out["ppl_4x_no_pi"] >= a["ppl_4x_ratio_min"] * ppl[native],
+        "validation_perplexity_no_worse": validation_perplexity <= a["validation_perplexity_max"],
+    }
+    if out["passkey_native"] is not None:
+        checks["passkey_native"] = out["passkey_native"] >= a["passkey_native_min"]
+    if out["passkey_4x_no_pi_beyond_native"] is not None:
+        checks["passkey_4x_no_pi"] = (
+            out["passkey_4x_no_pi_beyond_native"] <= a["passkey_4x_no_pi_max"]
+        )
+    out["thresholds"] = dict(a)
+    out["checks"] = checks
+    out["accepted"] = len(checks) == 4 and all(checks.values())
+    return out
+
+
 @torch.no_grad()
 def _validation_perplexity(model, blocks: torch.Tensor, batch_size: int) -> float:
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, blocks.shape[0], batch_size):
-        batch = blocks[i : i + batch_size]
+        batch = blocks[i : i + batch_size].to(device)
         n = batch.shape[0] * (batch.shape[1] - 1)
         total += float(model(input_ids=batch, labels=batch).loss) * n
         count += n
@@ -355,13 +515,28 @@ def _pretraining_optimizer(model: nn.Module, config: BaseModelConfig) -> torch.o
     )
 
 
-def pretrain(config: BaseModelConfig, progress: bool = True):
+def pretrain(
+    config: BaseModelConfig,
+    progress: bool = True,
+    device: str = "cpu",
+    acceptance_prompts: int = 100,
+):
     """Train the tokenizer and the model of ``config`` from scratch (no caching).
+
+    Args:
+        config: the base to build.
+        progress: show a progress bar.
+        device: ``"cpu"`` (bit-identical across builds of one machine) or ``"cuda"`` (bf16
+            autocast for the forward; weights and optimizer state stay float32).
+        acceptance_prompts: passkey prompts per length of :func:`acceptance_measurements`
+            (0: skip them).
 
     Returns:
         ``(model, tokenizer, info)``; ``info`` holds the final training loss (mean of the last
-        10 steps), validation perplexity, tokens seen and seconds taken.
+        10 steps), validation perplexity, tokens seen, seconds taken and the acceptance figures.
     """
+    import contextlib
+
     import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
@@ -370,9 +545,16 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
     from .evaluate import induction_score
 
     start = time.perf_counter()
+
+    def autocast():  # bf16 on the GPU; nothing on the CPU (its builds stay bit-identical)
+        if device == "cpu":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
     corpus, tokenizer, train_stream, blocks, val_blocks = _pretraining_data(config)
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation="sdpa")
+    model.to(device)
     frozen = []
     if config.copy_circuit:
         install_copy_circuit(model, config.context_length, seed=config.seed)
@@ -396,10 +578,12 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
             take = min(n_plain - len(rows), order.numel() - cursor)
             rows += order[cursor : cursor + take].tolist()
             cursor += take
-        batch = torch.cat([blocks[rows], synthetic])
+        batch = torch.cat([blocks[rows], synthetic]).to(device)
+        answers = answers.to(device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        logits = model(input_ids=batch).logits[:, :-1]
+        with autocast():
+            logits = model(input_ids=batch).logits[:, :-1].float()
         targets = batch[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         total = loss
@@ -440,9 +624,23 @@ def pretrain(config: BaseModelConfig, progress: bool = True):
         "tokens_seen": config.steps * config.batch_size * config.context_length,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - start,
         "torch_threads": torch.get_num_threads(),
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
     }
+    if acceptance_prompts and val_blocks.numel() < 4 * config.context_length:
+        info["acceptance"] = None  # tiny test builds: too few held-out tokens for 4x
+    elif acceptance_prompts:
+        measure_start = time.perf_counter()
+        info["acceptance"] = acceptance_measurements(
+            model,
+            tokenizer,
+            val_blocks.flatten(),
+            config.context_length,
+            val_ppl,
+            prompts=acceptance_prompts,
+        )
+        info["acceptance_seconds"] = time.perf_counter() - measure_start
+    info["total_seconds"] = time.perf_counter() - start
     return model, tokenizer, info
 
 
@@ -451,6 +649,8 @@ def build_base_model(
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
+    device: str = "cpu",
+    recipe: str | None = None,
 ) -> Path:
     """The cached base model's folder, pretraining it first when missing (or ``force``).
 
@@ -464,12 +664,19 @@ def build_base_model(
         cache_dir: cache root (default: :func:`default_cache_dir`).
         force: rebuild even when cached.
         progress: show a progress bar.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (:func:`resolve_device`); a non-CPU build
+            is cached under its own key.
+        recipe: the recipe's name, recorded in ``build_info.json`` (``None``: ``"cpu"`` when
+            ``config`` is that recipe, else ``"custom"``).
     """
     from ._version import __version__
     from .utils import atomic_directory
 
     config = config or BaseModelConfig()
-    path = base_model_path(config, cache_dir)
+    device = resolve_device(device)
+    if recipe is None:
+        recipe = next((n for n in RECIPES if recipe_config(n) == config), "custom")
+    path = base_model_path(config, cache_dir, device)
     if (path / "build_info.json").is_file() and not force:
         return path
     # fail before minutes of pretraining, not when saving its result
@@ -477,16 +684,19 @@ def build_base_model(
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the base-model cache folder {path.parent} ({e})") from e
-    model, tokenizer, info = pretrain(config, progress)
+    model, tokenizer, info = pretrain(config, progress, device=device)
+    model.to("cpu")
     import transformers
 
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {
+            "recipe": recipe,
+            "device": device,
             "config": asdict(config),
             "metrics": info,
-            "key": config.key(),
+            "key": config.key(device),
             "versions": {
                 "loravariants": __version__,
                 "torch": torch.__version__,

@@ -379,14 +379,18 @@ def _lm_eval_settings(args: argparse.Namespace, eval_config) -> list[str]:
 
 
 def pretrain_base_main(argv: Sequence[str]) -> int:
-    """``loravariants pretrain-base [--config FILE] [--cache-dir DIR] [--force] [--quiet]
-    [key.sub=value ...]``: print the path. ``--config`` takes an experiment YAML and builds the
-    base its ``base_model_config`` describes."""
+    """``loravariants pretrain-base [--recipe cpu|gpu | --config FILE] [--device cpu|cuda|auto]
+    [--cache-dir DIR] [--force] [--quiet] [key.sub=value ...]``: print the path. ``--config``
+    takes an experiment YAML and builds the base its ``base_model_config`` describes;
+    ``--recipe`` names one of ``base_model.RECIPES`` (default ``cpu``, the default base)."""
     from .base_model import (
+        RECIPES,
         BaseModelConfig,
         base_model_path,
         build_base_model,
         default_cache_dir,
+        recipe_config,
+        resolve_device,
     )
     from .config import load_experiment
 
@@ -400,19 +404,43 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--config", default=None, help="experiment YAML (its base_model_config)")
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        choices=sorted(RECIPES),
+        help="a named recipe (default cpu: the default base; gpu: sized for a few GPU minutes)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "auto"),
+        help="where to pretrain (default cpu; a cuda build is cached under its own key)",
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the experiment YAML")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)  # before any work: --device cuda without CUDA
     config = BaseModelConfig()
-    if args.config:
+    if args.recipe and args.config:
+        raise ValueError("give --recipe or --config, not both")
+    if args.recipe:
+        config = recipe_config(args.recipe)
+    elif args.config:
         config = load_experiment(args.config, args.overrides).builtin_base()
         if config is None:
             raise ValueError(f"{args.config}: base_model is not the built-in one")
     elif args.overrides:
         raise ValueError("key=value overrides need --config")
-    cached = (base_model_path(config, args.cache_dir) / "build_info.json").is_file()
+    cached = (base_model_path(config, args.cache_dir, device) / "build_info.json").is_file()
     if not cached or args.force:
-        print("pretraining the base model (a few minutes on a CPU) ...", file=sys.stderr)
-    path = build_base_model(config, args.cache_dir, force=args.force, progress=not args.quiet)
+        print(f"pretraining the base model on {device} (a few minutes) ...", file=sys.stderr)
+    path = build_base_model(
+        config,
+        args.cache_dir,
+        force=args.force,
+        progress=not args.quiet,
+        device=device,
+        recipe=args.recipe,
+    )
     metrics = json.loads((path / "build_info.json").read_text())["metrics"]
     print(
         f"{'reused' if cached and not args.force else 'built'}: final train loss "
@@ -420,6 +448,17 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
         f"{metrics['validation_perplexity']:.2f}, {metrics['train_seconds']:.0f} s training",
         file=sys.stderr,
     )
+    acceptance = metrics.get("acceptance")
+    if acceptance:  # builds from before the acceptance figures existed have none
+        figures = ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in acceptance.items()
+            if k.startswith(("passkey", "ppl"))
+        )
+        verdict = "accepted" if acceptance["accepted"] else "not accepted"
+        print(
+            f"acceptance ({acceptance['prompts']} prompts): {figures}: {verdict}", file=sys.stderr
+        )
     print(path)
     return 0
 

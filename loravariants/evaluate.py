@@ -44,7 +44,9 @@ __all__ = [
     "document_nll",
     "split_at_eos",
     "passkey_accuracy",
+    "passkey_trials",
     "PasskeyResult",
+    "PasskeyTrial",
     "induction_score",
     "InductionResult",
 ]
@@ -354,22 +356,95 @@ def passkey_accuracy(
         answers, hits = [], 0
         for trial in range(trials):
             prompt_ids, key = passkey_prompt(tokenizer, int(length), seed=seed * 1000 + trial)
-            ids = torch.as_tensor(prompt_ids, device=device)[None]
-            n_new = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 2
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n_new,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            hit, text = _answer_passkey(model, tokenizer, prompt_ids, key, device)
             answers.append(text)
-            digits = "".join(ch for ch in text.strip().split(" ")[0] if ch.isdigit())
-            hits += digits == key
+            hits += hit
         results[int(length)] = PasskeyResult(int(length), hits / trials, trials, answers)
     model.train(was_training)
     return results
+
+
+def _answer_passkey(model, tokenizer, prompt_ids, key: str, device) -> tuple[bool, str]:
+    """Greedy answer to one passkey prompt: ``(exact match of the key, decoded answer)``."""
+    ids = torch.as_tensor(prompt_ids, device=device)[None]
+    n_new = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 2
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n_new,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    digits = "".join(ch for ch in text.strip().split(" ")[0] if ch.isdigit())
+    return digits == key, text
+
+
+@dataclass
+class PasskeyTrial:
+    """One passkey prompt and its outcome (for paired per-prompt statistics).
+
+    Attributes:
+        seed: the prompt's seed (draws its key).
+        length: prompt tokens.
+        depth: share of the filler before the key.
+        key_distance: tokens from the key line to the prompt's end (about
+            ``(1 - depth) * length``; the key is "beyond" a native context longer than this).
+        hit: the greedy answer is the key.
+        answer: the decoded answer.
+    """
+
+    seed: int
+    length: int
+    depth: float
+    key_distance: int
+    hit: bool
+    answer: str
+
+
+@torch.no_grad()
+def passkey_trials(
+    model: nn.Module,
+    tokenizer,
+    length: int,
+    trials: int,
+    seed: int = 0,
+    depth_range: tuple[float, float] = (0.0, 1.0),
+) -> list[PasskeyTrial]:
+    """Passkey prompts of ``length`` tokens with depths evenly spread over ``depth_range``.
+
+    Trial ``i`` has depth ``low + (high - low) * (i + 0.5) / trials`` and seed
+    ``seed * 1000 + i`` (the key), so the same call on two models scores the same prompts: the
+    outcomes pair prompt by prompt (exact McNemar). Depth 1 puts the key next to the question.
+
+    Args:
+        model: a causal LM with ``generate``.
+        tokenizer: its tokenizer.
+        length: prompt length in tokens.
+        trials: prompts, at least 1.
+        seed: base seed of the keys.
+        depth_range: ``(low, high)`` within [0, 1], ``low <= high``.
+
+    Returns:
+        One :class:`PasskeyTrial` per prompt, in order.
+    """
+    check_range("trials", trials, low=1, integer=True)
+    low, high = depth_range
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"depth_range must satisfy 0 <= low <= high <= 1, got {depth_range!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(trials):
+        depth = low + (high - low) * (i + 0.5) / trials
+        prompt_seed = seed * 1000 + i
+        prompt_ids, key = passkey_prompt(tokenizer, int(length), seed=prompt_seed, depth=depth)
+        hit, text = _answer_passkey(model, tokenizer, prompt_ids, key, device)
+        distance = round((1 - depth) * len(prompt_ids))
+        out.append(PasskeyTrial(prompt_seed, len(prompt_ids), depth, distance, hit, text))
+    model.train(was_training)
+    return out
 
 
 @dataclass

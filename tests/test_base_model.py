@@ -230,3 +230,117 @@ def test_cli_function_reuses_cache(corpus_dir, tmp_path, capsys, monkeypatch):
     assert pretrain_base_main(["--cache-dir", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == str(path) and "reused" in out.err
+
+
+# ---------------------------------------------------------------- recipes, device, acceptance
+
+
+def test_recipes_keep_the_default_and_share_the_family():
+    from loravariants.base_model import RECIPES, recipe_config
+
+    assert recipe_config("cpu") == BaseModelConfig()
+    # the default base's cache key must not move (cached bases and recorded figures use it)
+    assert BaseModelConfig().key() == BaseModelConfig().key("cpu") == "75a32dcb6592"
+    assert BaseModelConfig().key("cuda") != BaseModelConfig().key()
+    gpu, cpu = recipe_config("gpu"), BaseModelConfig()
+    for field in ("context_length", "vocab_size", "tokenizer_chars", "data_source", "seed"):
+        assert getattr(gpu, field) == getattr(cpu, field), field
+    assert gpu.passkey_fraction > 0 and gpu.kv_fraction > 0  # the retrieval mix stays
+    assert gpu.hidden_size * gpu.num_layers > cpu.hidden_size * cpu.num_layers
+    assert gpu.steps * gpu.batch_size > 10 * cpu.steps * cpu.batch_size
+    assert set(RECIPES) == {"cpu", "gpu"}
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        recipe_config("tpu")
+
+
+def test_device_cuda_without_cuda_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    from loravariants.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["pretrain-base", "--device", "cuda", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CUDA is not available" in err
+    assert not any(tmp_path.iterdir())  # refused before any work
+    assert main(["pretrain-base", "--recipe", "gpu", "--config", "x.yaml"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_build_records_recipe_and_device(corpus_dir, tmp_path):
+    config = tiny_base_config(corpus_dir)
+    path = build_base_model(config, cache_dir=tmp_path, progress=False, device="auto")
+    record = json.loads((path / "build_info.json").read_text())
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert record["device"] == expected and record["recipe"] == "custom"
+    # too few held-out tokens in this corpus for 4x the context: recorded as absent
+    assert record["metrics"]["acceptance"] is None
+
+
+def _tiny_retrieval_model(corpus_dir, tmp_path):
+    from loravariants.data import join_with_eos, load_corpus, tokenize_documents
+
+    path = build_base_model(_mix_config(corpus_dir, steps=2), cache_dir=tmp_path, progress=False)
+    model, tokenizer = load_base_model(str(path))
+    texts = [d.text for d in load_corpus(str(corpus_dir)).train]
+    stream = join_with_eos(tokenize_documents(texts, tokenizer), tokenizer.eos_token_id)
+    return model, tokenizer, stream
+
+
+def test_acceptance_measurements_at_tiny_size(corpus_dir, tmp_path):
+    from loravariants.base_model import ACCEPTANCE, acceptance_measurements
+    from loravariants.evaluate import perplexity
+
+    model, tokenizer, stream = _tiny_retrieval_model(corpus_dir, tmp_path)
+    out = acceptance_measurements(model, tokenizer, stream, 256, 150.0, prompts=3)
+    assert out["prompts"] == 3 and out["native"] == 256 and out["factor"] == 4
+    for key in ("passkey_native", "passkey_4x_no_pi_beyond_native"):
+        assert out[key] in (0.0, 1 / 3, 2 / 3, 1.0)
+    # the perplexities are the library's own, on the same tokens at both lengths
+    assert out["ppl_native_no_pi"] == pytest.approx(perplexity(model, stream, 256, 128))
+    assert out["ppl_4x_no_pi"] == pytest.approx(perplexity(model, stream, 1024, 512))
+    checks = out["checks"]
+    assert set(checks) == {
+        "passkey_native",
+        "passkey_4x_no_pi",
+        "ppl_4x_clearly_above_1x",
+        "validation_perplexity_no_worse",
+    }
+    assert checks["validation_perplexity_no_worse"] is False  # 150 > 131.77
+    assert checks["passkey_native"] is (out["passkey_native"] >= ACCEPTANCE["passkey_native_min"])
+    assert out["accepted"] is False
+    with pytest.raises(ValueError, match="val_tokens"):
+        acceptance_measurements(model, tokenizer, stream[:1000], 256, 100.0, prompts=1)
+
+
+def test_acceptance_places_the_4x_keys_beyond_the_native_length(monkeypatch, corpus_dir, tmp_path):
+    import loravariants.evaluate as ev
+    from loravariants.base_model import acceptance_measurements
+
+    model, tokenizer, stream = _tiny_retrieval_model(corpus_dir, tmp_path)
+    calls = []
+
+    def fake(model, tokenizer, length, trials, seed, depth_range):
+        calls.append((length, depth_range))
+        hit = length < 256  # "retrieves" at the native length only
+        return [ev.PasskeyTrial(seed, length, 0.5, 1, hit, "") for _ in range(trials)]
+
+    monkeypatch.setattr(ev, "passkey_trials", fake)
+    out = acceptance_measurements(model, tokenizer, stream, 256, 100.0, prompts=100)
+    assert calls[0] == (240, (0.0, 1.0))
+    length, (low, high) = calls[1]
+    assert length == 1008 and low == 0 and high == pytest.approx(1 - 1.25 / 4)
+    assert out["passkey_native"] == 1.0 and out["passkey_4x_no_pi_beyond_native"] == 0.0
+    assert out["checks"]["passkey_native"] and out["checks"]["passkey_4x_no_pi"]
+
+
+def test_passkey_trials_pair_and_spread_depths(corpus_dir, tmp_path):
+    from loravariants.evaluate import passkey_trials
+
+    model, tokenizer, _ = _tiny_retrieval_model(corpus_dir, tmp_path)
+    a = passkey_trials(model, tokenizer, 250, 4, seed=3, depth_range=(0.2, 0.6))
+    b = passkey_trials(model, tokenizer, 250, 4, seed=3, depth_range=(0.2, 0.6))
+    assert [t.depth for t in a] == pytest.approx([0.25, 0.35, 0.45, 0.55])
+    assert [(t.seed, t.hit, t.answer) for t in a] == [(t.seed, t.hit, t.answer) for t in b]
+    assert all(t.length <= 250 and 0 < t.key_distance < t.length for t in a)
+    assert a[0].key_distance > a[-1].key_distance  # deeper keys sit nearer the question
+    with pytest.raises(ValueError, match="depth_range"):
+        passkey_trials(model, tokenizer, 250, 1, depth_range=(0.7, 0.2))
