@@ -716,20 +716,31 @@ def resolve_base_model(
 ):
     """``(path_or_hub_name, tokenizer)`` of a base model without loading its weights.
 
-    ``"default"`` builds (or reuses) the built-in model — ``config`` changes its fields (each
-    variant is cached under its own key); a name in ``real_models.REAL_MODELS`` (e.g.
+    ``"default"`` uses the base shipped with the package for that config when there is one
+    (``shipped_base.py``; verified by hash), else builds (or reuses) the built-in model —
+    ``config`` changes its fields (each variant is cached under its own key); a folder with a
+    shipped-base manifest is verified before use; a name in ``real_models.REAL_MODELS`` (e.g.
     ``"smollm2-135m"``) converts (or reuses) that packaged pretrained model; anything else is
     passed to ``from_pretrained`` (a local folder, or a hub name, which downloads).
 
     Raises:
         real_models.MissingExtraError: a named real model's optional packages are missing.
+        shipped_base.ShippedBaseError: a shipped base's files do not match its manifest.
     """
     from transformers import AutoTokenizer
 
     from .real_models import REAL_MODELS, build_real_model
+    from .shipped_base import find_shipped_base, is_shipped_base, verify_shipped_base
 
     if name == DEFAULT_NAME:
-        path: str | Path = build_base_model(config, cache_dir=cache_dir, progress=progress)
+        # a base shipped with the package for exactly this config wins over a build, once its
+        # files match their manifest's hashes (a mismatch is an error, never a silent rebuild)
+        shipped = find_shipped_base(asdict(config or BaseModelConfig()))
+        if shipped is not None:
+            verify_shipped_base(shipped)
+            path: str | Path = shipped
+        else:
+            path = build_base_model(config, cache_dir=cache_dir, progress=progress)
     elif name in REAL_MODELS:
         path = build_real_model(name, cache_dir=cache_dir, progress=progress)
     else:
@@ -737,6 +748,8 @@ def resolve_base_model(
         local = Path(name).expanduser()
         if local.exists():
             path = local
+            if is_shipped_base(local):
+                verify_shipped_base(local)
         elif name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"base model folder {name!r} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(path)

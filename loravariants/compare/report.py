@@ -17,6 +17,7 @@ import torch
 
 from .._version import __version__
 from ..config import ExperimentConfig
+from ..shipped_base import base_weights_sha256
 from .findings import findings_section
 from .measure import fill_lora_similarity, seed_to_seed_similarity
 from .plan import REFERENCE_VARIANT, config_dict
@@ -49,11 +50,13 @@ def write_outputs(
     except Exception:  # an unreadable adapter must never lose the numbers
         seed_to_seed = {}
     summary = summarize(config, results, seed_to_seed)
+    base_sha256 = base_weights_sha256(base_path)  # the same base on every machine: compare it
     payload = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "library_version": __version__,
         "machine": _machine(),
         "base_model": base_path,
+        "base_model_sha256": base_sha256,
         "config": config_dict(config),
         "runs": list(results.values()),
         "summary": [
@@ -67,7 +70,7 @@ def write_outputs(
         plots = make_report_plots(out, config, results)
     except Exception as e:  # a plot must never lose the numbers
         plots = {"error": f"{type(e).__name__}: {e}"}
-    atomic_write(out / "report.md", _report_markdown(config, summary, plots, results))
+    atomic_write(out / "report.md", _report_markdown(config, summary, plots, results, base_sha256))
 
 
 def _machine() -> str:
@@ -291,14 +294,16 @@ def _report_markdown(
     summary: list[dict[str, Any]],
     plots: dict[str, str],
     results: dict[str, dict[str, Any]] | None = None,
+    base_sha256: str | None = None,
 ) -> str:
     t = config.train
+    weights = f" (weights sha256 `{base_sha256[:16]}`)" if base_sha256 else ""
     lines = [
         "# loravariants comparison",
         "",
         f"*{time.strftime('%Y-%m-%d %H:%M')} · loravariants {__version__} · {_machine()}*",
         "",
-        f"Base model: `{config.base_model}`; data: `{config.data.source}`; context: "
+        f"Base model: `{config.base_model}`{weights}; data: `{config.data.source}`; context: "
         f"{config.context.target_length or 'native'} tokens ({config.context.method} position "
         f"interpolation), training attention `{config.context.attention}`.",
         f"Budget per run: {t.max_steps} steps x {t.batch_size * t.grad_accum} sequences, lr "
