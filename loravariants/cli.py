@@ -380,9 +380,11 @@ def _lm_eval_settings(args: argparse.Namespace, eval_config) -> list[str]:
 
 def pretrain_base_main(argv: Sequence[str]) -> int:
     """``loravariants pretrain-base [--recipe cpu|gpu | --config FILE] [--device cpu|cuda|auto]
-    [--cache-dir DIR] [--force] [--quiet] [key.sub=value ...]``: print the path. ``--config``
-    takes an experiment YAML and builds the base its ``base_model_config`` describes;
-    ``--recipe`` names one of ``base_model.RECIPES`` (default ``cpu``, the default base)."""
+    [--cache-dir DIR] [--force] [--quiet] [--export DIR [--export-dtype D]] [key.sub=value
+    ...]``: print the path. ``--config`` takes an experiment YAML and builds the base its
+    ``base_model_config`` describes; ``--recipe`` names one of ``base_model.RECIPES`` (default
+    ``cpu``, the default base); ``--export`` also writes it as a shipped base
+    (``shipped_base.py``)."""
     from .base_model import (
         RECIPES,
         BaseModelConfig,
@@ -416,10 +418,24 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
         choices=("cpu", "cuda", "auto"),
         help="where to pretrain (default cpu; a cuda build is cached under its own key)",
     )
+    parser.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="also write the base as a shipped base (manifest + hashes, files <= 16 MiB) to DIR",
+    )
+    parser.add_argument(
+        "--export-dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights dtype of --export (default float32: bit-identical to the build)",
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the experiment YAML")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)  # before any work: --device cuda without CUDA
     config = BaseModelConfig()
+    if args.export and Path(args.export).exists():  # before minutes of pretraining
+        raise ValueError(f"--export {args.export} already exists; name a new folder")
     if args.recipe and args.config:
         raise ValueError("give --recipe or --config, not both")
     if args.recipe:
@@ -458,6 +474,16 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
         verdict = "accepted" if acceptance["accepted"] else "not accepted"
         print(
             f"acceptance ({acceptance['prompts']} prompts): {figures}: {verdict}", file=sys.stderr
+        )
+    if args.export:
+        from .shipped_base import export_shipped_base
+
+        name = args.recipe or "custom"
+        manifest = export_shipped_base(path, args.export, name=name, dtype=args.export_dtype)
+        print(
+            f"exported to {args.export}: {len(manifest['files'])} files, weights sha256 "
+            f"{manifest['weights_sha256']}",
+            file=sys.stderr,
         )
     print(path)
     return 0

@@ -143,3 +143,20 @@ def test_the_package_ships_only_valid_bases():
         manifest = verify_shipped_base(folder)
         assert manifest["weights_sha256"] == weights_hash(folder)
         assert json.loads((folder / MANIFEST).read_text())["metrics"]["validation_perplexity"]
+
+
+def test_cli_exports_a_verified_base(built, tmp_path, capsys, monkeypatch):
+    import loravariants.base_model as bm
+    from loravariants.cli import main
+
+    config, build = built
+    monkeypatch.setattr(bm, "BaseModelConfig", lambda: config)
+    cache = build.parent.parent
+    out = tmp_path / "export"
+    assert main(["pretrain-base", "--cache-dir", str(cache), "--quiet", "--export", str(out)]) == 0
+    err = capsys.readouterr().err
+    manifest = verify_shipped_base(out)
+    assert manifest["weights_sha256"] in err and manifest["weights_sha256"] == weights_hash(build)
+    # a second export into the same folder is refused before any work
+    assert main(["pretrain-base", "--cache-dir", str(cache), "--export", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
