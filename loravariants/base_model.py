@@ -651,6 +651,7 @@ def build_base_model(
     progress: bool = True,
     device: str = "cpu",
     recipe: str | None = None,
+    acceptance_prompts: int = 100,
 ) -> Path:
     """The cached base model's folder, pretraining it first when missing (or ``force``).
 
@@ -668,6 +669,7 @@ def build_base_model(
             is cached under its own key.
         recipe: the recipe's name, recorded in ``build_info.json`` (``None``: ``"cpu"`` when
             ``config`` is that recipe, else ``"custom"``).
+        acceptance_prompts: passkey prompts per length of the acceptance figures (0: none).
     """
     from ._version import __version__
     from .utils import atomic_directory
@@ -684,7 +686,9 @@ def build_base_model(
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the base-model cache folder {path.parent} ({e})") from e
-    model, tokenizer, info = pretrain(config, progress, device=device)
+    model, tokenizer, info = pretrain(
+        config, progress, device=device, acceptance_prompts=acceptance_prompts
+    )
     model.to("cpu")
     import transformers
 
