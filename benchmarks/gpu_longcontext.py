@@ -288,6 +288,21 @@ def contrasts(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def pilot_decision(passkey_4x: float, mode: str) -> dict[str, Any]:
+    """Whether to train: base-PI's passkey at 4x must sit off the floor and the ceiling
+    (``mode`` ``auto``), unless ``always`` / ``never`` says otherwise; the reason in words."""
+    where = "floor" if passkey_4x <= FLOOR else "ceiling" if passkey_4x >= CEILING else "between"
+    go = mode == "always" or (mode == "auto" and where == "between")
+    said = {"floor": f"at the floor (<= {FLOOR})", "ceiling": f"at the ceiling (>= {CEILING})"}
+    reason = (
+        f"base-PI passkey at {FACTOR}x is {passkey_4x:.2f}: "
+        + said.get(where, "off both floor and ceiling")
+        + ("; training rows run" if go else "; training rows skipped")
+        + (f" (--train {mode})" if mode != "auto" else "")
+    )
+    return {"base_pi_passkey_4x": passkey_4x, "where": where, "train": go, "reason": reason}
+
+
 # ----------------------------------------------------------------------------- training rows
 
 
@@ -490,20 +505,8 @@ def main(argv=None) -> int:
         for name, pi in (("base-noPI", False), ("base-PI", True)):
             evaluate(name, load_model(base, pi, native))
         pk = result["rows"]["base-PI"]["summary"][f"passkey@{FACTOR * native}"]["all"]
-        where = "floor" if pk <= FLOOR else "ceiling" if pk >= CEILING else "between"
-        go = args.train == "always" or (args.train == "auto" and where == "between")
-        result["decision"] = {
-            "base_pi_passkey_4x": pk,
-            "where": where,
-            "train": go,
-            "reason": f"base-PI passkey at {FACTOR}x is {pk:.2f}: "
-            + {
-                "floor": f"at the floor (<= {FLOOR})",
-                "ceiling": f"at the ceiling (>= {CEILING})",
-            }.get(where, "off both floor and ceiling")
-            + ("; training rows run" if go else "; training rows skipped")
-            + (f" (--train {args.train})" if args.train != "auto" else ""),
-        }
+        result["decision"] = pilot_decision(pk, args.train)
+        go = result["decision"]["train"]
         write(out, result)
         if go:
             train_dir, result["training"] = train_rows(args, base, native, out)

@@ -268,6 +268,9 @@ RECIPES: dict[str, dict] = {
         kv_fraction=0.25,
     ),
 }
+#: ``gpu-1k``: the ``gpu`` recipe at a native length of 1024 (the same tokens per step), for
+#: the GPU passkey experiment at 1k -> 4k (benchmarks/gpu_longcontext.py --base recipe:gpu-1k)
+RECIPES["gpu-1k"] = {**RECIPES["gpu"], "context_length": 1024, "batch_size": 8}
 
 
 def recipe_config(name: str) -> BaseModelConfig:

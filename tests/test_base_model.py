@@ -248,7 +248,9 @@ def test_recipes_keep_the_default_and_share_the_family():
     assert gpu.passkey_fraction > 0 and gpu.kv_fraction > 0  # the retrieval mix stays
     assert gpu.hidden_size * gpu.num_layers > cpu.hidden_size * cpu.num_layers
     assert gpu.steps * gpu.batch_size > 10 * cpu.steps * cpu.batch_size
-    assert set(RECIPES) == {"cpu", "gpu"}
+    assert set(RECIPES) == {"cpu", "gpu", "gpu-1k"}
+    long = recipe_config("gpu-1k")
+    assert long.context_length == 1024 and long.batch_size * 1024 == gpu.batch_size * 256
     with pytest.raises(ValueError, match="recipe must be one of"):
         recipe_config("tpu")
 

@@ -113,3 +113,15 @@ def test_bad_out_is_refused(tmp_path, capsys):
         _script().main(["--out", str(tmp_path), "--tiny"])
     assert e.value.code == 2 and "not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_the_pilot_trains_only_off_floor_and_ceiling():
+    glc = _script()
+    assert glc.pilot_decision(0.0, "auto")["where"] == "floor"
+    assert not glc.pilot_decision(0.05, "auto")["train"]
+    assert not glc.pilot_decision(1.0, "auto")["train"]
+    assert glc.pilot_decision(1.0, "auto")["where"] == "ceiling"
+    between = glc.pilot_decision(0.4, "auto")
+    assert between["train"] and "off both floor and ceiling" in between["reason"]
+    assert glc.pilot_decision(0.0, "always")["train"]
+    assert not glc.pilot_decision(0.4, "never")["train"]
