@@ -562,10 +562,11 @@ def pretrain(
     corpus, tokenizer, train_stream, blocks, val_blocks = _pretraining_data(config)
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation="sdpa")
-    model.to(device)
     frozen = []
-    if config.copy_circuit:
+    if config.copy_circuit:  # written on the CPU (its seeded basis lives there), then moved
         install_copy_circuit(model, config.context_length, seed=config.seed)
+    model.to(device)
+    if config.copy_circuit:
         frozen = frozen_slices(model)
     model.train()
     optimizer = _pretraining_optimizer(model, config)
@@ -597,7 +598,7 @@ def pretrain(
         total = loss
         # Optional extra weight on the answers, a few tokens in thousands (measured: it did not
         # teach the copy and cost language modelling, docs/data.md; off by default).
-        if answers.any() and config.answer_loss_weight > 0:
+        if config.answer_loss_weight > 0 and answers.any():  # (no device sync when off)
             at = answers[:, 1:]
             synthetic_rows = slice(n_plain, None)  # the synthetic blocks close the batch
             answer_loss = F.cross_entropy(logits[synthetic_rows][at], targets[synthetic_rows][at])
