@@ -128,6 +128,7 @@ def resolve_base(args, cache: Path) -> tuple[Path, dict[str, Any]]:
             progress=not args.quiet,
             device=device,
             recipe=args.base.removeprefix("recipe:"),
+            acceptance_prompts=100,
         )
     else:
         path = Path(resolve_base_model(args.base, progress=not args.quiet)[0])

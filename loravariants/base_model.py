@@ -664,7 +664,7 @@ def build_base_model(
     progress: bool = True,
     device: str = "cpu",
     recipe: str | None = None,
-    acceptance_prompts: int = 100,
+    acceptance_prompts: int = 0,
 ) -> Path:
     """The cached base model's folder, pretraining it first when missing (or ``force``).
 
@@ -682,7 +682,9 @@ def build_base_model(
             is cached under its own key.
         recipe: the recipe's name, recorded in ``build_info.json`` (``None``: ``"cpu"`` when
             ``config`` is that recipe, else ``"custom"``).
-        acceptance_prompts: passkey prompts per length of the acceptance figures (0: none).
+        acceptance_prompts: passkey prompts per length of the acceptance figures (0, the
+            default: none, so that an implicit build by ``quickstart`` costs no more;
+            ``loravariants pretrain-base`` measures them with 100).
     """
     from ._version import __version__
     from .utils import atomic_directory

@@ -456,6 +456,7 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
         progress=not args.quiet,
         device=device,
         recipe=args.recipe,
+        acceptance_prompts=100,  # the acceptance figures (issue 28) on every explicit build
     )
     metrics = json.loads((path / "build_info.json").read_text())["metrics"]
     print(

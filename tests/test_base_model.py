@@ -269,7 +269,9 @@ def test_device_cuda_without_cuda_is_one_line_exit_2(monkeypatch, capsys, tmp_pa
 
 def test_build_records_recipe_and_device(corpus_dir, tmp_path):
     config = tiny_base_config(corpus_dir)
-    path = build_base_model(config, cache_dir=tmp_path, progress=False, device="auto")
+    path = build_base_model(
+        config, cache_dir=tmp_path, progress=False, device="auto", acceptance_prompts=5
+    )
     record = json.loads((path / "build_info.json").read_text())
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert record["device"] == expected and record["recipe"] == "custom"
