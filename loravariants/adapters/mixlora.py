@@ -535,6 +535,207 @@ class _BalanceGroup:
         return self.global_counts[id(layer)]
 
 
+# ---------------------------------------------------------------------------------------------
+# the expert computation: every (token, slot) pair at once, experts' factors stacked
+# ---------------------------------------------------------------------------------------------
+
+#: CPU work is done in blocks of about this many (pair, intermediate) elements, so the per-pair
+#: temporaries stay in cache and are reused by the allocator instead of being page-faulted
+#: afresh (measured in docs/benchmarks.md); on other devices the whole batch is one block.
+_CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+@dataclass
+class _Plan:
+    """What the expert computation needs beside its tensors (fixed for one forward).
+
+    ``proj``: the adapted projections; ``dropout``: the experts' LoRA dropout probability when
+    it applies (training), else 0; ``seed``: the dropout masks' seed, so that the backward
+    recomputes the forward's masks; ``block``: tokens per block.
+    """
+
+    act: Callable[[torch.Tensor], torch.Tensor]
+    num_experts: int
+    r: int
+    proj: tuple[str, ...]
+    dropout: float
+    seed: int
+    block: int
+
+
+def _dropped(h: torch.Tensor, p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout of ``h`` with masks from ``gen`` (identity when ``p == 0``)."""
+    if p == 0 or gen is None:
+        return h
+    keep = torch.empty_like(h).bernoulli_(1.0 - p, generator=gen)
+    return h * keep / (1.0 - p)
+
+
+def _expert_block(
+    plan: _Plan,
+    x: torch.Tensor,
+    G: torch.Tensor,
+    U: torch.Tensor,
+    a0: torch.Tensor,
+    w: torch.Tensor,
+    onehot: torch.Tensor,
+    W_down: torch.Tensor,
+    mats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    gen: torch.Generator | None,
+) -> torch.Tensor:
+    """``update(x)`` of a block of tokens (see the module docstring), as dense matmuls.
+
+    The experts' factors are stacked, ``A (E·r, in)`` and ``s·B^T (E·r, out)``; a pair's
+    low-rank code ``z (E·r)`` is zero outside its expert's ``r`` entries (the one-hot
+    ``onehot``), so ``z @ s·B^T`` is exactly that expert's LoRA term. The matmuls do E times
+    the arithmetic of per-expert ones, but need no sort, no gather of the frozen projections,
+    no scatter, no host sync and no loop over the experts. Out-of-place under autograd, in
+    place otherwise (the no-grad forward of :class:`_Experts`).
+
+    Args:
+        plan: the forward's :class:`_Plan`.
+        x: ``(n, hidden)``; G, U, a0: ``(n, inter)`` frozen gate, up, ``act(G) * U``.
+        w: ``(n, k)`` routing weights (sum to one); onehot: ``(n, k, E)`` chosen experts.
+        W_down: ``(hidden, inter)`` frozen down projection.
+        mats: ``{proj: (A (E·r, in), s·B^T (E·r, out))}``.
+        gen: the dropout masks' generator (``None`` without dropout).
+
+    Returns:
+        ``(n, hidden)`` in the compute dtype (x's).
+    """
+    inplace = not torch.is_grad_enabled()
+    n, k, E = onehot.shape
+    r, dtype, p = plan.r, x.dtype, plan.dropout
+    select = onehot.to(dtype)[..., None]  # (n, k, E, 1)
+
+    def codes(proj: str, h: torch.Tensor) -> torch.Tensor:
+        """``(n·k, E·r)`` codes of each pair, zero outside its expert; ``h`` per token
+        ``(n, in)`` or per pair ``(n, k, in)``."""
+        A = mats[proj][0].to(dtype)
+        if h.dim() == 2 and p > 0:  # a mask per pair, as each expert's own dropout draws it
+            h = h[:, None].expand(n, k, h.shape[-1])
+        z = _dropped(h, p, gen) @ A.T
+        z = z.view(n, 1, E, r) if z.dim() == 2 else z.view(n, k, E, r)
+        return (z * select).reshape(n * k, E * r)
+
+    def lora_plus(proj: str, frozen: torch.Tensor) -> torch.Tensor:
+        """``frozen + s B_e A_e x`` for every pair, ``(n, k, inter)``."""
+        y = (codes(proj, x) @ mats[proj][1].to(dtype)).view(n, k, -1)
+        return y.add_(frozen[:, None]) if inplace else y + frozen[:, None]
+
+    gate_up = [q for q in ("gate_proj", "up_proj") if q in plan.proj]
+    out = None
+    if gate_up:
+        g = lora_plus("gate_proj", G) if "gate_proj" in gate_up else G[:, None]
+        u = lora_plus("up_proj", U) if "up_proj" in gate_up else U[:, None]
+        act = plan.act(g)
+        a = act.mul_(u) if inplace and act.shape[1] == k else act * u  # (n, k, inter)
+        del g, u, act
+        if "down_proj" in plan.proj:
+            out = codes("down_proj", a) * w.to(dtype).reshape(n * k, 1)
+        # the weights sum to one: W_down sum_e w_e a_e - W_down a0 = W_down sum_e w_e (a_e - a0);
+        # differences keep the update exact next to a large a0 in low precision
+        diff = a.sub_(a0[:, None]) if inplace else a - a0[:, None]
+        wd = w.to(dtype)
+        inter = diff[:, 0] * wd[:, 0, None]
+        for j in range(1, k):
+            inter = (
+                inter.addcmul_(diff[:, j], wd[:, j, None])
+                if inplace
+                else inter + diff[:, j] * wd[:, j, None]
+            )
+        base = inter @ W_down.T.to(dtype)
+    else:  # experts on down_proj only: every expert reads a0
+        out = codes("down_proj", a0) * w.to(dtype).reshape(n * k, 1)
+        base = None
+    if out is not None:
+        # the k slots' weighted codes sum into one (E·r) code per token: one small matmul
+        lora = out.view(n, k, E * r).sum(1) @ mats["down_proj"][1].to(dtype)
+        base = lora if base is None else (base.add_(lora) if inplace else base + lora)
+    return base
+
+
+class _Experts(torch.autograd.Function):
+    """The experts' update, blocks of tokens at a time; the backward recomputes each block.
+
+    Only the inputs are kept for the backward (the frozen projections and the routing, which
+    the frozen FFN's own backward keeps anyway, and the stacked factors): the per-pair
+    intermediates of one block live only while that block is computed or differentiated, so
+    training memory stays near plain LoRA's at the price of one more expert forward.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, x, G, U, a0, w, experts, W_down, *flat):  # noqa: D417
+        mats = _unflatten(plan, flat)
+        onehot = F.one_hot(experts, plan.num_experts).bool()
+        pieces = []
+        for start, stop, gen in _blocks(plan, x):
+            sl = slice(start, stop)
+            pieces.append(
+                _expert_block(
+                    plan, x[sl], G[sl], U[sl], a0[sl], w[sl], onehot[sl], W_down, mats, gen
+                )
+            )
+        ctx.plan = plan
+        ctx.save_for_backward(x, G, U, a0, w, experts, W_down, *flat)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        plan = ctx.plan
+        x, G, U, a0, w, experts, W_down, *flat = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:]  # x, G, U, a0, w, experts, W_down, *flat
+        per_token = [x, G, U, a0, w]
+        grads: list[torch.Tensor | None] = [
+            torch.zeros_like(t) if need[i] else None for i, t in enumerate(per_token)
+        ]
+        shared = [W_down, *flat]
+        shared_need = [need[6], *need[7:]]
+        shared_grads: list[torch.Tensor | None] = [None] * len(shared)
+        onehot = F.one_hot(experts, plan.num_experts).bool()
+        for start, stop, gen in _blocks(plan, x):
+            sl = slice(start, stop)
+            with torch.enable_grad():
+                leaves = [t[sl].detach().requires_grad_(need[i]) for i, t in enumerate(per_token)]
+                params = [
+                    t.detach().requires_grad_(q) for t, q in zip(shared, shared_need, strict=True)
+                ]
+                mats = _unflatten(plan, params[1:])
+                out = _expert_block(plan, *leaves, onehot[sl], params[0], mats, gen)
+                wanted = [t for t in leaves + params if t.requires_grad]
+                if not wanted:
+                    continue
+                got = iter(torch.autograd.grad(out, wanted, grad_out[sl], allow_unused=True))
+            for i, t in enumerate(leaves):
+                if t.requires_grad:
+                    g = next(got)
+                    if g is not None:
+                        grads[i][sl] = g
+            for i, t in enumerate(params):
+                if t.requires_grad:
+                    g = next(got)
+                    if g is not None:
+                        shared_grads[i] = g if shared_grads[i] is None else shared_grads[i] + g
+        return (None, *grads, None, *shared_grads)
+
+
+def _blocks(plan: _Plan, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Generator | None]]:
+    """``(start, stop, dropout generator)`` of each block of tokens; the generator is seeded
+    from the forward's seed and the block, so a recomputation draws the same masks."""
+    n = x.shape[0]
+    step = max(1, min(n, plan.block))
+    for i, start in enumerate(range(0, n, step)):
+        gen = None
+        if plan.dropout > 0:
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(plan.seed + i)
+        yield start, min(n, start + step), gen
+
+
+def _unflatten(plan: _Plan, flat) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {proj: (flat[2 * i], flat[2 * i + 1]) for i, proj in enumerate(plan.proj)}
+
+
 class _LoRAExpert(nn.Module):
     """One expert: a LoRA (A, B) per adapted FFN projection.
 
@@ -601,8 +802,7 @@ class MixLoRAFFN(AdapterLayer):
         self.experts = nn.ModuleList(
             _LoRAExpert(shapes, self.r, device) for _ in range(config.num_experts)
         )
-        p = config.expert_lora_dropout
-        self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.dropout_p = config.expert_lora_dropout  # on each expert's LoRA input, training only
         self.jitter_noise = config.jitter_noise
         self.aux_loss_coef = config.router_aux_loss_coef
         self.aggregation = config.balance_loss_aggregation
@@ -610,7 +810,7 @@ class MixLoRAFFN(AdapterLayer):
         self._group = _BalanceGroup([self])  # this adapter's MixLoRA layers, set by on_attached
         # last forward: (assignments per expert (E,) no grad, summed probabilities (E,), tokens)
         self._balance: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._stats: dict[str, Any] | None = None
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (assigned (E,), tokens)
 
     # -- frozen part, shared by every adapter on this FFN -------------------------------------
     @staticmethod
@@ -649,9 +849,16 @@ class MixLoRAFFN(AdapterLayer):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return probs, weights, experts
 
-    def _lora(self, expert: _LoRAExpert, proj: str, h: torch.Tensor) -> torch.Tensor:
-        A, B = expert.lora_A[proj], expert.lora_B[proj]
-        return F.linear(F.linear(self.dropout(h.to(A.dtype)), A), B) * self.scaling
+    def stacked_factors(self) -> list[torch.Tensor]:
+        """Every expert's factors stacked, in the graph: ``[A_p, s·B_p^T]`` for each projection
+        ``p`` in order, ``A_p (E·r, in)`` (expert e's rows ``e·r .. e·r + r``), ``s·B_p^T (E·r,
+        out)``. A copy of ``E·r·(in + out)`` numbers per projection, made per forward: the
+        parameters stay per expert (state-dict names, export format and optimizers unchanged)."""
+        flat = []
+        for proj in self.projections:
+            flat.append(torch.cat([ex.lora_A[proj] for ex in self.experts]))
+            flat.append(torch.cat([ex.lora_B[proj].T for ex in self.experts]) * self.scaling)
+        return flat
 
     def update(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         """``sum_e w_e y_e - base(x)``; x: ``(..., hidden)`` -> ``(..., hidden)`` in x's dtype.
@@ -666,7 +873,7 @@ class MixLoRAFFN(AdapterLayer):
         G, U, a0 = (t.reshape(-1, t.shape[-1]) for t in ctx[:3])
         real = ctx[3].reshape(-1)
         xt = x.reshape(-1, x.shape[-1])
-        T, E, k = xt.shape[0], self.num_experts, self.top_k
+        E, k = self.num_experts, self.top_k
         probs, weights, experts = self.route(xt)
 
         # balance-loss statistics over the real tokens: c_i counts each (token, expert)
@@ -677,46 +884,27 @@ class MixLoRAFFN(AdapterLayer):
         real_tokens = real.sum()
         self._balance = (assigned.float(), (probs * real[:, None]).sum(dim=0), real_tokens)
         self._group._totals = None
+        # kept as tensors: no host sync in the forward (router_stats converts)
+        self._stats = (assigned.detach(), real_tokens.detach())
 
-        # dispatch: group the T*k assignments by expert with one stable sort (every token,
-        # padding included, is computed: the output does not depend on the mask)
-        order = torch.argsort(flat, stable=True)
-        token_of = order // k
-        weight_of = weights.reshape(-1)[order]
-        counts = torch.bincount(flat, minlength=E)
-        # the one host sync: the E group sizes and the number of real tokens
-        *sizes, num_real = torch.cat([counts, real_tokens.round().long()[None]]).tolist()
-        self._stats = {
-            "tokens_per_expert": assigned.detach().round().long(),
-            "num_tokens": num_real,
-        }
-        gate_up = [p for p in ("gate_proj", "up_proj") if p in self.projections]
-        inter = torch.zeros(T, G.shape[-1], dtype=torch.float32, device=x.device)
-        out = torch.zeros(T, xt.shape[-1], dtype=torch.float32, device=x.device)
-        start = 0
-        for e, expert in enumerate(self.experts):  # loop over experts, never over tokens
-            n = sizes[e]
-            if n == 0:
-                continue
-            tok = token_of[start : start + n]
-            w = weight_of[start : start + n, None]
-            start += n
-            xe = xt.index_select(0, tok)
-            if gate_up:
-                g, u = G.index_select(0, tok), U.index_select(0, tok)
-                if "gate_proj" in gate_up:
-                    g = g + self._lora(expert, "gate_proj", xe).to(g.dtype)
-                if "up_proj" in gate_up:
-                    u = u + self._lora(expert, "up_proj", xe).to(u.dtype)
-                a = base.act_fn(g) * u
-                inter.index_add_(0, tok, w * (a.float() - a0.index_select(0, tok).float()))
-            else:
-                a = a0.index_select(0, tok)
-            if "down_proj" in self.projections:
-                out.index_add_(0, tok, w * self._lora(expert, "down_proj", a).float())
+        # every token, padding included, is computed: the output does not depend on the mask
+        p = self.dropout_p if self.training else 0.0
+        block = xt.shape[0]
+        if xt.device.type == "cpu":
+            block = max(1, _CPU_BLOCK_ELEMENTS // (k * G.shape[-1]))
+        plan = _Plan(
+            act=base.act_fn,
+            num_experts=E,
+            r=self.r,
+            proj=tuple(self.projections),
+            dropout=p,
+            # from the global generator: seeded runs repeat, and a recomputing checkpoint
+            # (which restores the generator) draws the same masks
+            seed=int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0,
+            block=block,
+        )
         W_down = base.down_proj.weight
-        if gate_up:
-            out = out + F.linear(inter.to(W_down.dtype), W_down).float()
+        out = _Experts.apply(plan, xt, G, U, a0, weights, experts, W_down, *self.stacked_factors())
         return out.to(x.dtype).reshape(x.shape)
 
     # -- training hooks and inspection --------------------------------------------------------
@@ -783,7 +971,10 @@ class MixLoRAFFN(AdapterLayer):
                 "tokens_per_expert": assigned.detach().round().long(),
                 "num_tokens": int(tokens.round()),
             }
-        return self._stats
+        if self._stats is None:
+            return None
+        assigned, tokens = self._stats
+        return {"tokens_per_expert": assigned.round().long(), "num_tokens": int(tokens.round())}
 
     # -- the update as matrices ---------------------------------------------------------------
     def expert_factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
