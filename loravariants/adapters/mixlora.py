@@ -539,10 +539,12 @@ class _BalanceGroup:
 # the expert computation: every (token, slot) pair at once, experts' factors stacked
 # ---------------------------------------------------------------------------------------------
 
-#: CPU work is done in blocks of about this many (pair, intermediate) elements, so the per-pair
-#: temporaries stay in cache and are reused by the allocator instead of being page-faulted
-#: afresh (measured in docs/benchmarks.md); on other devices the whole batch is one block.
-_CPU_BLOCK_ELEMENTS = 1 << 20
+#: The experts work on blocks of tokens of about this many (pair, intermediate) elements per
+#: temporary: on the CPU small enough to stay in cache and be reused by the allocator instead
+#: of page-faulted afresh (docs/benchmarks.md); elsewhere, to bound what the backward holds
+#: while it recomputes one block.
+_BLOCK_ELEMENTS = {"cpu": 1 << 19}
+_DEFAULT_BLOCK_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -576,26 +578,29 @@ def _expert_block(
     x: torch.Tensor,
     G: torch.Tensor,
     U: torch.Tensor,
-    a0: torch.Tensor,
+    a0: torch.Tensor | None,
     w: torch.Tensor,
-    onehot: torch.Tensor,
+    experts: torch.Tensor,
     W_down: torch.Tensor,
     mats: dict[str, tuple[torch.Tensor, torch.Tensor]],
     gen: torch.Generator | None,
 ) -> torch.Tensor:
-    """``update(x)`` of a block of tokens (see the module docstring), as dense matmuls.
+    """``update(x)`` of a block of tokens (see the module docstring), every pair at once.
 
-    The experts' factors are stacked, ``A (E·r, in)`` and ``s·B^T (E·r, out)``; a pair's
-    low-rank code ``z (E·r)`` is zero outside its expert's ``r`` entries (the one-hot
-    ``onehot``), so ``z @ s·B^T`` is exactly that expert's LoRA term. The matmuls do E times
-    the arithmetic of per-expert ones, but need no sort, no gather of the frozen projections,
-    no scatter, no host sync and no loop over the experts. Out-of-place under autograd, in
-    place otherwise (the no-grad forward of :class:`_Experts`).
+    The experts' factors are stacked, ``A (E·r, in)`` and ``s·B^T (E·r, out)``. ``x @ A^T``
+    gives every expert's code ``z (E·r)`` of a token; masked to the pair's expert (zero
+    elsewhere), ``z @ s·B^T`` is exactly that expert's LoRA term. These dense matmuls do E times
+    the arithmetic of per-expert ones but need no sort, no gather of the frozen projections, no
+    scatter, no host sync and no loop over the experts. The wide ``B`` products of gate and up
+    run as one grouped matmul over the pairs sorted by expert where ``torch._grouped_mm``
+    takes the shapes (CPU), else masked. Out-of-place under autograd, in place otherwise (the
+    no-grad forward of :class:`_Experts`).
 
     Args:
         plan: the forward's :class:`_Plan`.
-        x: ``(n, hidden)``; G, U, a0: ``(n, inter)`` frozen gate, up, ``act(G) * U``.
-        w: ``(n, k)`` routing weights (sum to one); onehot: ``(n, k, E)`` chosen experts.
+        x: ``(n, hidden)``; G, U, a0: ``(n, inter)`` frozen gate, up, ``act(G) * U`` (``None``:
+            computed here from G and U).
+        w: ``(n, k)`` routing weights (sum to one); experts: ``(n, k)`` the chosen experts.
         W_down: ``(hidden, inter)`` frozen down projection.
         mats: ``{proj: (A (E·r, in), s·B^T (E·r, out))}``.
         gen: the dropout masks' generator (``None`` without dropout).
@@ -604,23 +609,41 @@ def _expert_block(
         ``(n, hidden)`` in the compute dtype (x's).
     """
     inplace = not torch.is_grad_enabled()
-    n, k, E = onehot.shape
+    if a0 is None:
+        a0 = plan.act(G) * U
+    (n, k), E = experts.shape, plan.num_experts
     r, dtype, p = plan.r, x.dtype, plan.dropout
-    select = onehot.to(dtype)[..., None]  # (n, k, E, 1)
+    select = F.one_hot(experts, E).to(dtype)[..., None]  # (n, k, E, 1)
+    grouped = _grouped_mm_fits(x, r, G.shape[-1])
+    if grouped:  # the pairs sorted by expert, and back
+        order = experts.reshape(-1).argsort()
+        back = order.argsort()
+        ends = torch.bincount(experts.reshape(-1), minlength=E).cumsum(0).to(torch.int32)
 
     def codes(proj: str, h: torch.Tensor) -> torch.Tensor:
-        """``(n·k, E·r)`` codes of each pair, zero outside its expert; ``h`` per token
-        ``(n, in)`` or per pair ``(n, k, in)``."""
+        """Every expert's code of each pair, ``(n, k or 1, E, r)``; ``h`` per token ``(n,
+        in)`` or per pair ``(n, k, in)``."""
         A = mats[proj][0].to(dtype)
         if h.dim() == 2 and p > 0:  # a mask per pair, as each expert's own dropout draws it
             h = h[:, None].expand(n, k, h.shape[-1])
         z = _dropped(h, p, gen) @ A.T
-        z = z.view(n, 1, E, r) if z.dim() == 2 else z.view(n, k, E, r)
+        return z.view(n, 1, E, r) if z.dim() == 2 else z.view(n, k, E, r)
+
+    def masked(z: torch.Tensor) -> torch.Tensor:
+        """``(n·k, E·r)``: each pair's code, zero outside its expert's ``r`` entries."""
         return (z * select).reshape(n * k, E * r)
 
     def lora_plus(proj: str, frozen: torch.Tensor) -> torch.Tensor:
         """``frozen + s B_e A_e x`` for every pair, ``(n, k, inter)``."""
-        y = (codes(proj, x) @ mats[proj][1].to(dtype)).view(n, k, -1)
+        z, sBt = codes(proj, x), mats[proj][1].to(dtype)
+        if grouped:
+            mine = torch.gather(
+                z.expand(n, k, E, r), 2, experts[:, :, None, None].expand(n, k, 1, r)
+            )
+            y = torch._grouped_mm(mine.reshape(n * k, r)[order], sBt.view(E, r, -1), offs=ends)
+            y = y[back].view(n, k, -1)
+        else:
+            y = (masked(z) @ sBt).view(n, k, -1)
         return y.add_(frozen[:, None]) if inplace else y + frozen[:, None]
 
     gate_up = [q for q in ("gate_proj", "up_proj") if q in plan.proj]
@@ -632,7 +655,7 @@ def _expert_block(
         a = act.mul_(u) if inplace and act.shape[1] == k else act * u  # (n, k, inter)
         del g, u, act
         if "down_proj" in plan.proj:
-            out = codes("down_proj", a) * w.to(dtype).reshape(n * k, 1)
+            out = masked(codes("down_proj", a)) * w.to(dtype).reshape(n * k, 1)
         # the weights sum to one: W_down sum_e w_e a_e - W_down a0 = W_down sum_e w_e (a_e - a0);
         # differences keep the update exact next to a large a0 in low precision
         diff = a.sub_(a0[:, None]) if inplace else a - a0[:, None]
@@ -646,7 +669,7 @@ def _expert_block(
             )
         base = inter @ W_down.T.to(dtype)
     else:  # experts on down_proj only: every expert reads a0
-        out = codes("down_proj", a0) * w.to(dtype).reshape(n * k, 1)
+        out = masked(codes("down_proj", a0)) * w.to(dtype).reshape(n * k, 1)
         base = None
     if out is not None:
         # the k slots' weighted codes sum into one (E·r) code per token: one small matmul
@@ -658,41 +681,42 @@ def _expert_block(
 class _Experts(torch.autograd.Function):
     """The experts' update, blocks of tokens at a time; the backward recomputes each block.
 
-    Only the inputs are kept for the backward (the frozen projections and the routing, which
-    the frozen FFN's own backward keeps anyway, and the stacked factors): the per-pair
+    Only the inputs are kept for the backward (x and the frozen projections G and U, which the
+    frozen FFN's own backward keeps anyway, the routing and the stacked factors): the per-pair
     intermediates of one block live only while that block is computed or differentiated, so
-    training memory stays near plain LoRA's at the price of one more expert forward.
+    training memory stays near plain LoRA's at the price of one more expert forward. ``a0`` is
+    not kept either: the backward recomputes it from G and U (it is ``act(G) * U``), so its
+    gradient reaches G and U directly and the one for the ``a0`` input is ``None``.
     """
 
     @staticmethod
     def forward(ctx, plan, x, G, U, a0, w, experts, W_down, *flat):  # noqa: D417
         mats = _unflatten(plan, flat)
-        onehot = F.one_hot(experts, plan.num_experts).bool()
         pieces = []
         for start, stop, gen in _blocks(plan, x):
             sl = slice(start, stop)
             pieces.append(
                 _expert_block(
-                    plan, x[sl], G[sl], U[sl], a0[sl], w[sl], onehot[sl], W_down, mats, gen
+                    plan, x[sl], G[sl], U[sl], a0[sl], w[sl], experts[sl], W_down, mats, gen
                 )
             )
         ctx.plan = plan
-        ctx.save_for_backward(x, G, U, a0, w, experts, W_down, *flat)
+        ctx.save_for_backward(x, G, U, w, experts, W_down, *flat)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     @staticmethod
     def backward(ctx, grad_out):
         plan = ctx.plan
-        x, G, U, a0, w, experts, W_down, *flat = ctx.saved_tensors
+        x, G, U, w, experts, W_down, *flat = ctx.saved_tensors
         need = ctx.needs_input_grad[1:]  # x, G, U, a0, w, experts, W_down, *flat
-        per_token = [x, G, U, a0, w]
+        need = (need[0] or need[3], need[1] or need[3], need[2] or need[3], *need[4:])
+        per_token = [x, G, U, w]
         grads: list[torch.Tensor | None] = [
             torch.zeros_like(t) if need[i] else None for i, t in enumerate(per_token)
         ]
         shared = [W_down, *flat]
-        shared_need = [need[6], *need[7:]]
+        shared_need = [need[5], *need[6:]]
         shared_grads: list[torch.Tensor | None] = [None] * len(shared)
-        onehot = F.one_hot(experts, plan.num_experts).bool()
         for start, stop, gen in _blocks(plan, x):
             sl = slice(start, stop)
             with torch.enable_grad():
@@ -701,7 +725,10 @@ class _Experts(torch.autograd.Function):
                     t.detach().requires_grad_(q) for t, q in zip(shared, shared_need, strict=True)
                 ]
                 mats = _unflatten(plan, params[1:])
-                out = _expert_block(plan, *leaves, onehot[sl], params[0], mats, gen)
+                x_b, G_b, U_b, w_b = leaves
+                out = _expert_block(
+                    plan, x_b, G_b, U_b, None, w_b, experts[sl], params[0], mats, gen
+                )
                 wanted = [t for t in leaves + params if t.requires_grad]
                 if not wanted:
                     continue
@@ -716,7 +743,28 @@ class _Experts(torch.autograd.Function):
                     g = next(got)
                     if g is not None:
                         shared_grads[i] = g if shared_grads[i] is None else shared_grads[i] + g
-        return (None, *grads, None, *shared_grads)
+        gx, gG, gU, gw = grads
+        return (None, gx, gG, gU, None, gw, None, *shared_grads)
+
+
+#: whether the gate and up products may use ``torch._grouped_mm`` (tests switch it off to check
+#: the masked path against it)
+USE_GROUPED_MM = True
+
+
+def _grouped_mm_fits(x: torch.Tensor, r: int, inter: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``(pairs, r) x (E, r, inter)`` here: on the CPU
+    (its CUDA kernels want other dtypes and architectures than can be checked here), in
+    float32 / bfloat16 / float16, with rows of a multiple of 16 bytes."""
+    size = x.element_size()
+    return (
+        USE_GROUPED_MM
+        and hasattr(torch, "_grouped_mm")
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and (r * size) % 16 == 0
+        and (inter * size) % 16 == 0
+    )
 
 
 def _blocks(plan: _Plan, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Generator | None]]:
@@ -889,9 +937,8 @@ class MixLoRAFFN(AdapterLayer):
 
         # every token, padding included, is computed: the output does not depend on the mask
         p = self.dropout_p if self.training else 0.0
-        block = xt.shape[0]
-        if xt.device.type == "cpu":
-            block = max(1, _CPU_BLOCK_ELEMENTS // (k * G.shape[-1]))
+        budget = _BLOCK_ELEMENTS.get(xt.device.type, _DEFAULT_BLOCK_ELEMENTS)
+        block = max(1, budget // (k * G.shape[-1]))
         plan = _Plan(
             act=base.act_fn,
             num_experts=E,
