@@ -632,3 +632,109 @@ def test_export_types_and_base_model_name(tmp_path):
     save_mixlora(third, tmp_path / "f", base_model_name_or_path="org/m")
     loaded = load_mixlora(make_tiny_llama(), tmp_path / "f")
     assert lv.adapter_config(loaded).balance_loss_aggregation == "per_layer"
+
+
+def _per_expert_reference(layer: MixLoRAFFN, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The straightforward sparse MixLoRA: a Python loop over the experts, each on the tokens
+    routed to it, full expert outputs ``W_down a_e + s B A a_e`` weighted and summed."""
+    xt = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(xt.float() @ layer.router.float().T, dim=-1)
+    top_w, top_i = probs.topk(layer.top_k, dim=-1)
+    top_w = top_w / top_w.sum(-1, keepdim=True)
+    out = torch.zeros(xt.shape, dtype=torch.float32)
+    for e, expert in enumerate(layer.experts):
+        tok, slot = torch.where(top_i == e)
+        if tok.numel() == 0:
+            continue
+        h = xt[tok]
+
+        def lora(proj, h, expert=expert):
+            if proj not in layer.projections:
+                return 0
+            A, B = expert.lora_A[proj], expert.lora_B[proj]
+            return (layer.scaling * h.float() @ A.float().T @ B.float().T).to(h.dtype)
+
+        a = mlp.act_fn(mlp.gate_proj(h) + lora("gate_proj", h))
+        a = a * (mlp.up_proj(h) + lora("up_proj", h))
+        y = mlp.down_proj(a) + lora("down_proj", a)
+        out.index_add_(0, tok, top_w[tok, slot, None] * y.float())
+    return out.to(x.dtype).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("projections", [ALL_PROJ, ["down_proj"], ["up_proj", "down_proj"]])
+def test_dispatch_equals_per_expert_loop(monkeypatch, dtype, top_k, grouped, projections):
+    """The stacked dispatch (grouped or masked matmuls, in blocks, recomputed in the backward)
+    against a per-expert loop: forward and every gradient, with two experts that get no token
+    and blocks smaller than the batch."""
+    import loravariants.adapters.mixlora as mixlora
+
+    monkeypatch.setattr(mixlora, "USE_GROUPED_MM", grouped)
+    monkeypatch.setitem(mixlora._BLOCK_ELEMENTS, "cpu", 7 * top_k * 64)  # blocks of 7 tokens
+    layer, mlp = _layer(
+        num_experts=6, top_k=top_k, ffn_projections=projections, dropout=0.0, seed=4
+    )
+    with torch.no_grad():  # positive inputs: experts 0-3 score > 0, experts 4, 5 < 0, never chosen
+        layer.router[:4].abs_()
+        layer.router[4:] = -layer.router[4:].abs() - 0.1
+    layer.to(dtype).train()
+    mlp.to(dtype)
+    x = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(5)).abs().to(dtype)
+    x.requires_grad_()
+    fast, slow = layer(x), _per_expert_reference(layer, mlp, x) + 0 * x
+    assert layer.router_stats()["tokens_per_expert"][4:].tolist() == [0, 0]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_close(fast, slow, **tol)
+    params = [x] + list(layer.parameters())
+    g = torch.randn(fast.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    grads_fast = torch.autograd.grad((fast.float() * g.float()).sum(), params, allow_unused=True)
+    grads_slow = torch.autograd.grad((slow.float() * g.float()).sum(), params, allow_unused=True)
+    pairs = [
+        (torch.zeros_like(p) if a is None else a, torch.zeros_like(p) if b is None else b)
+        for p, a, b in zip(params, grads_fast, grads_slow, strict=True)
+    ]  # an unrouted expert: zero (or no) gradient
+    largest = max(float(b.abs().max()) for _, b in pairs)
+    for a, b in pairs:  # sums in another order: relative to the largest gradient entry
+        if dtype == torch.float32:
+            assert_close(a, b, atol=1e-5 * largest, rtol=1e-4)
+        else:
+            assert_close(a.float(), b.float(), atol=3e-2 * largest, rtol=3e-2)
+    # the unrouted experts got no signal at all
+    for e in (4, 5):
+        for proj in layer.projections:
+            grad = layer.experts[e].lora_B[proj].grad
+            assert grad is None or not grad.any()
+
+
+def test_dispatch_dropout_masks_are_recomputed_in_the_backward():
+    """With expert dropout, the backward recomputes each block with the forward's masks: the
+    gradients equal those of a double-precision finite difference of the same masked function
+    (router at zero: a constant routing, since the router runs in float32)."""
+    import loravariants.adapters.mixlora as mixlora
+
+    layer, mlp = _layer(num_experts=4, top_k=2, dropout=0.3)
+    layer.double().train()
+    mlp.double()
+    with torch.no_grad():
+        layer.router.zero_()
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(9)
+    a = layer(x)
+    torch.manual_seed(9)
+    b = layer(x)
+    assert torch.equal(a, b)  # one seed, the same masks
+    torch.manual_seed(10)
+    assert not torch.equal(a, layer(x))  # another seed, other masks
+    old = mixlora._BLOCK_ELEMENTS.get("cpu")
+    try:
+        mixlora._BLOCK_ELEMENTS["cpu"] = 3 * 2 * 64  # several blocks, each with its own masks
+
+        def f(x):
+            torch.manual_seed(9)
+            return layer(x)
+
+        assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+    finally:
+        mixlora._BLOCK_ELEMENTS["cpu"] = old
