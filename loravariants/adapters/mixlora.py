@@ -551,26 +551,16 @@ _DEFAULT_BLOCK_ELEMENTS = 1 << 23
 class _Plan:
     """What the expert computation needs beside its tensors (fixed for one forward).
 
-    ``proj``: the adapted projections; ``dropout``: the experts' LoRA dropout probability when
-    it applies (training), else 0; ``seed``: the dropout masks' seed, so that the backward
-    recomputes the forward's masks; ``block``: tokens per block.
+    ``proj``: the adapted projections; ``dropout``: the experts' LoRA dropout module when it
+    applies (training), else ``None``; ``block``: tokens per block.
     """
 
     act: Callable[[torch.Tensor], torch.Tensor]
     num_experts: int
     r: int
     proj: tuple[str, ...]
-    dropout: float
-    seed: int
+    dropout: nn.Module | None
     block: int
-
-
-def _dropped(h: torch.Tensor, p: float, gen: torch.Generator | None) -> torch.Tensor:
-    """Inverted dropout of ``h`` with masks from ``gen`` (identity when ``p == 0``)."""
-    if p == 0 or gen is None:
-        return h
-    keep = torch.empty_like(h).bernoulli_(1.0 - p, generator=gen)
-    return h * keep / (1.0 - p)
 
 
 def _expert_block(
@@ -583,7 +573,6 @@ def _expert_block(
     experts: torch.Tensor,
     W_down: torch.Tensor,
     mats: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    gen: torch.Generator | None,
 ) -> torch.Tensor:
     """``update(x)`` of a block of tokens (see the module docstring), every pair at once.
 
@@ -603,7 +592,6 @@ def _expert_block(
         w: ``(n, k)`` routing weights (sum to one); experts: ``(n, k)`` the chosen experts.
         W_down: ``(hidden, inter)`` frozen down projection.
         mats: ``{proj: (A (E·r, in), s·B^T (E·r, out))}``.
-        gen: the dropout masks' generator (``None`` without dropout).
 
     Returns:
         ``(n, hidden)`` in the compute dtype (x's).
@@ -612,7 +600,7 @@ def _expert_block(
     if a0 is None:
         a0 = plan.act(G) * U
     (n, k), E = experts.shape, plan.num_experts
-    r, dtype, p = plan.r, x.dtype, plan.dropout
+    r, dtype, drop = plan.r, x.dtype, plan.dropout
     select = F.one_hot(experts, E).to(dtype)[..., None]  # (n, k, E, 1)
     grouped = _grouped_mm_fits(x, r, G.shape[-1])
     if grouped:  # the pairs sorted by expert, and back
@@ -624,9 +612,11 @@ def _expert_block(
         """Every expert's code of each pair, ``(n, k or 1, E, r)``; ``h`` per token ``(n,
         in)`` or per pair ``(n, k, in)``."""
         A = mats[proj][0].to(dtype)
-        if h.dim() == 2 and p > 0:  # a mask per pair, as each expert's own dropout draws it
-            h = h[:, None].expand(n, k, h.shape[-1])
-        z = _dropped(h, p, gen) @ A.T
+        if drop is not None:
+            if h.dim() == 2:  # a mask per pair, as each expert's own dropout draws it
+                h = h[:, None].expand(n, k, h.shape[-1])
+            h = drop(h)
+        z = h @ A.T
         return z.view(n, 1, E, r) if z.dim() == 2 else z.view(n, k, E, r)
 
     def masked(z: torch.Tensor) -> torch.Tensor:
@@ -692,13 +682,13 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, x, G, U, a0, w, experts, W_down, *flat):  # noqa: D417
         mats = _unflatten(plan, flat)
+        # the dropout masks of a recomputation are the forward's: the same draws, in the same
+        # order, from the generator's state at this point (as torch.utils.checkpoint does)
+        ctx.rng = _rng_state(x.device) if plan.dropout is not None else None
         pieces = []
-        for start, stop, gen in _blocks(plan, x):
-            sl = slice(start, stop)
+        for sl in _blocks(plan, x):
             pieces.append(
-                _expert_block(
-                    plan, x[sl], G[sl], U[sl], a0[sl], w[sl], experts[sl], W_down, mats, gen
-                )
+                _expert_block(plan, x[sl], G[sl], U[sl], a0[sl], w[sl], experts[sl], W_down, mats)
             )
         ctx.plan = plan
         ctx.save_for_backward(x, G, U, w, experts, W_down, *flat)
@@ -717,34 +707,45 @@ class _Experts(torch.autograd.Function):
         shared = [W_down, *flat]
         shared_need = [need[5], *need[6:]]
         shared_grads: list[torch.Tensor | None] = [None] * len(shared)
-        for start, stop, gen in _blocks(plan, x):
-            sl = slice(start, stop)
-            with torch.enable_grad():
-                leaves = [t[sl].detach().requires_grad_(need[i]) for i, t in enumerate(per_token)]
-                params = [
-                    t.detach().requires_grad_(q) for t, q in zip(shared, shared_need, strict=True)
-                ]
-                mats = _unflatten(plan, params[1:])
-                x_b, G_b, U_b, w_b = leaves
-                out = _expert_block(
-                    plan, x_b, G_b, U_b, None, w_b, experts[sl], params[0], mats, gen
+        with _replayed_rng(ctx.rng, x.device):
+            for sl in _blocks(plan, x):
+                _backward_block(
+                    plan,
+                    sl,
+                    grad_out,
+                    per_token,
+                    need,
+                    shared,
+                    shared_need,
+                    experts,
+                    grads,
+                    shared_grads,
                 )
-                wanted = [t for t in leaves + params if t.requires_grad]
-                if not wanted:
-                    continue
-                got = iter(torch.autograd.grad(out, wanted, grad_out[sl], allow_unused=True))
-            for i, t in enumerate(leaves):
-                if t.requires_grad:
-                    g = next(got)
-                    if g is not None:
-                        grads[i][sl] = g
-            for i, t in enumerate(params):
-                if t.requires_grad:
-                    g = next(got)
-                    if g is not None:
-                        shared_grads[i] = g if shared_grads[i] is None else shared_grads[i] + g
         gx, gG, gU, gw = grads
         return (None, gx, gG, gU, None, gw, None, *shared_grads)
+
+
+def _backward_block(
+    plan, sl, grad_out, per_token, need, shared, shared_need, experts, grads, shared_grads
+) -> None:
+    """Recompute one block under autograd and add its gradients to ``grads`` (per token, the
+    block's rows) and ``shared_grads`` (W_down and the stacked factors, summed over blocks)."""
+    with torch.enable_grad():
+        leaves = [t[sl].detach().requires_grad_(need[i]) for i, t in enumerate(per_token)]
+        params = [t.detach().requires_grad_(q) for t, q in zip(shared, shared_need, strict=True)]
+        x_b, G_b, U_b, w_b = leaves
+        mats = _unflatten(plan, params[1:])
+        out = _expert_block(plan, x_b, G_b, U_b, None, w_b, experts[sl], params[0], mats)
+        wanted = [t for t in leaves + params if t.requires_grad]
+        if not wanted:
+            return
+        got = iter(torch.autograd.grad(out, wanted, grad_out[sl], allow_unused=True))
+    for i, t in enumerate(leaves):
+        if t.requires_grad and (g := next(got)) is not None:
+            grads[i][sl] = g
+    for i, t in enumerate(params):
+        if t.requires_grad and (g := next(got)) is not None:
+            shared_grads[i] = g if shared_grads[i] is None else shared_grads[i] + g
 
 
 #: whether the gate and up products may use ``torch._grouped_mm`` (tests switch it off to check
@@ -767,17 +768,35 @@ def _grouped_mm_fits(x: torch.Tensor, r: int, inter: int) -> bool:
     )
 
 
-def _blocks(plan: _Plan, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Generator | None]]:
-    """``(start, stop, dropout generator)`` of each block of tokens; the generator is seeded
-    from the forward's seed and the block, so a recomputation draws the same masks."""
+def _blocks(plan: _Plan, x: torch.Tensor) -> Iterator[slice]:
+    """The row slice of each block of tokens, in order."""
     n = x.shape[0]
     step = max(1, min(n, plan.block))
-    for i, start in enumerate(range(0, n, step)):
-        gen = None
-        if plan.dropout > 0:
-            gen = torch.Generator(device=x.device)
-            gen.manual_seed(plan.seed + i)
-        yield start, min(n, start + step), gen
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU generator's state, and the device's when it has its own."""
+    accelerator = None
+    if device.type == "cuda":
+        accelerator = torch.cuda.get_rng_state(device)
+    return torch.get_rng_state(), accelerator
+
+
+@contextlib.contextmanager
+def _replayed_rng(state, device: torch.device) -> Iterator[None]:
+    """Within the block the generators start from ``state`` (a :func:`_rng_state`); after it,
+    they are where they were before (``None``: nothing changes)."""
+    if state is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _unflatten(plan: _Plan, flat) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -850,7 +869,8 @@ class MixLoRAFFN(AdapterLayer):
         self.experts = nn.ModuleList(
             _LoRAExpert(shapes, self.r, device) for _ in range(config.num_experts)
         )
-        self.dropout_p = config.expert_lora_dropout  # on each expert's LoRA input, training only
+        p = config.expert_lora_dropout  # on each expert's LoRA inputs, a mask per pair
+        self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
         self.jitter_noise = config.jitter_noise
         self.aux_loss_coef = config.router_aux_loss_coef
         self.aggregation = config.balance_loss_aggregation
@@ -936,7 +956,7 @@ class MixLoRAFFN(AdapterLayer):
         self._stats = (assigned.detach(), real_tokens.detach())
 
         # every token, padding included, is computed: the output does not depend on the mask
-        p = self.dropout_p if self.training else 0.0
+        drop = self.dropout if self.training and not isinstance(self.dropout, nn.Identity) else None
         budget = _BLOCK_ELEMENTS.get(xt.device.type, _DEFAULT_BLOCK_ELEMENTS)
         block = max(1, budget // (k * G.shape[-1]))
         plan = _Plan(
@@ -944,10 +964,7 @@ class MixLoRAFFN(AdapterLayer):
             num_experts=E,
             r=self.r,
             proj=tuple(self.projections),
-            dropout=p,
-            # from the global generator: seeded runs repeat, and a recomputing checkpoint
-            # (which restores the generator) draws the same masks
-            seed=int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0,
+            dropout=drop,
             block=block,
         )
         W_down = base.down_proj.weight
