@@ -959,6 +959,8 @@ class MixLoRAFFN(AdapterLayer):
         drop = self.dropout if self.training and not isinstance(self.dropout, nn.Identity) else None
         budget = _BLOCK_ELEMENTS.get(xt.device.type, _DEFAULT_BLOCK_ELEMENTS)
         block = max(1, budget // (k * G.shape[-1]))
+        if xt.device.type != "cpu" and not torch.is_grad_enabled():
+            block = xt.shape[0]  # no backward to bound: one block, no Python loop at all
         plan = _Plan(
             act=base.act_fn,
             num_experts=E,
