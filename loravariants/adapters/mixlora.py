@@ -39,10 +39,12 @@ How it is computed. The host adds ``update(x) = h - base(x)`` to the frozen FFN'
 
     h - base(x) = W_down [sum_e w_e (a_e - a_0)] + sum_e w_e s B_de A_de a_e
 
-so each expert contributes, on its own tokens, one intermediate-space difference and its
-down-LoRA term; the frozen down projection then runs once over all tokens instead of once per
-(token, expert) pair. The loop is over the E experts (not over tokens); dispatch uses one sort
-of the (token, expert) assignments and one host sync for the E group sizes.
+so each (token, slot) pair contributes one intermediate-space difference and its down-LoRA
+term; the frozen down projection then runs once over all tokens instead of once per pair. The
+experts' factors are stacked and every pair is computed at once (:func:`_expert_block`): no
+loop over the experts, no gather of the frozen projections, no host sync; a custom autograd
+Function (:class:`_Experts`) recomputes each block of tokens in the backward instead of keeping
+the per-pair intermediates (docs/benchmarks.md measures both).
 """
 
 # Over 500 lines on purpose: one readable file per method (the config, the routing, the
