@@ -843,7 +843,8 @@ class MixLoRAFFN(AdapterLayer):
     """
 
     mergeable: ClassVar[bool] = False
-    # a step may route no token to some expert: those get no gradient
+    # a step may route no token to some expert: those get a zero gradient from the stacked
+    # factors; an FFN skipped by route_rows gives its experts none at all
     sparse_gradients: ClassVar[bool] = True
 
     @classmethod
