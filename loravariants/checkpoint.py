@@ -5,8 +5,8 @@ a resumed run must have been started with the same settings.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import pickle
 import random
 import shutil
@@ -17,12 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from .inject import adapter_names
 from .io import load_adapter, save_adapter
-from .utils import atomic_directory, config_differences, recover_folder
+from .io.common import WEIGHTS
+from .utils import atomic_directory, atomic_write, config_differences, recover_folder
 
-__all__ = ["TrainingDiverged", "load_checkpoint_file", "resume_checkpoint", "save_checkpoint"]
+__all__ = [
+    "TrainingDiverged",
+    "checkpoint_problem",
+    "last_good_checkpoint",
+    "load_checkpoint_file",
+    "overflows",
+    "resume_checkpoint",
+    "save_checkpoint",
+]
 
 
 class TrainingDiverged(ValueError):
@@ -95,17 +105,68 @@ def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
+def overflows(tensor: torch.Tensor) -> bool:
+    """NaN, ±inf, or so large that its squared norm overflows float32 (an entry above about
+    1.8e19).
+
+    A weight that large is finite but dead: the next RMSNorm squares the activations it
+    makes, gets inf, multiplies them by ``rsqrt(inf) = 0``, and the model outputs uniform
+    logits with a finite loss (``ln(vocab)``) and gradients of exactly 0 from then on: what
+    ``lr=1e30`` does in one Adam step. One reduction covers all three cases.
+    """
+    norm = torch.linalg.vector_norm(tensor.detach(), dtype=torch.float32)
+    return not bool(torch.isfinite(norm))
+
+
+def checkpoint_problem(ckpt: Path, state: Mapping[str, Any]) -> str | None:
+    """The first tensor of a checkpoint that is not finite (or does not read), or None.
+
+    Read from the files before anything is loaded into the model: the adapters' weights
+    (:func:`overflows`) and the optimizer's state. A checkpoint is checked when written, and
+    again when read: a disk, a copy or a hand can change it in between.
+    """
+    for file in sorted((ckpt / "adapters").glob(f"*/{WEIGHTS}")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if overflows(f.get_tensor(key)):
+                        return f"{file}: tensor {key!r} is NaN, infinite or too large"
+        except Exception as e:  # safetensors' own error type: a cut or overwritten file
+            return f"{file}: unreadable ({type(e).__name__})"
+    optimizer = state.get("optimizer") if isinstance(state, Mapping) else None
+    for index, slots in ((optimizer or {}).get("state") or {}).items():
+        for name, value in (slots or {}).items():
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                return f"{ckpt / 'trainer_state.pt'}: optimizer state {index}.{name} is not finite"
+    return None
+
+
+def last_good_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint that reads and holds finite tensors only (what a resume would
+    start from), or None; named by :class:`TrainingDiverged`."""
+    for ckpt in reversed(_checkpoints(out)):
+        try:
+            state = load_checkpoint_file(ckpt / "trainer_state.pt")
+        except ValueError:
+            continue
+        if checkpoint_problem(ckpt, state) is None:
+            return ckpt
+    return None
+
+
 def save_checkpoint(out, model, optimizer, scheduler, cycle, result, step, config, accelerator):
     # the loop checks every step already; a checkpoint must never hold a non-finite weight
     for n, p in model.named_parameters():
-        if p.requires_grad and not bool(torch.isfinite(p).all()):
+        if p.requires_grad and overflows(p):
             raise TrainingDiverged(f"{n} is not finite at step {step}; checkpoint not written")
     rank = accelerator.process_index
     target = checkpoint_dir(out) / f"step-{step:07d}"
     # every rank writes its own RNG state; the main process writes the rest
     rng_dir = checkpoint_dir(out) / f".rng-{step:07d}"
     rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), rng_dir / f"rng-{rank}.pt")
+    rng = io.BytesIO()
+    torch.save(_rng_state(), rng)
+    atomic_write(rng_dir / f"rng-{rank}.pt", rng.getvalue())  # never through a planted link
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_directory(target) as tmp:
@@ -149,15 +210,22 @@ def _scaler_state(accelerator) -> dict[str, Any] | None:
 
 
 def _readable_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | tuple[None, None]:
-    """The newest checkpoint whose trainer state reads; a broken one (a disk that lost the
-    file's end) is skipped with a warning naming it."""
+    """The newest checkpoint whose trainer state reads and whose tensors are finite; a broken
+    one (a disk that lost the file's end, a NaN written into it) is skipped with a warning
+    naming the file (and the tensor)."""
     for ckpt in reversed(_checkpoints(out)):
         try:
-            return ckpt, load_checkpoint_file(ckpt / "trainer_state.pt")
+            state = load_checkpoint_file(ckpt / "trainer_state.pt")
         except ValueError as e:
             if "refused to load" in str(e):
                 raise  # not an accident: do not fall back silently past a tampered file
             warnings.warn(f"{e}; resuming from the checkpoint before it", stacklevel=3)
+            continue
+        problem = checkpoint_problem(ckpt, state)
+        if problem is None:
+            return ckpt, state
+        # never resumed (nor exported, nor recorded "ok" by compare): the one before it is
+        warnings.warn(f"{problem}; resuming from the checkpoint before it", stacklevel=3)
     return None, None
 
 
@@ -222,6 +290,4 @@ def truncate_metrics(file: Path, keep_until_step: int) -> None:
             raise ValueError(f"{file}, line {i + 1}: not a JSON metrics line ({e})") from e
         if isinstance(record, dict) and record.get("step", 0) <= keep_until_step:
             kept.append(ln)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, file)
+    atomic_write(file, "".join(ln + "\n" for ln in kept))

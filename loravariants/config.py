@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from .adapters.base import VARIANTS, AdapterConfig, check_range
-from .train import TrainConfig
+from .train import MAX_SEED, TrainConfig
+from .utils import check_not_precious
 
 __all__ = [
     "ExperimentConfig",
@@ -52,6 +53,51 @@ ROW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
 # a parsed YAML document may hold at most this many values once aliases are expanded (an alias
 # bomb is a few lines that expand to billions of values when the config is written out)
 MAX_YAML_NODES = 100_000
+# ... and nest at most this deep (a deeper one is a hostile file: Python's recursion limit)
+MAX_YAML_DEPTH = 64
+# the largest YAML file read (an experiment is a few KB)
+MAX_YAML_BYTES = 1 << 20
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (two ``train:``
+    blocks): PyYAML keeps the last one silently. Keys a ``<<`` merge brings in may still be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # unhashable: the base constructor names it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """One YAML document, strictly: a key given twice, more than :data:`MAX_YAML_NODES` values
+    (aliases expanded) or nesting deeper than :data:`MAX_YAML_DEPTH` is an error.
+
+    Raises:
+        ValueError: one line naming ``where``.
+    """
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep") from None
+    check_yaml_size(value, where)
+    return value
 
 
 def _check_str(name: str, value: Any, optional: bool = False) -> None:
@@ -334,7 +380,7 @@ class ExperimentConfig:
             )
         self.seeds = list(self.seeds)
         for s in self.seeds:
-            check_range("seeds[]", s, low=0, integer=True)
+            check_range("seeds[]", s, low=0, high=MAX_SEED, integer=True)
         if self.match_params is not None:
             check_range("match_params", self.match_params, low=1, integer=True)
         if self.match_params_tolerance is not None:
@@ -343,6 +389,10 @@ class ExperimentConfig:
             raise ValueError(f"concurrent must be true or false, got {self.concurrent!r}")
         for key in ("output_dir", "base_model"):
             _check_str(key, getattr(self, key))
+        # `~/exp` is the home folder's exp, as in a shell (not a folder named `~`)
+        self.output_dir = os.path.expanduser(self.output_dir)
+        check_not_precious(self.output_dir, "output_dir")
+        self._check_eval_lengths()
         _check_str("spec_dir", self.spec_dir, optional=True)
         if self.base_model_config is not None and not isinstance(self.base_model_config, Mapping):
             raise ValueError(
@@ -356,6 +406,28 @@ class ExperimentConfig:
             if self.base_model != "default":
                 raise ValueError("base_model_config only applies to base_model: default")
             self.builtin_base()  # validates the fields
+
+    def _check_eval_lengths(self) -> None:
+        """Every scored length fits in the ``eval.max_tokens`` validation tokens (a longer one
+        would be trained for, then fail its metric)."""
+        lengths = self.eval.lengths or (
+            [self.context.target_length] if self.context.target_length else []
+        )
+        too_long = [n for n in lengths if n > self.eval.max_tokens]
+        if too_long:
+            key = "eval.lengths" if self.eval.lengths else "context.target_length"
+            raise ValueError(
+                f"{key} {too_long} exceed eval.max_tokens={self.eval.max_tokens} (each length "
+                "is scored over those validation tokens); raise eval.max_tokens or lower it"
+            )
+
+    def check_feasible(self) -> None:
+        """What this machine can hold and what the base can be given, checked before any
+        work (:func:`loravariants.compare.feasible.check_feasible`): sizes against memory,
+        each row's target modules and ``match_params`` on a shape-only copy of the base."""
+        from .compare.feasible import check_feasible
+
+        check_feasible(self)
 
     def _check_concurrent(self) -> None:
         """Rows trained on one shared frozen base must agree on what that base is."""
@@ -465,11 +537,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, _, raw = item.partition("=")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from e
-        check_yaml_size(value, f"override {key}")
+        value = parse_yaml(raw, f"override {key.strip()}")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -485,18 +553,21 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such config file")
+    if file.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"{file}: larger than {MAX_YAML_BYTES >> 10} KiB, not a config file")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{file}: not valid YAML ({e})") from e
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: not a YAML config file (not UTF-8 text)") from None
+    data = parse_yaml(text, str(file)) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a mapping at the top level")
-    check_yaml_size(data, str(file))
     return data
 
 
 def check_yaml_size(data: Any, where: str) -> None:
-    """Refuse a document that expands to more than :data:`MAX_YAML_NODES` values.
+    """Refuse a document that expands to more than :data:`MAX_YAML_NODES` values, or nests
+    deeper than :data:`MAX_YAML_DEPTH`.
 
     Counts values as they would be written out (an alias counted each time it is used),
     stopping at the limit: the check itself costs at most that many steps.
@@ -504,20 +575,22 @@ def check_yaml_size(data: Any, where: str) -> None:
     Raises:
         ValueError: naming ``where``.
     """
-    stack, seen = [data], 0
+    stack, seen = [(data, 0)], 0
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         seen += 1
         if seen > MAX_YAML_NODES:
             raise ValueError(
                 f"{where}: more than {MAX_YAML_NODES:,} values once YAML aliases are expanded "
                 "(an alias bomb?)"
             )
+        if depth > MAX_YAML_DEPTH:
+            raise ValueError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep")
         if isinstance(node, Mapping):
-            stack.extend(node.keys())
-            stack.extend(node.values())
+            stack.extend((k, depth + 1) for k in node.keys())
+            stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, (list, tuple)):
-            stack.extend(node)
+            stack.extend((v, depth + 1) for v in node)
 
 
 def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -528,6 +601,7 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
         config.spec_dir = str(Path(path).resolve().parent)
     config.check_adapter_specs()
     config.check_lm_eval_tasks()
+    config.check_feasible()
     return config
 
 

@@ -40,6 +40,7 @@ from .checkpoint import (
     TrainingDiverged,
     checkpoint_dir,
     clean_checkpoint_leftovers,
+    last_good_checkpoint,
     latest_checkpoint,
     resume_checkpoint,
     save_checkpoint,
@@ -60,6 +61,10 @@ from .utils import (
 )
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "lr_factor"]
+
+# the largest seed: what every generator takes (numpy's limit; seed_everything and the data
+# order's generator overflow far above it)
+MAX_SEED = 2**32 - 1
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -137,7 +142,7 @@ class TrainConfig:
             raise ValueError(
                 f"mixed_precision must be one of {list(PRECISIONS)}, got {self.mixed_precision!r}"
             )
-        check_range("seed", self.seed, low=0, integer=True)
+        check_range("seed", self.seed, low=0, high=MAX_SEED, integer=True)
         check_range("save_every", self.save_every, low=0, integer=True)
         check_range("keep_last", self.keep_last, low=1, integer=True)
         check_range("log_every", self.log_every, low=1, integer=True)
@@ -493,7 +498,7 @@ def _raise_if_diverged(lm_mean: float, aux_mean: float, step: int, out, bar) -> 
     if math.isfinite(lm_mean) and math.isfinite(aux_mean):
         return
     bar.close()
-    where = latest_checkpoint(out) if out is not None else None
+    where = last_good_checkpoint(out) if out is not None else None
     raise TrainingDiverged(
         f"loss became {lm_mean} at step {step}; stopped. "
         + (f"Last good checkpoint: {where}" if where else "No checkpoint was written.")
@@ -502,7 +507,9 @@ def _raise_if_diverged(lm_mean: float, aux_mean: float, step: int, out, bar) -> 
 
 def _append_json_line(path: Path, line: dict) -> None:
     """One metrics line (``metrics.jsonl``)."""
-    with path.open("a") as f:
+    # O_NOFOLLOW: a link planted at metrics.jsonl must not send the line elsewhere
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, 0o666), "a") as f:
         f.write(json.dumps(line) + "\n")
 
 
@@ -582,13 +589,18 @@ def _check_finite(params, what: str, step: int, out: Path | None, bar, grads: bo
     tensors = [p.grad for p in params if p.grad is not None] if grads else list(params)
     if not tensors:
         return
-    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+    if grads:
+        bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+    else:  # a finite weight can be dead too: one whose square overflows (checkpoint.overflows)
+        norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors]
+        bad = ~torch.isfinite(torch.stack(norms)).all()
     if bool(bad):
         bar.close()
-        where = latest_checkpoint(out) if out is not None else None
+        where = last_good_checkpoint(out) if out is not None else None
+        too_large = "" if grads else " (or too large to square in float32)"
         raise TrainingDiverged(
-            f"a {what} became NaN or infinite at step {step + 1}; stopped before it was "
-            "saved. "
+            f"a {what} became NaN or infinite{too_large} at step {step + 1}; stopped before it "
+            "was saved. "
             + (f"Last good checkpoint: {where}" if where else "No checkpoint was written.")
         )
 

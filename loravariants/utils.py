@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import glob
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from ._version import __version__
 
 __all__ = [
     "config_differences",
@@ -25,6 +28,12 @@ __all__ = [
     "output_lock",
     "make_dirs",
     "ADAPTER_FILES",
+    "atomic_write",
+    "OUTPUT_MARKER",
+    "claim_output_dir",
+    "check_output_dir",
+    "check_not_precious",
+    "printable",
 ]
 
 # the files a save of ours writes (native, peft and MixLoRA formats): an adapter folder that
@@ -125,7 +134,10 @@ def _recover(folder: Path, name: str | None) -> None:
             if olds and not target.exists():
                 os.replace(olds.pop(0), target)
             for p in olds + kinds["tmp"]:
-                shutil.rmtree(p, ignore_errors=True)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:  # a temporary file of :func:`atomic_write`
+                    p.unlink(missing_ok=True)
     except OSError:
         pass
 
@@ -189,6 +201,117 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
         raise
 
 
+def atomic_write(file: str | os.PathLike, data: str | bytes) -> None:
+    """Replace ``file`` by ``data`` in one step: the one way the library writes a file.
+
+    The bytes go to a new temporary file beside ``file`` (``.<name>.tmp-<pid>-<random>``),
+    created exclusively (``mkstemp``: ``O_CREAT | O_EXCL | O_NOFOLLOW``), so a link planted
+    under a fixed temporary name can never redirect the write outside the folder; it is then
+    renamed over ``file``, which replaces a link at ``file`` itself rather than the file it
+    points to. A kill leaves ``file`` old or new, never cut; the temporary file of a dead writer
+    is removed by :func:`recover_folder`. The file gets the umask's mode (not ``mkstemp``'s
+    0600), as a plain ``open()`` would give it.
+
+    Args:
+        file: the file to create or replace.
+        data: its whole content (``str`` is written as UTF-8).
+    """
+    target = Path(file)
+    blob = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+#: the file that marks a folder as a loravariants output folder (written when ``compare``
+#: creates or adopts it); a non-empty folder without it belongs to someone else
+OUTPUT_MARKER = ".loravariants-output"
+
+
+def check_not_precious(path: str | os.PathLike, what: str) -> None:
+    """Refuse an output folder whose loss would be a disaster: ``/``, the working directory
+    or one of its parents, the home folder or one of its parents.
+
+    Raises:
+        ValueError: naming ``what`` and the folder.
+    """
+    target = Path(path).expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if cwd.is_relative_to(target) or home.is_relative_to(target):
+        where = "the working directory or a folder above it"
+        if home.is_relative_to(target) and not cwd.is_relative_to(target):
+            where = "the home folder or a folder above it"
+        raise ValueError(f"{what} {str(path)!r} is {where}; name a new folder for the output")
+
+
+def _looks_like_our_records(folder: Path) -> bool:
+    """A folder an older loravariants wrote before :data:`OUTPUT_MARKER` existed: its
+    ``results.json`` (or a shard's records file) is a records store of ours."""
+    files = [folder / "results.json", *sorted((folder / "shards").glob("shard-*-of-*.json"))]
+    for file in files[:8]:
+        try:
+            if file.is_symlink() or not file.is_file() or file.stat().st_size > 1 << 28:
+                continue
+            data = json.loads(file.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if (
+            isinstance(data, dict)
+            and "schema_version" in data
+            and isinstance(data.get("runs"), list)
+        ):
+            return True
+    return False
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> None:
+    """Refuse to write into a folder that is not ours; creates nothing.
+
+    Ours: missing, empty, marked with :data:`OUTPUT_MARKER`, or holding the records of an
+    older loravariants version. Anything else (a folder of the user's own, ``.``, ``/``) is
+    refused, so no file of theirs is overwritten.
+
+    Raises:
+        ValueError: one line naming the folder and a few of its entries.
+    """
+    folder = Path(path)
+    check_not_precious(folder, what)
+    if folder.is_symlink() and not folder.exists():
+        raise ValueError(f"{what} {folder} is a dangling link")
+    if not folder.is_dir():
+        return
+    if (folder / OUTPUT_MARKER).is_file():
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries or _looks_like_our_records(folder):
+        return
+    raise ValueError(
+        f"{what} {folder} holds files loravariants did not write ({entries[:3]}) and no "
+        f"{OUTPUT_MARKER} marker; choose a new or empty folder"
+    )
+
+
+def claim_output_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
+    """Create (or adopt, after :func:`check_output_dir`) an output folder and mark it ours.
+
+    Raises:
+        ValueError: the folder is not ours (see :func:`check_output_dir`).
+    """
+    check_output_dir(path, what)
+    folder = make_dirs(path)
+    marker = folder / OUTPUT_MARKER
+    if not marker.is_file():
+        atomic_write(marker, f"written by loravariants {__version__}; do not delete\n")
+    return folder
+
+
 class OutputLocked(ValueError):
     """Another process writes to this output folder."""
 
@@ -247,6 +370,20 @@ def check_replaceable(path: str | os.PathLike, own_files: set[str], what: str) -
             f"{target} holds files that are not {what} ({foreign[:5]}); it would be replaced "
             "as a whole: save into a new or empty folder"
         )
+
+
+def printable(text: Any, limit: int | None = None) -> str:
+    """``text`` safe for a terminal: every non-printable character (ANSI escapes, NUL, a
+    carriage return, bidi overrides) shown as its ``\\x..``/``\\u....`` escape, and at most
+    ``limit`` characters (``...`` marks a cut). A hostile file name or value can then neither
+    rewrite the screen nor flood it."""
+    out = []
+    for ch in str(text):
+        out.append(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii"))
+    shown = "".join(out)
+    if limit is not None and len(shown) > limit:
+        shown = shown[: max(limit - 3, 0)] + "..."
+    return shown
 
 
 def default_cache_dir() -> Path:

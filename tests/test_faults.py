@@ -384,9 +384,13 @@ def test_train_run_exits_1_when_its_run_failed_even_with_an_old_adapter(
     from loravariants.cli import main
 
     monkeypatch.setattr(compare_run, "load_environment", lambda config, progress: _tiny_env())
-    file = _compare_yaml(
-        tmp_path, "[{name: broken, adapter: lora, overrides: {target_modules: [nothing]}}]"
-    )
+
+    def broken(*args, **kwargs):  # (a target_modules matching nothing is a config error now)
+        raise RuntimeError("the run broke")
+
+    monkeypatch.setattr(compare_run, "_run_one", broken)
+    file = _compare_yaml(tmp_path, "[{name: broken, adapter: lora, overrides: {r: 2}}]")
+    utils.claim_output_dir(tmp_path / "out")  # the folder of that earlier attempt: ours
     (tmp_path / "out" / "runs" / "broken" / "seed0" / "adapter").mkdir(parents=True)
     assert main(["train", "--config", str(file), "--run", "broken", "--quiet"]) == 1
     assert "the run failed" in capsys.readouterr().err

@@ -7,6 +7,7 @@ state, so they work headless (Agg) and in threads. The file extension picks the 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..utils import atomic_write
 from .report import AnalysisReport, analyze
 from .svd import similarity_matrix, subspace_similarity_grid
 
@@ -59,7 +61,9 @@ def _save(fig, path: str | os.PathLike) -> Path:
         raise ValueError(f"plot path must end in one of {list(_FORMATS)}, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix.lower().lstrip("."), dpi=120)
+    atomic_write(path, image.getvalue())  # never through a link planted at the plot's name
     return path
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from torch import nn
 from ..inject import adapter_config, adapter_names, iter_adapters
 from ..io import read_factors
 from ..io.common import read_json
+from ..utils import atomic_write, printable
 from .svd import (
     amplification_factor,
     effective_rank,
@@ -359,21 +361,22 @@ class AnalysisReport:
         columns: list[str] = []
         for row in rows:
             columns += [k for k in row if k not in columns]
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            for row in rows:
-                row = dict(row)
-                if "singular_values" in row:
-                    row["singular_values"] = " ".join(f"{s:.8g}" for s in row["singular_values"])
-                writer.writerow(row)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            row = dict(row)
+            if "singular_values" in row:
+                row["singular_values"] = " ".join(f"{s:.8g}" for s in row["singular_values"])
+            writer.writerow(row)
+        atomic_write(path, text.getvalue())
         return path
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write ``{"layers": rows(), "by_type": by_type()}`` as JSON (NaN written as null)."""
         path = Path(path)
         data = {"layers": self.rows(), "by_type": self.by_type()}
-        path.write_text(json.dumps(_nan_to_none(data), indent=2))
+        atomic_write(path, json.dumps(_nan_to_none(data), indent=2))
         return path
 
     def table(self, max_rows: int | None = None) -> str:
@@ -410,7 +413,8 @@ class AnalysisReport:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
+    # a module name comes from the adapter's files: escaped, so it cannot drive the terminal
+    return "" if v is None else printable(v, limit=200)
 
 
 def _nan_to_none(x: Any) -> Any:

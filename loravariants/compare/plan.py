@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ExperimentConfig, RunSpec, load_adapter_spec
 from ..inject import attach
-from ..utils import config_differences
+from ..utils import config_differences, printable
 
 # the variant every row is compared with (subspace similarity, paired differences): the
 # report's reference, by design, whichever variants the experiment holds
@@ -195,16 +195,124 @@ def check_same_experiment(out: Path, saved: dict[str, Any], config: ExperimentCo
 def load_results(out: Path, config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """The finished runs in ``out``, checked to come from this experiment."""
     file = out / "results.json"
-    if not file.is_file():
+    if not file.is_file() and not file.is_symlink():
         return {}
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: corrupt results file ({e}); move it away to start over") from e
-    results = {r["key"]: r for r in data.get("runs", [])}
+    data = read_records(file, "results file", "move it away to start over")
+    results = {r["key"]: r for r in data["runs"]}
     if results:
         check_same_experiment(out, data.get("config") or {}, config)
     return results
+
+
+# the largest records store read (a few KB per run: a million runs would still fit)
+MAX_RECORDS_BYTES = 1 << 30
+
+# the fields of a record that other code reads, and what each must be (others are kept as
+# they are); a value of the wrong type would otherwise fail every later write of the report
+_NUMBER = (int, float)
+_RECORD_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    **{
+        name: (_NUMBER, "a number or null")
+        for name in (
+            "final_loss",
+            "tokens",
+            "tokens_per_s",
+            "wall_s",
+            "peak_mem_mib",
+            "peak_mem_delta_mib",
+            "elapsed_s",
+            "trainable_params",
+            "adapter_params",
+            "total_params",
+            "matched_params",
+            "context",
+            "native_context",
+        )
+    },
+    **{
+        name: ((str,), "a string or null") for name in ("reason", "variant", "attention", "adapter")
+    },
+    **{
+        name: ((dict,), "a mapping or null")
+        for name in ("ppl", "passkey", "svd", "metric_errors", "adapter_config", "match_params")
+    },
+    **{name: ((list,), "a list or null") for name in ("loss_curve", "trainable")},
+    "concurrent": ((bool,), "true, false or null"),
+}
+
+
+def read_records(file: Path, what: str, hint: str) -> dict[str, Any]:
+    """A records store (``results.json``, a shard's file) read and checked whole.
+
+    Raises:
+        ValueError: one line naming ``file`` and what is wrong with it (not readable, not
+            UTF-8 JSON, too large or too deeply nested, or of the wrong shape), then ``hint``.
+    """
+    try:
+        if file.is_symlink():
+            raise ValueError(f"{file}: is a link, not a {what} loravariants wrote; {hint}")
+        if file.stat().st_size > MAX_RECORDS_BYTES:
+            raise ValueError(f"{file}: larger than {MAX_RECORDS_BYTES >> 20} MiB; {hint}")
+        raw = file.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{file}: cannot be read ({e.strerror or e}); {hint}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: not a {what} (not UTF-8 text); {hint}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: corrupt {what} ({e}); {hint}") from None
+    except RecursionError:
+        raise ValueError(f"{file}: not a {what} (nested too deeply); {hint}") from None
+    problem = records_problem(data)
+    if problem:
+        raise ValueError(f"{file}: not a {what} of loravariants ({problem}); {hint}")
+    return data
+
+
+def records_problem(data: Any) -> str | None:
+    """What is wrong with a parsed records store, or None: a mapping whose ``runs`` is a list
+    of records, each with a string ``key`` equal to ``<row>/seed<seed>``, a ``status`` and
+    fields of the types :data:`_RECORD_FIELDS` gives."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not a mapping"
+    runs = data.get("runs")
+    if not isinstance(runs, list):
+        return '"runs" is missing' if runs is None else f'"runs" is a {type(runs).__name__}'
+    if not isinstance(data.get("config", {}), dict):
+        return '"config" is not a mapping'
+    keys = set()
+    for i, record in enumerate(runs):
+        if not isinstance(record, dict):
+            return f"runs[{i}] is a {type(record).__name__}, not a mapping"
+        row, seed, key = record.get("row"), record.get("seed"), record.get("key")
+        if not isinstance(row, str) or not isinstance(seed, int) or isinstance(seed, bool):
+            return f"runs[{i}] lacks a string row and an integer seed"
+        if key != f"{row}/seed{seed}":
+            return f"runs[{i}].key is {_show(key)}, not {row}/seed{seed}"
+        if key in keys:
+            return f"runs[{i}] repeats {key}"
+        keys.add(key)
+        if record.get("status") not in ("ok", "failed"):
+            return f'runs[{i}].status must be "ok" or "failed", got {_show(record.get("status"))}'
+        for name, (types, kind) in _RECORD_FIELDS.items():
+            value = record.get(name)
+            bad = value is not None and (
+                not isinstance(value, types) or (bool not in types and isinstance(value, bool))
+            )
+            if bad:
+                return f"runs[{i}].{name} must be {kind}, got {_show(value)}"
+        for name in ("ppl", "passkey"):
+            for length, value in (record.get(name) or {}).items():
+                if value is not None and (
+                    not isinstance(value, _NUMBER) or isinstance(value, bool)
+                ):
+                    return f"runs[{i}].{name}[{_show(length)}] must be a number, got {_show(value)}"
+    return None
+
+
+def _show(value: Any) -> str:
+    return printable(repr(value), limit=60)
 
 
 def config_dict(config: ExperimentConfig) -> dict[str, Any]:

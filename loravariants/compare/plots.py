@@ -8,6 +8,7 @@ their index in the model, log axes labelled 1, 2, 5 x 10^k in plain numbers.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..analysis import spectrum
 from ..analysis.plots import figure, mean_spectrum, plain_log_ticks
 from ..io import read_factors
 from ..stats import mean_ci
+from ..utils import atomic_write
 from .plan import run_folder
 
 __all__ = ["make_report_plots", "smooth", "layer_of"]
@@ -41,7 +43,9 @@ def _legend_outside(fig, ax) -> None:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    atomic_write(path, png.getvalue())  # never through a link planted at the plot's name
 
 
 def smooth(values: list[float], window: int) -> list[float]:

@@ -5,6 +5,7 @@ summary), results.csv (one line per run), report.md (tables and sections) and th
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 from .._version import __version__
 from ..config import ExperimentConfig
 from ..shipped_base import base_weights_sha256
+from ..utils import atomic_write
 from .findings import findings_section
 from .measure import fill_lora_similarity, seed_to_seed_similarity
 from .plan import REFERENCE_VARIANT, config_dict
@@ -112,24 +114,17 @@ def _write_csv(file: Path, results: dict[str, dict[str, Any]]) -> None:
         + [f"lm_eval@{k}" for k in task_keys]
         + ["effective_rank", "energy_top4", "similarity_to_lora", "similarity_to_lora_right"]
     )
-    tmp = file.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for r in results.values():
-            flat = dict(r)
-            flat.update({f"ppl@{k}": v for k, v in r.get("ppl", {}).items()})
-            flat.update({f"passkey@{k}": v for k, v in r.get("passkey", {}).items()})
-            flat.update({f"lm_eval@{k}": v for k, v in r.get("lm_eval", {}).items()})
-            flat.update({k: v for k, v in r.get("svd", {}).items() if not isinstance(v, dict)})
-            writer.writerow(flat)
-    os.replace(tmp, file)
-
-
-def atomic_write(file: Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for r in results.values():
+        flat = dict(r)
+        flat.update({f"ppl@{k}": v for k, v in r.get("ppl", {}).items()})
+        flat.update({f"passkey@{k}": v for k, v in r.get("passkey", {}).items()})
+        flat.update({f"lm_eval@{k}": v for k, v in r.get("lm_eval", {}).items()})
+        flat.update({k: v for k, v in r.get("svd", {}).items() if not isinstance(v, dict)})
+        writer.writerow(flat)
+    atomic_write(file, text.getvalue())
 
 
 def _fmt(value, pattern="{:.3f}") -> str:

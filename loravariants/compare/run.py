@@ -39,7 +39,13 @@ from ..io import load_adapter, save_adapter
 from ..longlora.context import extend_context, trainable_module_names
 from ..multi import Job, train_concurrent
 from ..train import TrainConfig, seed_everything, train
-from ..utils import output_lock
+from ..utils import (
+    atomic_write,
+    check_output_dir,
+    claim_output_dir,
+    output_lock,
+    recover_folder,
+)
 from . import measure
 from .env import Environment, load_environment
 from .measure import PeakMemory, training_record
@@ -141,20 +147,25 @@ def _compare(
     if shard is not None:
         _check_shardable(config)
     config.check_lm_eval_tasks()  # an unknown lm-eval task name: before any work
+    check_output_dir(out)  # a folder of someone else's (or `.`, `/`, ~) is never written
+    if env is None:  # (a prepared environment brings its own base model)
+        config.check_feasible()  # sizes, target modules, match_params: before any work
     if out.is_dir() and shard is None:
         _lock(out, locks)
     results = load_results(out, config)
     env = Environment.of(env) if env is not None else load_environment(config, progress)
-    out.mkdir(parents=True, exist_ok=True)  # after the base model and data loaded fine
+    overrides, matched = matched_overrides(config, env.load_model, log)
+    # created (and marked ours) only after the base model, the data and the overrides are fine
+    claim_output_dir(out)
     if shard is None:
         _lock(out, locks)
     else:  # shared lock on out (other shards run beside us), exclusive on this shard
         locks.enter_context(shard_lock(out, shard))
+    recover_folder(out)  # temporary files of killed writers
     # merge: what another process finished here before we held the folder is kept, and what
     # shards finished (a shard reads them too, to skip finished runs)
     results = {**load_results(out, config), **results}
     results = merge_records(results, read_shard_records(out, config))
-    overrides, matched = matched_overrides(config, env.load_model, log)
     plan = plan_runs(config)
     if only is not None:
         plan = [(row, seed) for row, seed in plan if (row.name, seed) in set(only)]
@@ -266,7 +277,7 @@ def _run_recorded(config, row, seed, env, run_dir, overrides, progress, log) -> 
     except Exception as e:  # one failed run must not stop the others
         record.update(status="failed", reason=f"{type(e).__name__}: {e}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        atomic_write(run_dir / "error.txt", traceback.format_exc())
         log(f"    failed: {record['reason']}")
     record["elapsed_s"] = time.perf_counter() - start
     return record

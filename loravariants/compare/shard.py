@@ -43,9 +43,16 @@ from typing import Any
 
 from .._version import __version__
 from ..distributed import refuse_launched
-from ..utils import OutputLocked, output_lock
-from .plan import check_same_experiment, config_dict, load_results, plan_runs, run_key
-from .report import RESULTS_SCHEMA_VERSION, atomic_write, write_outputs
+from ..utils import OutputLocked, atomic_write, check_output_dir, output_lock
+from .plan import (
+    check_same_experiment,
+    config_dict,
+    load_results,
+    plan_runs,
+    read_records,
+    run_key,
+)
+from .report import RESULTS_SCHEMA_VERSION, write_outputs
 
 __all__ = [
     "Shard",
@@ -162,11 +169,9 @@ def read_shard_records(out: Path, config: Any) -> dict[str, dict[str, Any]]:
     if not folder.is_dir():
         return records
     for file in sorted(folder.glob("shard-*-of-*.json")):
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as e:  # written atomically: not a cut write, a hand edit
-            raise ValueError(f"{file}: corrupt shard file ({e}); rerun that shard") from e
-        runs = data.get("runs") or []
+        # written atomically: a broken file is not a cut write but a hand edit (or not ours)
+        data = read_records(file, "shard file", "rerun that shard")
+        runs = data["runs"]
         if runs:
             try:
                 check_same_experiment(out, data.get("config") or {}, config)
@@ -211,6 +216,7 @@ def merge_shards(config: Any) -> Path:
     refuse_launched("loravariants compare --merge")
     out = Path(config.output_dir)
     folder = out / SHARDS_DIR
+    check_output_dir(out)  # a folder of someone else's is never written
     if not out.is_dir() or not folder.is_dir():
         raise ValueError(f"nothing to merge: {folder} does not exist (run the shards first)")
     with output_lock(out):
