@@ -155,8 +155,9 @@ def test_merge_refuses_a_shard_of_a_different_experiment(tmp_path):
 
 
 def test_shards_run_together_but_not_beside_a_whole_compare(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
+    from loravariants.utils import claim_output_dir
+
+    out = claim_output_dir(tmp_path / "out")  # as the shard holding it made it
     with shard_lock(out, Shard(0, 2)):
         run_shard(out, "1/2")  # another shard: runs
         with pytest.raises(OutputLocked, match="shard 0/2 .* already running"):
