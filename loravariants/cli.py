@@ -510,19 +510,16 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.max_rows is not None and args.max_rows < 1:
-        print(
-            f"loravariants analyze: error: --max-rows must be >= 1, got {args.max_rows}",
-            file=sys.stderr,
-        )
+        _print_error("analyze", f"--max-rows must be >= 1, got {args.max_rows}")
         return 2
     out = Path(args.out) if args.out else None
     if out is not None and (out.is_file() or any(p.is_file() for p in out.parents)):
-        print(f"loravariants analyze: error: --out {out}: a file is in the way", file=sys.stderr)
+        _print_error("analyze", f"--out {out}: a file is in the way")
         return 2
     try:
         report = analyze(args.path, base=args.base)
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"loravariants analyze: error: {e}", file=sys.stderr)
+        _print_error("analyze", e)  # bounded and escaped, as every CLI error
         return 2
     print(report.table(args.max_rows))
     print()
@@ -549,10 +546,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: BaseException, limit: int = 600) -> str:
-    """An error as one line of bounded length (a hostile value can be huge or hold newlines)."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+#: the most characters of an error message the CLI prints
+ERROR_LIMIT = 300
+
+
+def _one_line(error: BaseException | str, limit: int = ERROR_LIMIT) -> str:
+    """An error as one line of bounded length, safe for a terminal: a hostile value can be
+    huge, hold newlines, or carry ANSI escapes and NUL bytes (shown escaped, as ``\\x1b``)."""
+    from .utils import printable
+
+    return printable(" ".join(str(error).split()), limit=limit)
+
+
+def _print_error(command: str, error: BaseException | str) -> None:
+    """The one way the CLI reports a user error: ``loravariants CMD: error: ...`` on one
+    bounded, escaped line of stderr."""
+    print(f"loravariants {command}: error: {_one_line(error)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -568,8 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         parser.print_usage(sys.stderr)
+        shown = _one_line(repr(command), limit=60)
         print(
-            f"loravariants: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}",
+            f"loravariants: error: unknown command {shown}; choose from {', '.join(COMMANDS)}",
             file=sys.stderr,
         )
         return 2
@@ -577,15 +587,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         func = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as e:
-        print(f"loravariants {command}: not available in this version ({e})", file=sys.stderr)
+        _print_error(command, f"not available in this version ({e})")
         return 2
     try:
         return int(func(rest) or 0)
     except (ValueError, OSError) as e:  # a missing, unreadable or misplaced file or folder
-        print(f"loravariants {command}: error: {_one_line(e)}", file=sys.stderr)
+        _print_error(command, e)
         return 2
     except MissingExtraError as e:  # an optional package a named base model needs
-        print(f"loravariants {command}: error: {e}", file=sys.stderr)
+        _print_error(command, e)
         return 2
     except KeyboardInterrupt:
         print(f"loravariants {command}: interrupted", file=sys.stderr)

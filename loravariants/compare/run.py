@@ -44,6 +44,7 @@ from ..utils import (
     check_output_dir,
     claim_output_dir,
     output_lock,
+    printable,
     recover_folder,
 )
 from . import measure
@@ -278,7 +279,7 @@ def _run_recorded(config, row, seed, env, run_dir, overrides, progress, log) -> 
         record.update(status="failed", reason=f"{type(e).__name__}: {e}")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "error.txt", traceback.format_exc())
-        log(f"    failed: {record['reason']}")
+        log(f"    failed: {printable(record['reason'], limit=300)}")
     record["elapsed_s"] = time.perf_counter() - start
     return record
 
@@ -316,7 +317,7 @@ def _concurrent_groups(config, plan, results, env, out, overrides, matched, prog
 
 def _log_metric_errors(record: dict[str, Any], log: Callable[[str], None]) -> None:
     for metric, error in record.get("metric_errors", {}).items():
-        log(f"    {record['key']}: metric {metric} failed (run kept): {error}")
+        log(f"    {record['key']}: metric {metric} failed (run kept): {printable(error, 300)}")
 
 
 def _retry_metrics(
