@@ -144,6 +144,49 @@ def test_a_nan_gradient_with_a_finite_loss_is_not_saved(tmp_path, monkeypatch):
     assert ckpts[-1].name in str(err.value)
 
 
+def _poison_checkpoint(ckpt: Path) -> None:
+    """What a flipped bit, a bad copy or a hand leaves: a NaN in the saved adapter."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    file = ckpt / "adapters" / "default" / "adapter_model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(file), metadata=metadata)
+
+
+def test_a_non_finite_final_checkpoint_is_not_resumed(tmp_path):
+    """Issue 27 item 4: checked finite when read too; the one before it is resumed."""
+    config = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, warmup_steps=0, save_every=1)
+    train(_model(), random_blocks(n=8), config, output_dir=tmp_path, progress=False)
+    _poison_checkpoint(tmp_path / "checkpoints" / "step-0000003")
+    model = _model()
+    with pytest.warns(UserWarning, match="step-0000003.*NaN, infinite or too large"):
+        result = train(model, random_blocks(n=8), config, output_dir=tmp_path, progress=False)
+    assert result.resumed_from == 2 and result.steps == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_diverged_names_the_last_finite_checkpoint(tmp_path):
+    """Issue 27 item 4: after a NaN mid-run, the 'last good' checkpoint is a finite one."""
+    config = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, warmup_steps=0, save_every=1)
+    train(_model(), random_blocks(n=8), config, output_dir=tmp_path, progress=False)
+    _poison_checkpoint(tmp_path / "checkpoints" / "step-0000003")
+    model = _model()
+    model.lm_head.register_full_backward_hook(
+        lambda m, grad_in, grad_out: tuple(
+            torch.full_like(g, float("nan")) if g is not None else g for g in grad_in
+        )
+    )
+    config.max_steps = 5
+    with pytest.warns(UserWarning), pytest.raises(TrainingDiverged) as err:
+        train(model, random_blocks(n=8), config, output_dir=tmp_path, progress=False)
+    assert "step-0000002" in str(err.value) and "step-0000003" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # items 5, 6, 8 and the smaller items of train()
 # ---------------------------------------------------------------------------------------------

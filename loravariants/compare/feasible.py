@@ -127,8 +127,9 @@ def check_feasible(config: Any, rows: bool = True) -> None:
     if weights + largest > have:
         culprit = what if largest >= weights else weights_key
         raise ValueError(
-            f"{culprit} needs at least {_gib(max(largest, weights))} (with the weights "
-            f"{_gib(weights + largest)}), more than this machine's {_gib(have)}; lower it"
+            f"{culprit}: at least {_gib(weights + largest)} of memory needed ({_gib(largest)} "
+            f"for {what.split(' (')[0]}, {_gib(weights)} for the weights), more than this "
+            f"machine's {_gib(have)}; lower it"
         )
     if rows:
         _check_rows(config, shape)
