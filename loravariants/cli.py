@@ -276,6 +276,7 @@ def eval_main(argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM
 
     from .base_model import resolve_base_model
+    from .compare.feasible import check_feasible
     from .compare.plan import eval_lengths
     from .config import DataConfig, EvalConfig, ExperimentConfig, RunSpec, load_experiment
     from .data import load_validation_tokens
@@ -305,6 +306,7 @@ def eval_main(argv: Sequence[str]) -> int:
     lm_tasks = _lm_eval_settings(args, config.eval)  # names checked before any work
     if args.model:
         config.base_model, config.base_model_config = args.model, None
+    check_feasible(config, rows=False)  # what this machine cannot hold: before the base loads
     path, tokenizer = resolve_base_model(config.base_model, config=config.builtin_base())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     native = int(model.config.max_position_embeddings)
@@ -394,6 +396,7 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
         recipe_config,
         resolve_device,
     )
+    from .compare.feasible import check_feasible
     from .config import load_experiment
 
     parser = argparse.ArgumentParser(
@@ -441,7 +444,9 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
     if args.recipe:
         config = recipe_config(args.recipe)
     elif args.config:
-        config = load_experiment(args.config, args.overrides).builtin_base()
+        experiment = load_experiment(args.config, args.overrides)
+        check_feasible(experiment, rows=False)  # a base this machine cannot hold: refused now
+        config = experiment.builtin_base()
         if config is None:
             raise ValueError(f"{args.config}: base_model is not the built-in one")
     elif args.overrides:

@@ -421,14 +421,6 @@ class ExperimentConfig:
                 "is scored over those validation tokens); raise eval.max_tokens or lower it"
             )
 
-    def check_feasible(self) -> None:
-        """What this machine can hold and what the base can be given, checked before any
-        work (:func:`loravariants.compare.feasible.check_feasible`): sizes against memory,
-        each row's target modules and ``match_params`` on a shape-only copy of the base."""
-        from .compare.feasible import check_feasible
-
-        check_feasible(self)
-
     def _check_concurrent(self) -> None:
         """Rows trained on one shared frozen base must agree on what that base is."""
         trained = [r for r in self.runs if r.trains]
@@ -601,7 +593,6 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
         config.spec_dir = str(Path(path).resolve().parent)
     config.check_adapter_specs()
     config.check_lm_eval_tasks()
-    config.check_feasible()
     return config
 
 

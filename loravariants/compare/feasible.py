@@ -1,5 +1,5 @@
-"""Can this machine run the experiment at all? Checked when the config is read, before the
-base model, the data or any folder exists.
+"""Can this machine run the experiment at all? Checked when ``compare`` (``train``, ``eval``,
+``pretrain-base``) starts, before the base model, the data or any folder exists.
 
 ::
 

@@ -49,6 +49,7 @@ from ..utils import (
 )
 from . import measure
 from .env import Environment, load_environment
+from .feasible import check_feasible
 from .measure import PeakMemory, training_record
 from .plan import (
     REFERENCE_VARIANT,
@@ -150,7 +151,7 @@ def _compare(
     config.check_lm_eval_tasks()  # an unknown lm-eval task name: before any work
     check_output_dir(out)  # a folder of someone else's (or `.`, `/`, ~) is never written
     if env is None:  # (a prepared environment brings its own base model)
-        config.check_feasible()  # sizes, target modules, match_params: before any work
+        check_feasible(config)  # sizes, target modules, match_params: before any work
     if out.is_dir() and shard is None:
         _lock(out, locks)
     results = load_results(out, config)
