@@ -56,7 +56,7 @@ from .distributed import (
 from .inject import adapter_config, adapter_names, on_step_end
 from .inject import aux_loss as adapters_aux_loss
 from .utils import (
-    make_dirs,
+    claim_output_dir,
     output_lock,
 )
 
@@ -348,7 +348,8 @@ def train(
         TrainingDiverged: the loss, a gradient or a trainable weight became NaN/inf (the
             checkpoints written before stay; every one of them is finite).
         ValueError: an empty dataset, one without a label token, no trainable parameters,
-            save_every without a directory, or ``output_dir`` in use by another process.
+            save_every without a directory, ``output_dir`` in use by another process, or a
+            folder loravariants did not make (non-empty, without its marker file).
     """
     with contextlib.ExitStack() as stack:
         return _train(
@@ -389,8 +390,9 @@ def _train(
     # MixLoRA's balance loss and router statistics over the global batch (distributed.py)
     stack.enter_context(statistics_context(accelerator, model))
     if out is not None and accelerator.is_main_process:
-        # one writer per folder: a second run there would interleave checkpoints and metrics
-        stack.enter_context(output_lock(make_dirs(out)))
+        # one writer per folder: a second run there would interleave checkpoints and metrics;
+        # and only a folder of ours (a fresh run deletes its checkpoints/)
+        stack.enter_context(output_lock(claim_output_dir(out)))
 
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

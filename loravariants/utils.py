@@ -271,6 +271,21 @@ def _looks_like_our_records(folder: Path) -> bool:
     return False
 
 
+_STEP = re.compile(r"^(step-\d+|\.step-.+|\.rng-.+)$")
+
+
+def _looks_like_our_training(folder: Path) -> bool:
+    """A ``train()`` output folder of an older loravariants: ``metrics.jsonl`` and
+    ``checkpoints/step-*`` only."""
+    entries = {p.name for p in folder.iterdir()}
+    if not entries <= {"metrics.jsonl", "checkpoints"}:
+        return False
+    ckpts = folder / "checkpoints"
+    if ckpts.is_symlink() or (ckpts.exists() and not ckpts.is_dir()):
+        return False
+    return not ckpts.is_dir() or all(_STEP.match(p.name) for p in ckpts.iterdir())
+
+
 def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> None:
     """Refuse to write into a folder that is not ours; creates nothing.
 
@@ -289,8 +304,11 @@ def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> None:
         return
     if (folder / OUTPUT_MARKER).is_file():
         return
-    entries = sorted(p.name for p in folder.iterdir())
-    if not entries or _looks_like_our_records(folder):
+    # (a kill while the marker was written leaves its temporary file: still ours)
+    entries = sorted(
+        p.name for p in folder.iterdir() if not p.name.startswith(f".{OUTPUT_MARKER}.tmp-")
+    )
+    if not entries or _looks_like_our_records(folder) or _looks_like_our_training(folder):
         return
     raise ValueError(
         f"{what} {folder} holds files loravariants did not write ({entries[:3]}) and no "

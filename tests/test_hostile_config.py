@@ -112,6 +112,23 @@ def test_compare_marks_the_folder_it_creates_and_adopts_an_empty_one(
     assert not any(".tmp" in p.name for p in out.rglob("*"))
 
 
+def test_train_refuses_a_folder_of_someone_elses_and_keeps_its_checkpoints(tmp_path):
+    """The same class in the training loop: a fresh run deletes ``checkpoints/``."""
+    from _train_script import random_blocks
+    from test_faults import _model
+
+    from loravariants.train import TrainConfig, train
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "my_model.pt").write_bytes(b"weeks of work")
+    (tmp_path / "notes.txt").write_text("mine")
+    config = TrainConfig(max_steps=1, batch_size=2, warmup_steps=0)
+    with pytest.raises(ValueError, match="did not write"):
+        train(_model(), random_blocks(n=4), config, output_dir=tmp_path, resume=False)
+    assert (tmp_path / "checkpoints" / "my_model.pt").read_bytes() == b"weeks of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "notes.txt"]
+
+
 # ---------------------------------------------------------------------------------------------
 # 2: temporary files are never followed
 # ---------------------------------------------------------------------------------------------
