@@ -41,7 +41,6 @@ from .checkpoint import (
     checkpoint_dir,
     clean_checkpoint_leftovers,
     last_good_checkpoint,
-    latest_checkpoint,
     resume_checkpoint,
     save_checkpoint,
     truncate_metrics,
