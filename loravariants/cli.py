@@ -552,7 +552,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 #: the most characters of an error message the CLI prints
-ERROR_LIMIT = 300
+ERROR_LIMIT = 600
 
 
 def _one_line(error: BaseException | str, limit: int = ERROR_LIMIT) -> str:
