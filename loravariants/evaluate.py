@@ -73,6 +73,25 @@ def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, 
     return out
 
 
+def _checked_stream(
+    model: nn.Module, tokens: torch.Tensor, context_length: int, stride: int | None
+) -> tuple[torch.Tensor, int]:
+    """The checks :func:`perplexity` and :func:`document_nll` share: the window fits the
+    stream, the stride is in range (``None``: half the window) and every id is in the
+    model's vocabulary. Returns the flattened ``(N,)`` tokens and the stride."""
+    check_range("context_length", context_length, low=2, integer=True)
+    if stride is None:
+        stride = max(1, context_length // 2)
+    check_range("stride", stride, low=1, high=context_length - 1, integer=True)
+    tokens = torch.as_tensor(tokens).flatten()
+    if tokens.numel() < context_length:
+        raise ValueError(
+            f"context_length {context_length} exceeds the {tokens.numel()} tokens to score"
+        )
+    _check_token_ids(model, tokens)
+    return tokens, stride
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -101,16 +120,7 @@ def perplexity(
         ValueError: ``context_length`` or ``stride`` out of range, or fewer than
             ``context_length`` tokens.
     """
-    check_range("context_length", context_length, low=2, integer=True)
-    if stride is None:
-        stride = max(1, context_length // 2)
-    check_range("stride", stride, low=1, high=context_length - 1, integer=True)
-    tokens = torch.as_tensor(tokens).flatten()
-    if tokens.numel() < context_length:
-        raise ValueError(
-            f"context_length {context_length} exceeds the {tokens.numel()} tokens to score"
-        )
-    _check_token_ids(model, tokens)
+    tokens, stride = _checked_stream(model, tokens, context_length, stride)
     was_training = model.training
     model.eval()
     nll_sum, count = 0.0, 0
@@ -209,22 +219,14 @@ def document_nll(
         ValueError: as :func:`perplexity`, or lengths that are not positive or do not sum
             to ``N``.
     """
-    check_range("context_length", context_length, low=2, integer=True)
-    if stride is None:
-        stride = max(1, context_length // 2)
-    check_range("stride", stride, low=1, high=context_length - 1, integer=True)
-    tokens = torch.as_tensor(tokens).flatten()
     lengths = [int(n) for n in document_lengths]
-    if not lengths or min(lengths) < 1 or sum(lengths) != tokens.numel():
+    n_tokens = torch.as_tensor(tokens).numel()
+    if not lengths or min(lengths) < 1 or sum(lengths) != n_tokens:
         raise ValueError(
-            f"document_lengths must be positive and sum to the {tokens.numel()} tokens, got "
+            f"document_lengths must be positive and sum to the {n_tokens} tokens, got "
             f"{len(lengths)} lengths summing to {sum(lengths)}"
         )
-    if tokens.numel() < context_length:
-        raise ValueError(
-            f"context_length {context_length} exceeds the {tokens.numel()} tokens to score"
-        )
-    _check_token_ids(model, tokens)
+    tokens, stride = _checked_stream(model, tokens, context_length, stride)
     was_training = model.training
     model.eval()
     # doc_of[t]: the document holding token t

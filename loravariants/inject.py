@@ -176,12 +176,9 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         # any failure (an allocation, a bad layer, Ctrl-C) leaves the model as it was
         for path, host in reversed(hosts):
             if name in host.adapters:
-                del host.adapters[name]
-                host._tell_shared()
-            if not host.adapters:
-                parent_path, _, child = path.rpartition(".")
-                parent = model.get_submodule(parent_path) if parent_path else model
-                setattr(parent, child, host.base_layer)
+                _remove_from_host(model, path, host, name)
+            else:
+                _unwrap_if_empty(model, path, host)
         raise
     _configs(model)[name] = config
     _refresh_requires_grad(model)
@@ -267,6 +264,11 @@ def _remove_from_host(model: nn.Module, path: str, host: AdapterHost, name: str)
     module back to the model."""
     del host.adapters[name]
     host._tell_shared()
+    _unwrap_if_empty(model, path, host)
+
+
+def _unwrap_if_empty(model: nn.Module, path: str, host: AdapterHost) -> None:
+    """A host that holds no adapter gives its frozen module back to the model at ``path``."""
     if not host.adapters:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
