@@ -205,10 +205,12 @@ def average_replicated_gradients(accelerator: Any, params: list[nn.Parameter]) -
     """Average over processes the gradients of parameters FSDP left whole (the adapters,
     :func:`fsdp_accelerator`): FSDP reduces only the ones it shards.
 
-    A parameter can have a gradient on one process and none on another (a MixLoRA expert that
-    only the other process's tokens reached): it counts as zero there, so the mean is the
-    one-process gradient, and no process waits for a reduction another one skips. One that no
-    process reached keeps ``grad None``, as in one process (AdamW then skips it). Two
+    A parameter can have a gradient on one process and none on another (an adapter whose
+    forward skips a parameter on some inputs; MixLoRA's dispatch does not: an expert no token
+    of a process reached gets a zero gradient there, so all processes agree): it counts as
+    zero there, so the mean is the one-process gradient, and no process waits for a reduction
+    another one skips. One that no process has a gradient for keeps ``grad None``, as in one
+    process (AdamW then skips it). Two
     collectives in all: which parameters have a gradient anywhere, then one flat buffer of
     them (fp32). Sharded parameters (DTensors) are left alone. Collective: every process calls
     it with the same ``params``.
@@ -293,9 +295,15 @@ def memory_plan(
     does. Activations are per token, what autograd saves in a decoder layer (measured on a
     tiny Llama, tests/test_fsdp.py): ``4h + 2kv + 3I + heads`` values (two norm outputs, q,
     k, v, the attention output and its projection's input, the softmax log-sum-exp per head;
-    the MLP's gate, up and down inputs), plus ``6I + 3h`` per routed expert for MixLoRA (its
-    ``top_k``: each expert's gate, up and product with their LoRA inputs), plus ``2h`` when the
-    norms train (their normalised inputs). Attention is assumed
+    the MLP's gate, up and down inputs), plus ``2h`` when the norms train (their normalised
+    inputs). MixLoRA's dispatch (one autograd Function that recomputes its experts in
+    backward) adds per token the FFN input ``h`` (kept by the Function and the router; G and U
+    are the frozen FFN's own), the router's fp32 input copy ``h`` (4 bytes each; none when
+    activations are fp32), and, in bytes whatever the activation dtype, the fp32 router
+    probabilities ``4E``, the top-k indices ``8k`` (int64), the top-k probabilities, their
+    renormalised weights and their sum ``4(2k + 1)``; and once per layer its experts' factors
+    stacked for the forward, ``4 E r (h + I)`` bytes per adapted FFN projection (fp32). The
+    adapters' rank-``r`` codes are left out (``r << h``). Attention is assumed
     to run in a memory-efficient kernel (flash / SDPA), so no ``n x n`` score matrix; S2-Attn's
     shifted half of the heads adds ``(h + 2kv) / 2`` (an estimate, not measured). The logits
     cost ``2 + 4 + 4`` bytes per vocabulary entry (bf16 output, fp32 upcast, fp32
@@ -340,7 +348,6 @@ def memory_plan(
     heads = model_config.num_attention_heads
     kv = (h // heads) * getattr(model_config, "num_key_value_heads", heads)
     per_token = 4 * h + 2 * kv + 3 * inter + heads
-    per_token += getattr(adapter, "top_k", 0) * (6 * inter + 3 * h)  # MixLoRA's experts
     if "norm" in trainable:  # a trained norm weight also keeps its normalised input
         per_token += 2 * h
     if s2_attn:
@@ -348,6 +355,13 @@ def memory_plan(
     tokens = batch_size * seq_len
     n_layers = len(layers)
     layer_work = tokens * per_token * activation_bytes
+    top_k = getattr(adapter, "top_k", 0)
+    if top_k:  # MixLoRA: the routing (fp32 / int64 whatever the dtype) and the FFN input
+        router_copy = 4 * h if activation_bytes != 4 else 0
+        per_token_bytes = h * activation_bytes + router_copy
+        per_token_bytes += 4 * adapter.num_experts + 8 * top_k + 4 * (2 * top_k + 1)
+        stacked = 4 * adapter.num_experts * adapter.expert_rank * (h + inter)
+        layer_work += tokens * per_token_bytes + stacked * len(adapter.ffn_projections)
     checkpoints = tokens * h * activation_bytes * n_layers
     if not gradient_checkpointing:
         checkpoints, layer_work = n_layers * layer_work, 0

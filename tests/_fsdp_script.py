@@ -6,7 +6,9 @@ python tests/_fsdp_script.py variants OUT_DIR BATCH_SIZE STEPS VARIANT [VARIANT 
     (result.json, state-rank{R}.safetensors, adapter-rank{R}/), plus per rank
     OUT_DIR/VARIANT/rank{R}.json: the resident bytes of the frozen base on this process (each
     tensor's local shard) and, per optimizer step, which adapter tensors had no gradient on
-    this process before the cross-process average. Then OUT_DIR/average-rank{R}.json: a
+    this process before the cross-process average and, per MixLoRA layer, which experts this
+    process's tokens never reached in that step (from the router's choices). Then
+    OUT_DIR/average-rank{R}.json: a
     direct check of that average on tensors with a gradient on one process only, or none.
 python tests/_fsdp_script.py resume OUT_DIR VARIANT BATCH_SIZE STEPS KILL_AT
     train VARIANT with a checkpoint every step into OUT_DIR/train, resuming what is there;
@@ -47,6 +49,7 @@ from loravariants.adapters import (  # noqa: E402
     MixLoRAConfig,
     MultiLoRAConfig,
 )
+from loravariants.adapters.mixlora import MixLoRAFFN  # noqa: E402
 from loravariants.train import TrainConfig, train  # noqa: E402
 
 FSDP_VARIANTS = {
@@ -80,15 +83,39 @@ def frozen_bytes(model: torch.nn.Module) -> int:
 def variants_main(argv: list[str]) -> None:
     out, batch, steps, variants = Path(argv[0]), argv[1], argv[2], argv[3:]
     real_average = lv_train.average_replicated_gradients
+    real_route = MixLoRAFFN.route
+    # experts each MixLoRA layer routed this process's tokens to since the last optimizer step
+    # (the dispatch gives an expert no token reached a zero gradient, not None, so the
+    # gradients alone no longer tell; the test has no padding: every routed token is real)
+    reached: dict[int, tuple[MixLoRAFFN, set[int]]] = {}
+
+    def route(self, x):
+        probs, weights, experts = real_route(self, x)
+        if torch.is_grad_enabled():  # the training forwards only
+            reached.setdefault(id(self), (self, set()))[1].update(experts.flatten().tolist())
+        return probs, weights, experts
+
+    MixLoRAFFN.route = route
     for variant in variants:
         missing: list[list[str]] = []
+        unreached: list[list[str]] = []
         memory: dict[str, int] = {}
 
-        def average(accelerator, params, missing=missing, memory=memory):
+        def average(accelerator, params, missing=missing, unreached=unreached, memory=memory):
             model = accelerator._models[0]
             memory.setdefault("frozen_bytes", frozen_bytes(model))
             names = {id(p): n for n, p in model.named_parameters()}
             missing.append(sorted(names[id(p)] for p in params if p.grad is None))
+            paths = {id(m): n for n, m in model.named_modules()}
+            unreached.append(
+                sorted(
+                    f"{paths[key]}:{e}"
+                    for key, (layer, hit) in reached.items()
+                    for e in range(layer.num_experts)
+                    if e not in hit
+                )
+            )
+            reached.clear()
             real_average(accelerator, params)
 
         lv_train.average_replicated_gradients = average
@@ -97,8 +124,9 @@ def variants_main(argv: list[str]) -> None:
             memory["frozen_bytes"] = frozen_bytes(lv.attach(model, DDP_VARIANTS[variant]()))
         variant_main([variant, str(out / variant), batch, steps])
         lv_train.average_replicated_gradients = real_average
-        record = {"missing_grads": missing, **memory}
+        record = {"missing_grads": missing, "unreached_experts": unreached, **memory}
         (out / variant / f"rank{RANK}.json").write_text(json.dumps(record))
+    MixLoRAFFN.route = real_route
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         _check_average(out)
 
