@@ -484,7 +484,8 @@ def pretrain_base_main(argv: Sequence[str]) -> int:
     if args.export:
         from .shipped_base import export_shipped_base
 
-        name = args.recipe or "custom"
+        # the recipe a build used ("cpu" when neither --recipe nor --config named one)
+        name = args.recipe or ("custom" if args.config else "cpu")
         manifest = export_shipped_base(path, args.export, name=name, dtype=args.export_dtype)
         print(
             f"exported to {args.export}: {len(manifest['files'])} files, weights sha256 "
