@@ -53,7 +53,8 @@ from loravariants.base_model import (
     resolve_base_model,
 )
 from loravariants.compare import compare
-from loravariants.compare.plan import count_adapter_params, run_folder
+from loravariants.compare.plan import count_adapter_params
+from loravariants.compare.records import run_folder
 from loravariants.config import CONFIG_DIR, load_adapter_spec, load_experiment
 from loravariants.data import join_with_eos, load_corpus, tokenize_documents
 from loravariants.evaluate import passkey_trials, perplexity

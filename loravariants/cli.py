@@ -172,7 +172,7 @@ def train_main(argv: Sequence[str]) -> int:
     from dataclasses import replace
 
     from .compare import compare
-    from .compare.plan import run_folder
+    from .compare.records import run_folder
     from .config import load_experiment
 
     parser = argparse.ArgumentParser(prog="loravariants train")

@@ -47,6 +47,7 @@ __all__ = [
     "match_target",
     "route_rows",
     "rows_by_adapter",
+    "reference_variant",
     "register_variant",
     "variant_class",
     "VARIANTS",
@@ -80,6 +81,12 @@ def register_variant(cls: type[AdapterConfig]) -> type[AdapterConfig]:
         )
     VARIANTS[cls.variant] = cls
     return cls
+
+
+def reference_variant() -> str | None:
+    """The registered variant every other is measured against (the one whose config sets
+    ``is_reference``: plain LoRA); ``None`` when no registered variant does."""
+    return next((name for name, cls in VARIANTS.items() if cls.is_reference), None)
 
 
 def variant_class(variant: str) -> type[AdapterConfig]:
@@ -196,6 +203,9 @@ class AdapterConfig:
     rank_fields: ClassVar[tuple[str, ...]] = ("r",)
     # save formats that can hold this variant ("native" holds every variant)
     formats: ClassVar[tuple[str, ...]] = ("native",)
+    # the variant the others are measured against (compare: similarity to its subspace,
+    # paired differences, the plain-LoRA contrasts); exactly one built-in variant sets it
+    is_reference: ClassVar[bool] = False
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:

@@ -57,6 +57,7 @@ class LoRAConfig(AdapterConfig):
     variant: ClassVar[str] = "lora"
     output_fields: ClassVar[tuple[str, ...]] = ("alpha", "use_rslora", "alpha_pattern")
     formats: ClassVar[tuple[str, ...]] = ("native", "peft")
+    is_reference: ClassVar[bool] = True  # the method every variant extends
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

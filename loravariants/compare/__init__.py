@@ -1,14 +1,22 @@
 """The comparison: every row x seed through the one loop, on one base, data and budget.
 
-A pipeline of small modules, each reading the one before it::
+A pipeline in its data flow as in its files; each stage reads what the one before it made
+and never calls back into it::
 
-    plan.py     rows x seeds; adapter overrides (match_params); resumption check
-    env.py      Environment: base model, tokenizer and data, loaded once
-    run.py      compare(): for each run, fresh base -> context -> attach -> train -> save
-    measure.py  peak memory, perplexity, passkey, SVD summary, layer stats, similarity
-    summary.py  mean +- 95% CI per row, paired differences, parameter-matching warning
-    report.py   results.json / results.csv / report.md (its Findings: findings.py), plots
-                (plots.py)
+    plan.py      rows x seeds (a shard's share); adapter overrides, rank matching
+                 (match_params); evaluation lengths
+    records.py   the records store: run keys and folders, results.json and the shards' files
+                 read (checked) and written, merging, the same-experiment check (resumption)
+    env.py       Environment: base model, tokenizer and data, loaded once
+    run.py       compare(): for each planned run not done yet, one record (train, save,
+                 measure.py's per-run measures: perplexity, passkey, SVD, layer statistics)
+    crossrun.py  the measures across runs, once per write set from the saved adapters:
+                 similarity to the seed's reference run (the one rule: the first finished
+                 run of the reference variant), seed-to-seed similarity
+    summary.py   mean +- 95% CI per row, paired differences, parameter-matching warning
+    findings.py  the planned contrasts and their verdicts
+    report.py    rendering only: results.json / results.csv / report.md, plots (plots.py)
+    shard.py     --shard i/N locks, --merge (records -> cross-run measures -> report)
 
 Fairness by construction: every row sees the same base checkpoint, the same packed training
 blocks in the same order (the seed fixes it), the same token budget and the same evaluation
@@ -18,17 +26,18 @@ finished runs are never redone: a rerun of the same command resumes the missing 
 """
 
 from ..stats import mean_ci
+from .crossrun import CrossRunMeasures, reference_runs, seed_to_seed_similarity
 from .env import Environment, load_environment
-from .measure import PeakMemory, factor_similarity, seed_to_seed_similarity
+from .measure import PeakMemory, factor_similarity
 from .plan import (
     MATCH_TOLERANCE,
     count_adapter_params,
     eval_lengths,
     match_rank,
     plan_runs,
-    run_key,
 )
-from .report import CSV_FIELDS, RESULTS_SCHEMA_VERSION, summary_table, write_outputs
+from .records import RESULTS_SCHEMA_VERSION, run_folder, run_key
+from .report import CSV_FIELDS, summary_table, write_outputs
 from .run import compare
 from .summary import (
     PARAM_MATCH_TOLERANCE,
@@ -44,6 +53,7 @@ from .summary import (
 
 __all__ = [
     "CSV_FIELDS",
+    "CrossRunMeasures",
     "Environment",
     "MATCH_TOLERANCE",
     "PARAM_MATCH_TOLERANCE",
@@ -64,6 +74,8 @@ __all__ = [
     "param_match_warning",
     "per_seed",
     "plan_runs",
+    "reference_runs",
+    "run_folder",
     "run_key",
     "seed_to_seed_similarity",
     "summarize",

@@ -7,8 +7,7 @@ random model instead of building the base model.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +30,6 @@ class Environment:
         load_model: builds a fresh copy of the base model (fp32).
         train_blocks: ``seq_len -> dataset`` of packed training blocks (cached per length).
         val_tokens: the evaluation tokens, shape ``(n,)``.
-        lora_reference: seed -> the first LoRA row's saved adapter at that seed (the
-            reference subspace of the rows evaluated after it); filled while running.
     """
 
     base_path: str
@@ -41,7 +38,6 @@ class Environment:
     load_model: Callable[[], nn.Module]
     train_blocks: Callable[[int], Any]
     val_tokens: torch.Tensor
-    lora_reference: dict[int, Path] = field(default_factory=dict)
 
     @classmethod
     def of(cls, env: Environment | Mapping[str, Any]) -> Environment:

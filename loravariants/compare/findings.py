@@ -18,7 +18,8 @@ task of ``eval.lm_eval`` (its main metric, ``lm_eval@<task>``; higher is better)
 "resolved" when the 95% Student-t interval of the mean difference excludes 0.
 
 Rows are recognised by what they are, not by their names: the untrained rows without and
-with context extension, the plain LoRA row (adapter ``lora``, nothing else trainable), and the
+with context extension, the plain LoRA row (the reference variant of the variant contract,
+``AdapterConfig.is_reference``, without overrides or anything else trainable), and the
 LoRA rows that also train embeddings and norms with the experiment's attention (LongLoRA) or
 with another one (its full-attention control). A contrast whose rows a config lacks is left
 out.
@@ -30,7 +31,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..adapters.base import reference_variant
 from ..stats import PairedDifference, paired_difference
+from .plan import row_variant
 from .summary import per_seed
 
 __all__ = ["Contrast", "Finding", "planned_contrasts", "headline_metrics", "findings"]
@@ -83,8 +86,15 @@ def _roles(config) -> dict[str, Any]:
         return row.attention or default_attention
 
     untrained = [r for r in runs if not r.trains]
+    reference = reference_variant()
     loras = [
-        r for r in runs if r.trains and r.adapter == "lora" and not r.overrides and r.extend_context
+        r
+        for r in runs
+        if r.trains
+        and not r.overrides
+        and r.extend_context
+        and reference is not None
+        and row_variant(config, r) == reference
     ]
     embed_norm = [r for r in loras if set(r.trainable) == {"embed", "norm"}]
 
@@ -94,7 +104,9 @@ def _roles(config) -> dict[str, Any]:
     return {
         "base_nopi": first([r for r in untrained if not r.extend_context]),
         "base_pi": first([r for r in untrained if r.extend_context]),
-        "lora": first([r for r in loras if not r.trainable and attention(r) == default_attention]),
+        "plain_lora": first(
+            [r for r in loras if not r.trainable and attention(r) == default_attention]
+        ),
         "longlora": first([r for r in embed_norm if attention(r) == default_attention]),
         "longlora_fullattn": first([r for r in embed_norm if attention(r) != default_attention]),
         "trained": [r.name for r in runs if r.trains],
@@ -116,10 +128,10 @@ def planned_contrasts(config) -> list[Contrast]:
 
     add(roles["base_pi"], roles["base_nopi"], "interpolation alone, no training")
     add(roles["longlora"], roles["base_pi"], "fine-tuning after interpolation (trained vs not)")
-    add(roles["longlora"], roles["lora"], "trainable embeddings + norms on top of LoRA")
+    add(roles["longlora"], roles["plain_lora"], "trainable embeddings + norms on top of LoRA")
     add(roles["longlora"], roles["longlora_fullattn"], "S2-Attn vs full attention in training")
     for name in roles["trained"]:
-        add(name, roles["lora"], "against plain LoRA")
+        add(name, roles["plain_lora"], "against plain LoRA")
     return out
 
 

@@ -1,11 +1,11 @@
-"""Measure a run: peak memory and throughput records, perplexity, passkey, lm-eval tasks,
-the SVD summary, per-layer statistics the variant reports, and subspace similarities (to the
-same seed's LoRA row, and across seeds).
+"""Measure one run: peak memory and throughput records, perplexity, passkey, lm-eval tasks,
+the SVD summary and the per-layer statistics the variant reports; and the similarity of two
+adapters' factors, which the cross-run measures (:mod:`.crossrun`) apply to pairs of runs.
+Nothing here reads another run's record or files.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import resource
@@ -23,7 +23,6 @@ from ..evaluate import passkey_accuracy, perplexity_at_lengths
 from ..inject import adapter_names, iter_adapters
 from ..io import read_factors
 from .env import Environment
-from .plan import REFERENCE_VARIANT, eval_lengths, plan_runs, run_folder, run_key
 
 
 def _rss_bytes() -> int:
@@ -81,11 +80,11 @@ def evaluate_run(
     config: ExperimentConfig,
     env: Environment,
     seed: int,
-    native: int,
+    lengths: list[int],
     name: str | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Perplexity per length, passkey, and (adapter ``name``) the SVD summary.
+    """Perplexity at each of ``lengths``, passkey, and (adapter ``name``) the SVD summary.
 
     Each metric is computed on its own: one that fails (say, on a device the analysis did not
     expect) is recorded under ``metric_errors`` and the run, with its training and its other
@@ -111,7 +110,7 @@ def evaluate_run(
             for k, v in perplexity_at_lengths(
                 model,
                 env.val_tokens,
-                eval_lengths(config, native),
+                lengths,
                 stride_ratio=config.eval.stride_ratio,
                 max_tokens=config.eval.max_tokens,
                 progress=progress,
@@ -138,7 +137,7 @@ def evaluate_run(
         if tasks:
             record["lm_eval_metrics"] = tasks
     if name is not None:
-        metric("svd", lambda: _svd_summary(model, env, seed, name))
+        metric("svd", lambda: _svd_summary(model, name))
         try:
             stats = _layer_stats(model, name)
         except Exception as e:  # keep the run; report the statistics as failed
@@ -174,30 +173,23 @@ def _layer_stats(model: nn.Module, name: str | None = None) -> dict[str, dict[st
     return out
 
 
-def _svd_summary(model: nn.Module, env: Environment, seed: int, name: str) -> dict[str, Any]:
-    """Effective rank, energy in the top 4 directions, and similarity to LoRA's subspaces.
-
-    ``similarity_to_lora`` compares the *left* (column, output-space) subspace of each layer's
-    dW with the same seed's first LoRA row: B starts at zero, so that side is set by training.
-    The right (row) subspace is ``similarity_to_lora_right``; rows that share a seed share A's
-    random initialisation, so it mostly measures that shared init, not learning.
-    ``similarity_random`` is the mean random-subspace baseline ``k / out`` of the same layers.
-    """
+def _svd_summary(model: nn.Module, name: str) -> dict[str, Any]:
+    """Effective rank and energy in the top 4 directions of adapter ``name``'s updates, mean
+    over its layers and per layer. (Its similarity to the seed's reference run is a cross-run
+    measure: :mod:`.crossrun` adds it from the saved adapters.)"""
     rows = analyze(model).rows()
     if len(adapter_names(model)) > 1:  # the report names adapters only when there are several
         rows = [r for r in rows if r.get("adapter") == name]
-    summary: dict[str, Any] = {
+    return {
         "effective_rank": finite_mean([r["effective_rank"] for r in rows]),
         "energy_top4": finite_mean([r.get("energy_top4", float("nan")) for r in rows]),
         "effective_rank_by_layer": {r["module"]: r["effective_rank"] for r in rows},
     }
-    reference = env.lora_reference.get(seed)
-    if reference:
-        summary.update(_similarity_to(model, reference, name))
-    return summary
 
 
 def _similarity_to(model: nn.Module, reference_dir: Path, name: str) -> dict[str, float]:
+    """:func:`similarity_fields` of a live model's adapter ``name`` against a saved one (loaded
+    on the CPU, compared on the model's device)."""
     ours = {
         path: layer.factors() for path, _, layer in iter_adapters(model, name) if layer.mergeable
     }
@@ -209,8 +201,15 @@ def similarity_fields(
     ours: dict[str, tuple[torch.Tensor, torch.Tensor]],
     reference: dict[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> dict[str, float]:
-    """The record's ``svd`` fields of a run against its seed's LoRA run (``{module: (B, A)}``
-    each): left and right similarity, and the left side's random baseline."""
+    """The record's ``svd`` fields of a run against its seed's reference run (``{module:
+    (B, A)}`` each): left and right similarity, and the left side's random baseline.
+
+    ``similarity_to_lora`` compares the *left* (column, output-space) subspace of each layer's
+    dW: B starts at zero, so that side is set by training. The right (row) subspace is
+    ``similarity_to_lora_right``; rows that share a seed share A's random initialisation, so
+    it mostly measures that shared init, not learning. ``similarity_random`` is the mean
+    random-subspace baseline ``k / out`` of the same layers.
+    """
     left, random_left = factor_similarity(ours, reference, "left")
     right, _ = factor_similarity(ours, reference, "right")
     return {
@@ -251,67 +250,6 @@ def factor_similarity(
     return finite_mean(values), finite_mean(baselines)
 
 
-def seed_to_seed_similarity(
-    out: Path, config: ExperimentConfig, results: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, list[float]]]:
-    """Similarities across seeds: the baseline a same-seed cross-method value must beat.
-
-    Rows run with the same seed share A's random initialisation *and* the order of the
-    training batches, and both shape the update (B's gradient is ``g (A x)^T``: its columns
-    span the output gradients of the shared batches). Pairs from different seeds share
-    neither. From the saved adapters ``runs/<row>/seed<s>``:
-
-    - ``"left"``/``"right"``: the row against itself, every seed pair ``s < t``;
-    - ``"vs_lora_left"``/``"vs_lora_right"``: the row at seed ``s`` against the first LoRA
-      row at every other seed ``t != s`` (for the LoRA row this equals its own seed-to-seed
-      value), the like-for-like comparison with LoRA's seed-to-seed baseline.
-
-    Returns:
-        ``{row: {key: [phi per pair]}}``; a key is present only when it has a pair.
-    """
-
-    def saved(name: str) -> dict[int, Path]:
-        dirs = {
-            int(r["seed"]): run_folder(out, name, r["seed"]) / "adapter"
-            for r in results.values()
-            if r["row"] == name and r.get("status") == "ok" and r.get("adapter_params")
-        }
-        return {s: d for s, d in sorted(dirs.items()) if d.is_dir()}
-
-    cache: dict[Path, Any] = {}
-
-    def factors(d: Path):
-        if d not in cache:
-            cache[d] = read_factors(d)
-        return cache[d]
-
-    lora_rows = [
-        r.name
-        for r in config.runs
-        if any(
-            x["row"] == r.name and x.get("variant") == REFERENCE_VARIANT and x.get("status") == "ok"
-            for x in results.values()
-        )
-    ]
-    lora = saved(lora_rows[0]) if lora_rows else {}
-    found: dict[str, dict[str, list[float]]] = {}
-    for spec in config.runs:
-        own = saved(spec.name)
-        entry: dict[str, list[float]] = {}
-        pairs = list(itertools.combinations(own.values(), 2))
-        cross = [(own[s], lora[t]) for s in own for t in lora if s != t]
-        for side in ("left", "right"):
-            if pairs:
-                entry[side] = [factor_similarity(factors(a), factors(b), side)[0] for a, b in pairs]
-            if cross:
-                entry[f"vs_lora_{side}"] = [
-                    factor_similarity(factors(a), factors(b), side)[0] for a, b in cross
-                ]
-        if entry:
-            found[spec.name] = entry
-    return found
-
-
 def finite_mean(values) -> float:
     values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return sum(values) / len(values) if values else float("nan")
@@ -327,41 +265,3 @@ def training_record(result, mem: PeakMemory) -> dict[str, Any]:
         peak_mem_mib=mem.peak_mib,
         peak_mem_delta_mib=mem.delta_mib,
     )
-
-
-def fill_lora_similarity(out: Path, config: Any, results: dict[str, dict[str, Any]]) -> None:
-    """Add ``svd.similarity_to_lora*`` to the records that lack it because their reference
-    LoRA run ran in another process.
-
-    The rule is the one-process loop's: a trained run's reference is the first finished LoRA
-    run of its seed *earlier in the plan*; runs without one (the first LoRA row itself, rows
-    before it) get none. Read from the saved adapters; a reference that cannot be read leaves
-    the record as it is.
-    """
-    reference: dict[int, Path] = {}
-    for row, seed in plan_runs(config):
-        key = run_key(row, seed)
-        record = results.get(key)
-        run_dir = run_folder(out, row.name, seed)
-        svd = (record or {}).get("svd")
-        if (
-            seed in reference
-            and record is not None
-            and record.get("status") == "ok"
-            and row.trains
-            and isinstance(svd, dict)
-            and "similarity_to_lora" not in svd
-        ):
-            try:  # factor_similarity leaves MixLoRA's experts out
-                ours = read_factors(run_dir / "adapter")
-                theirs = read_factors(reference[seed])
-            except (OSError, ValueError):
-                ours = None
-            if ours is not None:
-                svd.update(similarity_fields(ours, theirs))
-        if (
-            record is not None
-            and record.get("variant") == REFERENCE_VARIANT
-            and record.get("status") == "ok"
-        ):
-            reference.setdefault(seed, run_dir / "adapter")

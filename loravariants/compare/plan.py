@@ -1,26 +1,21 @@
-"""Plan a comparison: the (row, seed) runs, each row's adapter overrides (parameter matching
-included), the evaluation lengths, and whether an output folder's finished runs belong to this
-experiment (resumption).
+"""Plan a comparison: the (row, seed) runs and a shard's share of them, each row's adapter
+overrides (parameter matching: the rank whose adapter has the wanted size), and the
+evaluation lengths. Nothing here reads or writes a record (that is :mod:`.records`).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from collections.abc import Callable
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ..config import ExperimentConfig, RunSpec, load_adapter_spec
 from ..inject import attach
-from ..utils import config_differences, printable
 
-# the variant every row is compared with (subspace similarity, paired differences): the
-# report's reference, by design, whichever variants the experiment holds
-REFERENCE_VARIANT = "lora"
 MATCH_TOLERANCE = 0.10
 
 
@@ -131,193 +126,56 @@ def plan_runs(config: ExperimentConfig) -> list[tuple[RunSpec, int]]:
     return plan
 
 
-def run_key(row: RunSpec, seed: int) -> str:
-    return f"{row.name}/seed{seed}"
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (0-based) of ``count``."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
-def run_folder(out: Path, row_name: str, seed: int) -> Path:
-    """Where one run's adapter, metrics and error file go: ``out/runs/<row>/seed<s>``."""
-    return out / "runs" / row_name / f"seed{seed}"
-
-
-# may differ between a comparison and its resumption: more seeds or rows, another folder
-_RESUMABLE_KEYS = {"seeds", "runs", "output_dir", "spec_dir"}
-# ... and, inside a section, bookkeeping that changes no record: trackers, validation curves
-_RESUMABLE_FIELDS = {"train": ("report_to", "eval_every")}
-# fields newer than some saved configs: a saved config without one had its default
-_NEWER_FIELDS = {
-    "eval": {
-        "lm_eval": [],
-        "lm_eval_include": None,
-        "lm_eval_limit": None,
-        "lm_eval_batch_size": 8,
-    },
-    "train": {"report_to": [], "eval_every": 0},
-}
-
-
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A config dict with the newer fields filled in and the bookkeeping fields left out."""
-    config = dict(config)
-    for section, defaults in _NEWER_FIELDS.items():
-        if isinstance(config.get(section), dict):
-            config[section] = {**defaults, **config[section]}
-    for section, keys in _RESUMABLE_FIELDS.items():
-        if isinstance(config.get(section), dict):
-            config[section] = {k: v for k, v in config[section].items() if k not in keys}
-    return config
-
-
-def check_same_experiment(out: Path, saved: dict[str, Any], config: ExperimentConfig) -> None:
-    """Finished runs are reused only by the experiment that made them.
-
-    A rerun may add seeds or rows; any other change (budget, data, base model, a row's
-    adapter or overrides) would silently mix runs of two experiments in one table.
+def parse_shard(spec: str) -> Shard:
+    """``"i/N"`` -> :class:`Shard`: ``N >= 1`` shards, ``0 <= i < N`` (0-based, as a Kubernetes
+    completion index or ``SLURM_ARRAY_TASK_ID`` of ``--array=0-(N-1)``).
 
     Raises:
-        ValueError: naming the first differences.
+        ValueError: one line naming the spec and the allowed form.
     """
-    now = _comparable(config_dict(config))
-    differ = config_differences(_comparable(saved), now, _RESUMABLE_KEYS, show=json.dumps)
-    saved_rows = {r.get("name"): r for r in saved.get("runs") or []}
-    differ += [
-        f"runs[{r['name']}] changed"
-        for r in now["runs"]
-        if r["name"] in saved_rows and saved_rows[r["name"]] != r
-    ]
-    if differ:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec or "")
+    if match is None:
         raise ValueError(
-            f"{out} holds results of a different experiment ({'; '.join(differ[:3])}); "
-            "choose another output_dir, or move that folder away to start over"
+            f"--shard must be i/N with whole numbers, 0 <= i < N (e.g. 0/4), got {spec!r}"
         )
-
-
-def load_results(out: Path, config: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    """The finished runs in ``out``, checked to come from this experiment."""
-    file = out / "results.json"
-    if not file.is_file() and not file.is_symlink():
-        return {}
-    data = read_records(file, "results file", "move it away to start over")
-    results = {r["key"]: r for r in data["runs"]}
-    if results:
-        check_same_experiment(out, data.get("config") or {}, config)
-    return results
-
-
-# the largest records store read (a few KB per run: a million runs would still fit)
-MAX_RECORDS_BYTES = 1 << 30
-
-# the fields of a record that other code reads, and what each must be (others are kept as
-# they are); a value of the wrong type would otherwise fail every later write of the report
-_NUMBER = (int, float)
-_RECORD_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    **{
-        name: (_NUMBER, "a number or null")
-        for name in (
-            "final_loss",
-            "tokens",
-            "tokens_per_s",
-            "wall_s",
-            "peak_mem_mib",
-            "peak_mem_delta_mib",
-            "elapsed_s",
-            "trainable_params",
-            "adapter_params",
-            "total_params",
-            "matched_params",
-            "context",
-            "native_context",
+    index, count = int(match[1]), int(match[2])
+    if count < 1:
+        raise ValueError(f"--shard {spec}: the number of shards N must be >= 1")
+    if index >= count:
+        raise ValueError(
+            f"--shard {spec}: the shard index must be in 0..{count - 1} (0-based) for N={count}"
         )
-    },
-    **{
-        name: ((str,), "a string or null") for name in ("reason", "variant", "attention", "adapter")
-    },
-    **{
-        name: ((dict,), "a mapping or null")
-        for name in ("ppl", "passkey", "svd", "metric_errors", "adapter_config", "match_params")
-    },
-    **{name: ((list,), "a list or null") for name in ("loss_curve", "trainable")},
-    "concurrent": ((bool,), "true, false or null"),
-}
+    return Shard(index, count)
 
 
-def read_records(file: Path, what: str, hint: str) -> dict[str, Any]:
-    """A records store (``results.json``, a shard's file) read and checked whole.
+def shard_plan(plan: list, shard: Shard) -> list:
+    """The shard's share of the plan: every N-th run from position i (rows x seeds spread
+    round-robin, so each shard gets a mix of rows and seeds)."""
+    return plan[shard.index :: shard.count]
 
-    Raises:
-        ValueError: one line naming ``file`` and what is wrong with it (not readable, not
-            UTF-8 JSON, too large or too deeply nested, or of the wrong shape), then ``hint``.
-    """
+
+def row_variant(config: ExperimentConfig, row: RunSpec) -> str | None:
+    """The variant a row's adapter spec names (``None``: an untrained row, or a spec that
+    cannot be read, which the run itself then reports)."""
+    if not row.trains:
+        return None
     try:
-        if file.is_symlink():
-            raise ValueError(f"{file}: is a link, not a {what} loravariants wrote; {hint}")
-        if file.stat().st_size > MAX_RECORDS_BYTES:
-            raise ValueError(f"{file}: larger than {MAX_RECORDS_BYTES >> 20} MiB; {hint}")
-        raw = file.read_bytes()
-    except OSError as e:
-        raise ValueError(f"{file}: cannot be read ({e.strerror or e}); {hint}") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{file}: not a {what} (not UTF-8 text); {hint}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: corrupt {what} ({e}); {hint}") from None
-    except RecursionError:
-        raise ValueError(f"{file}: not a {what} (nested too deeply); {hint}") from None
-    problem = records_problem(data)
-    if problem:
-        raise ValueError(f"{file}: not a {what} of loravariants ({problem}); {hint}")
-    return data
-
-
-def records_problem(data: Any) -> str | None:
-    """What is wrong with a parsed records store, or None: a mapping whose ``runs`` is a list
-    of records, each with a string ``key`` equal to ``<row>/seed<seed>``, a ``status`` and
-    fields of the types :data:`_RECORD_FIELDS` gives."""
-    if not isinstance(data, dict):
-        return f"a JSON {type(data).__name__}, not a mapping"
-    runs = data.get("runs")
-    if not isinstance(runs, list):
-        return '"runs" is missing' if runs is None else f'"runs" is a {type(runs).__name__}'
-    if not isinstance(data.get("config", {}), dict):
-        return '"config" is not a mapping'
-    keys = set()
-    for i, record in enumerate(runs):
-        if not isinstance(record, dict):
-            return f"runs[{i}] is a {type(record).__name__}, not a mapping"
-        row, seed, key = record.get("row"), record.get("seed"), record.get("key")
-        if not isinstance(row, str) or not isinstance(seed, int) or isinstance(seed, bool):
-            return f"runs[{i}] lacks a string row and an integer seed"
-        if key != f"{row}/seed{seed}":
-            return f"runs[{i}].key is {_show(key)}, not {row}/seed{seed}"
-        if key in keys:
-            return f"runs[{i}] repeats {key}"
-        keys.add(key)
-        if record.get("status") not in ("ok", "failed"):
-            return f'runs[{i}].status must be "ok" or "failed", got {_show(record.get("status"))}'
-        for name, (types, kind) in _RECORD_FIELDS.items():
-            value = record.get(name)
-            bad = value is not None and (
-                not isinstance(value, types) or (bool not in types and isinstance(value, bool))
-            )
-            if bad:
-                return f"runs[{i}].{name} must be {kind}, got {_show(value)}"
-        for name in ("ppl", "passkey"):
-            for length, value in (record.get(name) or {}).items():
-                if value is not None and (
-                    not isinstance(value, _NUMBER) or isinstance(value, bool)
-                ):
-                    return f"runs[{i}].{name}[{_show(length)}] must be a number, got {_show(value)}"
-    return None
-
-
-def _show(value: Any) -> str:
-    return printable(repr(value), limit=60)
-
-
-def config_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """The experiment as plain JSON values (as results.json records it)."""
-    return json.loads(json.dumps(asdict(config), default=str))
+        return load_adapter_spec(
+            row.adapter, config.adapter_overrides(row), config.spec_dir
+        ).variant
+    except (OSError, ValueError):
+        return None
 
 
 def matched_overrides(

@@ -19,7 +19,7 @@ from ..analysis.plots import figure, mean_spectrum, plain_log_ticks
 from ..io import read_factors
 from ..stats import mean_ci
 from ..utils import atomic_write
-from .plan import run_folder
+from .records import run_folder
 
 __all__ = ["make_report_plots", "smooth", "layer_of"]
 

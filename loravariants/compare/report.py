@@ -1,5 +1,8 @@
 """Write a comparison's outputs, each file atomically: results.json (every record and the
 summary), results.csv (one line per run), report.md (tables and sections) and the plots.
+
+Rendering only: the records arrive measured (each run's own measures, then the cross-run
+measures of :mod:`.crossrun`); the statistics come from :mod:`.summary` and :mod:`.findings`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from ..config import ExperimentConfig
 from ..shipped_base import base_weights_sha256
 from ..utils import atomic_write
 from .findings import findings_section
-from .measure import fill_lora_similarity, seed_to_seed_similarity
-from .plan import REFERENCE_VARIANT, config_dict
 from .plots import make_report_plots
+from .records import RESULTS_SCHEMA_VERSION, config_dict
 from .summary import (
     SHARED_WHEN_CONCURRENT,
     SUMMARY_METRICS,
@@ -33,7 +35,7 @@ from .summary import (
     summarize,
 )
 
-RESULTS_SCHEMA_VERSION = 1
+__all__ = ["CSV_FIELDS", "RESULTS_SCHEMA_VERSION", "summary_table", "write_outputs"]
 
 
 def write_outputs(
@@ -41,17 +43,20 @@ def write_outputs(
     config: ExperimentConfig,
     results: dict[str, dict[str, Any]],
     base_path: str | None,
+    seed_to_seed: dict[str, dict[str, list[float]]] | None = None,
+    reference: str | None = None,
 ) -> None:
     """Rewrite results.json, results.csv, report.md and the plots (each file atomically).
 
-    ``base_path``: the resolved base model, recorded in results.json.
+    Args:
+        out: the output folder.
+        config: the experiment.
+        results: ``{run key: record}``, cross-run measures included.
+        base_path: the resolved base model, recorded in results.json.
+        seed_to_seed, reference: the cross-run measures' seed-to-seed similarities and
+            reference row (:class:`~loravariants.compare.crossrun.CrossRun`).
     """
-    fill_lora_similarity(out, config, results)  # runs whose LoRA reference ran in a shard
-    try:
-        seed_to_seed = seed_to_seed_similarity(out, config, results)
-    except Exception:  # an unreadable adapter must never lose the numbers
-        seed_to_seed = {}
-    summary = summarize(config, results, seed_to_seed)
+    summary = summarize(config, results, seed_to_seed, reference)
     base_sha256 = base_weights_sha256(base_path)  # the same base on every machine: compare it
     payload = {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -240,7 +245,7 @@ def _similarity_section(summary: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in summary if any(k.startswith("sim.") for k in r)]
     if not rows:
         return []
-    lora = [r for r in rows if r.get("variant") == REFERENCE_VARIANT]
+    lora = [r for r in rows if r.get("reference")]
     baseline = lora[0].get("sim.seed_to_seed_left") if lora else None
     head = (
         f"{_fmt(baseline, '{:.3f}')} ({lora[0]['row']} at one seed vs another)"

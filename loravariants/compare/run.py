@@ -2,11 +2,14 @@
 of one base, then measured; results and the report rewritten after every run.
 
     compare(config)
-      plan      rows x seeds, adapter overrides (match_params), resumption check   (plan.py)
+      plan      rows x seeds, adapter overrides (match_params)                     (plan.py)
+      records   finished runs of this experiment (results.json, shards)            (records.py)
       env       base model, tokenizer and data, loaded once                        (env.py)
-      for each run not done yet:
+      for each run not done yet, one record:
         fresh base -> extend context -> attach -> train (PeakMemory) -> save adapter
-        -> measure: perplexity, passkey, SVD, layer statistics, similarity      (measure.py)
+        -> measure: perplexity, passkey, SVD, layer statistics                   (measure.py)
+      after each record (the write set: every record so far):
+        -> cross-run measures: similarity to the seed's reference, seed to seed  (crossrun.py)
         -> write results.json / results.csv / report.md / plots                  (report.py)
 
 A run that fails is recorded with its reason and the others go on; finished runs are never
@@ -48,27 +51,22 @@ from ..utils import (
     recover_folder,
 )
 from . import measure
+from .crossrun import CrossRunMeasures
 from .env import Environment, load_environment
 from .feasible import check_feasible
 from .measure import PeakMemory, training_record
-from .plan import (
-    REFERENCE_VARIANT,
-    load_results,
-    matched_overrides,
-    plan_runs,
-    run_folder,
-    run_key,
-)
+from .plan import Shard, eval_lengths, matched_overrides, plan_runs, shard_plan
 from .progress import GridClock, run_line
-from .report import write_outputs
-from .shard import (
-    Shard,
+from .records import (
+    load_results,
     merge_records,
     read_shard_records,
-    shard_lock,
-    shard_plan,
+    run_folder,
+    run_key,
     write_shard_records,
 )
+from .report import write_outputs
+from .shard import shard_lock
 
 
 def compare(
@@ -175,7 +173,9 @@ def _compare(
         plan = shard_plan(plan, shard)
     write = _writer(out, config, env, shard, {k: results[k] for k in _keys(plan) if k in results})
     if config.concurrent:
-        _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log)
+        _concurrent_groups(
+            config, plan, results, env, out, overrides, matched, progress, write, log
+        )
     clock = GridClock()  # the per-run line and the grid's ETA (compare/progress.py)
     for i, (row, seed) in enumerate(plan, 1):
         key = run_key(row, seed)
@@ -198,12 +198,6 @@ def _compare(
             write(results, key)
             clock.add(row.name, record["elapsed_s"])
             log(f"{where}: {run_line(record)}{clock.eta(_left(config, plan[i:], results))}")
-        # a shard sees part of the plan: its first LoRA run of a seed need not be the plan's
-        # first, so shards leave the similarity to LoRA to the merge (fill_lora_similarity)
-        record = results[key]
-        reference = record.get("variant") == REFERENCE_VARIANT and record.get("status") == "ok"
-        if shard is None and reference:
-            env.lora_reference.setdefault(seed, run_dir / "adapter")
     return out
 
 
@@ -237,11 +231,14 @@ def _writer(
     own: dict[str, dict[str, Any]],
 ) -> Callable[[dict[str, dict[str, Any]], str], None]:
     """After each run: rewrite the whole output (one process), or only the shard's own file
-    (``own``: its records, those of an earlier attempt of this shard included)."""
+    (``own``: its records, those of an earlier attempt of this shard included). A shard sees
+    part of the plan, so it leaves the cross-run measures to the merge."""
+    cross_run = CrossRunMeasures(out)  # reads each adapter, and measures each pair, once
 
-    def write(results: dict[str, dict[str, Any]], key: str) -> None:
+    def write(results: dict[str, dict[str, Any]], key: str | None = None) -> None:
         if shard is None:
-            write_outputs(out, config, results, env.base_path)
+            cross = cross_run.measure(config, results)
+            write_outputs(out, config, results, env.base_path, cross.seed_to_seed, cross.reference)
         else:
             own[key] = results[key]
             write_shard_records(out, shard, config, own, env.base_path)
@@ -285,7 +282,9 @@ def _run_recorded(config, row, seed, env, run_dir, overrides, progress, log) -> 
     return record
 
 
-def _concurrent_groups(config, plan, results, env, out, overrides, matched, progress, log) -> None:
+def _concurrent_groups(
+    config, plan, results, env, out, overrides, matched, progress, write, log
+) -> None:
     """``concurrent: true``: per seed, the trained rows not yet done run together."""
     for seed in config.seeds:
         rows = [
@@ -313,7 +312,7 @@ def _concurrent_groups(config, plan, results, env, out, overrides, matched, prog
                 record.update(status="failed", reason=failure)
             results[run_key(row, seed)] = _with_match(record, matched.get(row.name))
             _log_metric_errors(record, log)
-        write_outputs(out, config, results, env.base_path)
+        write(results)
 
 
 def _log_metric_errors(record: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -342,8 +341,8 @@ def _retry_metrics(
         if row.trains:  # the saved adapter carries its exact config (COLA: its whole chain)
             name = "default"
             load_adapter(model, run_dir / "adapter", name=name)
-        native = record["native_context"]
-        fresh = measure.evaluate_run(model, config, env, seed, native, name, progress)
+        lengths = eval_lengths(config, record["native_context"])
+        fresh = measure.evaluate_run(model, config, env, seed, lengths, name, progress)
     except Exception as e:  # the run stays kept; the old errors stay
         failed.update({m: f"{type(e).__name__}: {e} (retry)" for m in failed})
         return
@@ -446,8 +445,8 @@ def _run_one(
             load_adapter(model, run_dir / "adapter", name=name)
     else:
         record.update(variant="none", trainable_params=0, adapter_params=0)
-    native = record["native_context"]
-    record.update(measure.evaluate_run(model, config, env, seed, native, name, progress))
+    lengths = eval_lengths(config, record["native_context"])
+    record.update(measure.evaluate_run(model, config, env, seed, lengths, name, progress))
     return record
 
 
@@ -511,19 +510,14 @@ def _run_concurrent(
     ]
     with PeakMemory(env.device) as mem:
         results = train_concurrent(model.to(env.device), jobs, progress=progress)
-    # the first LoRA row goes first: as in sequential runs, it is the reference subspace for
-    # the rows evaluated after it
-    lora_rows = [r for r in rows if records[r.name].get("variant") == REFERENCE_VARIANT]
-    for row in lora_rows[:1] + [r for r in rows if r not in lora_rows[:1]]:
+    lengths = eval_lengths(config, common["native_context"])
+    for row in rows:
         name = names[row.name]
-        run_dir = run_folder(out, row.name, seed)
-        save_adapter(model, run_dir / "adapter", format="native", name=name)
+        save_adapter(model, run_folder(out, row.name, seed) / "adapter", format="native", name=name)
         records[row.name].update(training_record(results[name], mem), concurrent=True)
         set_active_adapters(model, [name])
         records[row.name].update(
-            measure.evaluate_run(model, config, env, seed, common["native_context"], name, progress)
+            measure.evaluate_run(model, config, env, seed, lengths, name, progress)
         )
-        if records[row.name].get("variant") == REFERENCE_VARIANT:
-            env.lora_reference.setdefault(seed, run_dir / "adapter")
     set_active_adapters(model, None)
     return records

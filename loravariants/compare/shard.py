@@ -26,33 +26,32 @@ Writers on one output folder, and how none loses a record:
 
 Metrics that compare a run with *another* run (``similarity_to_lora``: a row's adapter against
 the same seed's first LoRA row, which may have run in another shard) are left out by the shards
-and filled in from the saved adapters when the results are written
-(:func:`loravariants.compare.measure.fill_lora_similarity`), for exactly the runs a one-process
-comparison gives them.
+and computed from the saved adapters when the results are written
+(:mod:`loravariants.compare.crossrun`), as for a one-process comparison.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._version import __version__
 from ..distributed import refuse_launched
-from ..utils import OutputLocked, atomic_write, check_output_dir, output_lock
-from .plan import (
-    check_same_experiment,
-    config_dict,
+from ..utils import OutputLocked, check_output_dir, output_lock
+from .crossrun import CrossRunMeasures
+from .plan import Shard, parse_shard, plan_runs, shard_plan
+from .records import (
+    SHARDS_DIR,
     load_results,
-    plan_runs,
-    read_records,
+    merge_records,
+    read_shard_records,
     run_key,
+    shard_file,
+    write_shard_records,
 )
-from .report import RESULTS_SCHEMA_VERSION, write_outputs
+from .report import write_outputs
 
 __all__ = [
     "Shard",
@@ -66,51 +65,6 @@ __all__ = [
     "missing_runs",
     "merge_shards",
 ]
-
-SHARDS_DIR = "shards"
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard ``index`` (0-based) of ``count``."""
-
-    index: int
-    count: int
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-
-def parse_shard(spec: str) -> Shard:
-    """``"i/N"`` -> :class:`Shard`: ``N >= 1`` shards, ``0 <= i < N`` (0-based, as a Kubernetes
-    completion index or ``SLURM_ARRAY_TASK_ID`` of ``--array=0-(N-1)``).
-
-    Raises:
-        ValueError: one line naming the spec and the allowed form.
-    """
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec or "")
-    if match is None:
-        raise ValueError(
-            f"--shard must be i/N with whole numbers, 0 <= i < N (e.g. 0/4), got {spec!r}"
-        )
-    index, count = int(match[1]), int(match[2])
-    if count < 1:
-        raise ValueError(f"--shard {spec}: the number of shards N must be >= 1")
-    if index >= count:
-        raise ValueError(
-            f"--shard {spec}: the shard index must be in 0..{count - 1} (0-based) for N={count}"
-        )
-    return Shard(index, count)
-
-
-def shard_plan(plan: list, shard: Shard) -> list:
-    """The shard's share of the plan: every N-th run from position i (rows x seeds spread
-    round-robin, so each shard gets a mix of rows and seeds)."""
-    return plan[shard.index :: shard.count]
-
-
-def shard_file(out: Path, shard: Shard) -> Path:
-    return out / SHARDS_DIR / f"shard-{shard.index}-of-{shard.count}.json"
 
 
 @contextlib.contextmanager
@@ -139,70 +93,6 @@ def shard_lock(out: Path, shard: Shard) -> Iterator[None]:
         yield
 
 
-def _rank(record: dict[str, Any]) -> int:
-    if record.get("status") != "ok":
-        return 0
-    return 1 if record.get("metric_errors") else 2
-
-
-def merge_records(
-    base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """``base`` with ``extra``'s records added; a run in both keeps the better record (ok >
-    ok with failed metrics > failed; a tie keeps ``base``'s)."""
-    merged = dict(base)
-    for key, record in extra.items():
-        if key not in merged or _rank(record) > _rank(merged[key]):
-            merged[key] = record
-    return merged
-
-
-def read_shard_records(out: Path, config: Any) -> dict[str, dict[str, Any]]:
-    """Every record in ``out/shards/*.json``, each file checked to come from ``config``'s
-    experiment.
-
-    Raises:
-        ValueError: a shard file is not JSON, or holds records of a different experiment.
-    """
-    folder = out / SHARDS_DIR
-    records: dict[str, dict[str, Any]] = {}
-    if not folder.is_dir():
-        return records
-    for file in sorted(folder.glob("shard-*-of-*.json")):
-        # written atomically: a broken file is not a cut write but a hand edit (or not ours)
-        data = read_records(file, "shard file", "rerun that shard")
-        runs = data["runs"]
-        if runs:
-            try:
-                check_same_experiment(out, data.get("config") or {}, config)
-            except ValueError as e:
-                raise ValueError(f"{file}: {e}") from None
-        records = merge_records(records, {r["key"]: r for r in runs})
-    return records
-
-
-def write_shard_records(
-    out: Path,
-    shard: Shard,
-    config: Any,
-    records: dict[str, dict[str, Any]],
-    base_model: str | None = None,
-) -> Path:
-    """Rewrite this shard's file atomically with ``records`` (its own runs only);
-    ``base_model``: the resolved base-model path, for the merged results.json."""
-    file = shard_file(out, shard)
-    payload = {
-        "schema_version": RESULTS_SCHEMA_VERSION,
-        "library_version": __version__,
-        "shard": str(shard),
-        "base_model": base_model,
-        "config": config_dict(config),
-        "runs": list(records.values()),
-    }
-    atomic_write(file, json.dumps(payload, indent=2, default=str))
-    return file
-
-
 def merge_shards(config: Any) -> Path:
     """``compare --merge``: the shards' records (and those of results.json) into results.json,
     results.csv, report.md and the plots. Runs nothing, loads no model or data.
@@ -224,7 +114,8 @@ def merge_shards(config: Any) -> Path:
         results = merge_records(previous, read_shard_records(out, config))
         if not results:
             raise ValueError(f"nothing to merge: no shard in {folder} has finished a run yet")
-        write_outputs(out, config, results, _base_model(out))
+        cross = CrossRunMeasures(out).measure(config, results)
+        write_outputs(out, config, results, _base_model(out), cross.seed_to_seed, cross.reference)
     return out
 
 

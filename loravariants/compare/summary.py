@@ -10,7 +10,6 @@ from typing import Any
 from ..adapters.base import VARIANTS, AdapterConfig
 from ..config import ExperimentConfig
 from ..stats import mean_ci, min_max, paired_difference
-from .plan import REFERENCE_VARIANT
 
 SUMMARY_METRICS = [
     ("trainable_params", "trainable params", "{:,.0f}"),
@@ -72,13 +71,15 @@ def summarize(
     config: ExperimentConfig,
     results: dict[str, dict[str, Any]],
     seed_to_seed: dict[str, dict[str, list[float]]] | None = None,
+    reference: str | None = None,
 ) -> list[dict[str, Any]]:
     """One summary row per comparison row: mean and 95% CI of every metric over seeds.
 
     Also per row: the variant, its rank(s) and target modules, the adapter parameter count,
     min-max of the timings (``<metric>_range``), whether timings are shared group figures
     (``concurrent``), the ``match_params`` outcome, and (``seed_to_seed``, from
-    :func:`seed_to_seed_similarity`) the row's own seed-to-seed subspace similarity.
+    :func:`seed_to_seed_similarity`) the row's own seed-to-seed subspace similarity;
+    ``reference``: the cross-run measures' reference row, flagged ``"reference"``.
     """
     rows = []
     for spec in config.runs:
@@ -97,6 +98,7 @@ def summarize(
             "targets": _targets(first.get("adapter_config")) if spec.trains else "—",
             "trainable": list(spec.trainable),
             "concurrent": any(r.get("concurrent") for r in ok),
+            "reference": spec.name == reference,
         }
         if failed:
             row["reason"] = failed[0]["reason"]
@@ -173,7 +175,8 @@ def paired_differences(
 ) -> tuple[str | None, dict[str, dict[str, Any]]]:
     """Every trained row against a reference row, per seed, on each quality metric.
 
-    The reference is the first trained LoRA row (else the first trained row). Metrics: final
+    The reference is the row ``summarize`` flagged (the cross-run measures' reference row),
+    else the first trained row. Metrics: final
     train loss, perplexity at every evaluated length and every lm-eval task.
 
     Returns:
@@ -183,7 +186,7 @@ def paired_differences(
     if len(trained) < 2:
         return None, {}
     by_name = {r["row"]: r for r in summary}
-    lora = [n for n in trained if by_name[n].get("variant") == REFERENCE_VARIANT]
+    lora = [n for n in trained if by_name[n].get("reference")]
     reference = (lora or trained)[0]
     metrics = ["final_loss"] + sorted(
         {k for n in trained for k in by_name[n] if k.startswith("ppl@")},
