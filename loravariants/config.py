@@ -47,7 +47,13 @@ ADAPTER_SPEC_DIR = _data_dir("specs", "adapters")
 #: the built-in experiment configs (the repository's ``configs/``)
 CONFIG_DIR = _data_dir("configs", "configs")
 TRAINABLE_CHOICES = ("embed", "norm")
-ATTENTION_CHOICES = ("s2_attn", "sdpa", "eager")
+# `trainable: [all]`: every base parameter trains (full fine-tuning, with `adapter: none`)
+FULL_FINETUNE = "all"
+# s2_attn_noshift: S2-Attn's groups without the shifted half of the heads (LongLoRA Table 1)
+ATTENTION_CHOICES = ("s2_attn", "s2_attn_noshift", "sdpa", "eager")
+TRAIN_LENGTH_CHOICES = ("target", "native")
+# the share of documents held out for learning-rate selection when `lr_grid` is set
+DEFAULT_SELECTION_FRACTION = 0.05
 # a row name becomes a folder name (runs/<name>/seed<s>): no separators, no `..`, no hidden name
 ROW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
 # a parsed YAML document may hold at most this many values once aliases are expanded (an alias
@@ -128,6 +134,9 @@ class DataConfig:
         passkey_fraction: share of training blocks replaced by a passkey prompt and its answer
             (``data/retrieval.py``), in [0, 1); the same blocks for every row and seed.
         kv_fraction: share replaced by key-value lookups spread through code, in [0, 1).
+        selection_fraction: share of documents held out for ``lr_grid`` selection, in (0, 1),
+            disjoint from the validation documents and from the training documents (None:
+            :data:`DEFAULT_SELECTION_FRACTION` when ``lr_grid`` is set, else none held out).
     """
 
     source: str = "stdlib"
@@ -136,6 +145,7 @@ class DataConfig:
     validation_fraction: float = 0.05
     passkey_fraction: float = 0.0
     kv_fraction: float = 0.0
+    selection_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
@@ -153,6 +163,20 @@ class DataConfig:
         )
         for name in ("passkey_fraction", "kv_fraction"):
             check_range(f"data.{name}", getattr(self, name), low=0, high=1, high_open=True)
+        if self.selection_fraction is not None:
+            check_range(
+                "data.selection_fraction",
+                self.selection_fraction,
+                low=0,
+                high=1,
+                low_open=True,
+                high_open=True,
+            )
+            if self.validation_fraction + self.selection_fraction >= 1:
+                raise ValueError(
+                    "data.validation_fraction + data.selection_fraction must be below 1 (the "
+                    f"rest trains), got {self.validation_fraction} + {self.selection_fraction}"
+                )
         if self.passkey_fraction + self.kv_fraction >= 1:
             raise ValueError(
                 f"data.passkey_fraction + data.kv_fraction must be below 1, got "
@@ -167,7 +191,8 @@ class ContextConfig:
     Attributes:
         target_length: training context in tokens; ``None`` keeps the native context.
         method: position interpolation: ``linear`` (LongLoRA), ``dynamic`` or ``yarn``.
-        attention: training attention: ``s2_attn`` (LongLoRA), ``sdpa`` or ``eager`` (full).
+        attention: training attention: ``s2_attn`` (LongLoRA), ``s2_attn_noshift`` (its
+            groups without the shifted half, LongLoRA Table 1), ``sdpa`` or ``eager`` (full).
         group_size_ratio: S2-Attn group size as a share of the sequence, in (0, 1].
         factor_rounding: ``exact`` (factor = target / native) or ``ceil`` (rounded up to an
             integer, as LongLoRA's scripts do: 256 -> 1000 gives 4, not 3.90625).
@@ -206,7 +231,8 @@ class EvalConfig:
     Attributes:
         lengths: context lengths for perplexity; ``None``: native, 2x and 4x... up to the
             training context.
-        max_tokens: validation tokens scored at every length (same tokens for all lengths).
+        max_tokens: validation tokens scored at every length (same tokens for all lengths);
+            ``None``: the whole validation split.
         stride_ratio: sliding-window stride as a share of the length, in (0, 1).
         passkey_lengths: prompt lengths for passkey retrieval (empty: skipped).
         passkey_trials: prompts per length.
@@ -218,7 +244,7 @@ class EvalConfig:
     """
 
     lengths: list[int] | None = None
-    max_tokens: int = 16384
+    max_tokens: int | None = 16384
     stride_ratio: float = 0.5
     passkey_lengths: list[int] = field(default_factory=list)
     passkey_trials: int = 10
@@ -230,7 +256,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.lengths is not None:
             self.lengths = _int_list("eval.lengths", self.lengths, low=2)
-        check_range("eval.max_tokens", self.max_tokens, low=2, integer=True)
+        if self.max_tokens is not None:
+            check_range("eval.max_tokens", self.max_tokens, low=2, integer=True)
         check_range(
             "eval.stride_ratio", self.stride_ratio, low=0, high=1, low_open=True, high_open=True
         )
@@ -265,9 +292,17 @@ class RunSpec:
             then the built-in ``adapters/``), a built-in spec name (``lora``, ``cola``,
             ``multilora``, ``mixlora``), or ``none`` for an evaluation-only baseline.
         overrides: adapter fields changed from the spec.
-        trainable: whole modules trained with the adapter: any of ``embed``, ``norm``.
+        trainable: whole modules trained with the adapter: any of ``embed``, ``norm``; or
+            ``[all]`` with ``adapter: none``: full fine-tuning, every base parameter trains.
         extend_context: apply the experiment's context extension (False: native positions).
         attention: training attention for this row (default: the experiment's).
+        comparator: the row this one is contrasted against (``this - comparator``): the row
+            that differs from it only in the factor under test. Report only: no run changes.
+        question: what that contrast asks, a few words (None: derived). Report only.
+        lr: this row's learning rate (None: ``train.lr``, or the ``lr_grid`` selection's).
+        train_length: ``target`` (the experiment's context) or ``native``: train at the base's
+            native length on the same tokens (the batch scaled by target / native), without
+            position interpolation -- the "more in-domain training" control for LongLoRA.
     """
 
     name: str
@@ -276,6 +311,10 @@ class RunSpec:
     trainable: list[str] = field(default_factory=list)
     extend_context: bool = True
     attention: str | None = None
+    comparator: str | None = None
+    question: str | None = None
+    lr: float | None = None
+    train_length: str = "target"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not ROW_NAME.fullmatch(self.name):
@@ -306,12 +345,25 @@ class RunSpec:
                 f"runs[{self.name}].extend_context must be true or false, "
                 f"got {self.extend_context!r}"
             )
-        bad = sorted(set(self.trainable) - set(TRAINABLE_CHOICES))
-        if bad:
-            raise ValueError(
-                f"runs[{self.name}].trainable must be a subset of {list(TRAINABLE_CHOICES)}, "
-                f"got {bad}"
-            )
+        self.trainable = list(self.trainable)
+        if FULL_FINETUNE in self.trainable:
+            if self.trainable != [FULL_FINETUNE]:
+                raise ValueError(
+                    f"runs[{self.name}].trainable: [all] trains every parameter and takes no "
+                    f"other entry, got {self.trainable}"
+                )
+            if self.adapter != "none":
+                raise ValueError(
+                    f"runs[{self.name}].trainable: [all] is full fine-tuning, which trains no "
+                    f"adapter: set adapter: none (got {self.adapter!r})"
+                )
+        else:
+            bad = sorted(set(self.trainable) - set(TRAINABLE_CHOICES))
+            if bad:
+                raise ValueError(
+                    f"runs[{self.name}].trainable must be a subset of "
+                    f"{list(TRAINABLE_CHOICES)}, or [all], got {bad}"
+                )
         if self.attention is not None and (
             not isinstance(self.attention, str) or self.attention not in ATTENTION_CHOICES
         ):
@@ -319,10 +371,51 @@ class RunSpec:
                 f"runs[{self.name}].attention must be one of {list(ATTENTION_CHOICES)}, "
                 f"got {self.attention!r}"
             )
+        for key in ("comparator", "question"):
+            _check_str(f"runs[{self.name}].{key}", getattr(self, key), optional=True)
+        if self.comparator == self.name:
+            raise ValueError(f"runs[{self.name}].comparator names the row itself")
+        if self.question is not None and self.comparator is None:
+            raise ValueError(
+                f"runs[{self.name}].question needs a comparator (the row the question is about)"
+            )
+        if self.lr is not None:
+            check_range(f"runs[{self.name}].lr", self.lr, low=0, low_open=True)
+            if not self.trains:
+                raise ValueError(
+                    f"runs[{self.name}].lr is set, but the row trains nothing (adapter: none)"
+                )
+        if not isinstance(self.train_length, str) or self.train_length not in (
+            TRAIN_LENGTH_CHOICES
+        ):
+            raise ValueError(
+                f"runs[{self.name}].train_length must be one of {list(TRAIN_LENGTH_CHOICES)}, "
+                f"got {self.train_length!r}"
+            )
+        if self.train_length == "native":
+            if self.extend_context:
+                raise ValueError(
+                    f"runs[{self.name}].train_length: native trains without position "
+                    "interpolation: set extend_context: false"
+                )
+            if not self.trains:
+                raise ValueError(
+                    f"runs[{self.name}].train_length: native is set, but the row trains nothing"
+                )
+
+    @property
+    def full_finetune(self) -> bool:
+        """Every base parameter trains (``adapter: none``, ``trainable: [all]``)."""
+        return self.trainable == [FULL_FINETUNE]
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter != "none"
 
     @property
     def trains(self) -> bool:
-        return self.adapter != "none"
+        """The row trains: an adapter, or (full fine-tuning) the whole base."""
+        return self.has_adapter or self.full_finetune
 
 
 @dataclass
@@ -345,6 +438,14 @@ class ExperimentConfig:
         concurrent: train all adapters of a seed together on one frozen base.
         output_dir: where results, report and plots go.
         spec_dir: folder the adapter specs are read from (default: the built-in ones).
+        families: Holm families, ``{name: [row, ...]}``: each listed row's contrast (the row
+            minus its ``comparator``) is corrected within that family. Report only. None: one
+            family ``planned`` holding every row with a comparator.
+        lr_grid: candidate learning rates; each trained row without its own ``lr`` trains at
+            the one with the lowest perplexity on the selection split (``data.
+            selection_fraction``, disjoint from validation and training). None: no selection.
+        lr_grid_seeds: the seeds the selection trains on.
+        lr_grid_steps: the selection's training steps (None: ``train.max_steps``).
     """
 
     base_model: str = "default"
@@ -360,6 +461,10 @@ class ExperimentConfig:
     concurrent: bool = False
     output_dir: str = "runs/experiment"
     spec_dir: str | None = None
+    families: dict[str, list[str]] | None = None
+    lr_grid: list[float] | None = None
+    lr_grid_seeds: list[int] = field(default_factory=lambda: [0])
+    lr_grid_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -406,6 +511,95 @@ class ExperimentConfig:
             if self.base_model != "default":
                 raise ValueError("base_model_config only applies to base_model: default")
             self.builtin_base()  # validates the fields
+        self._check_contrasts()
+        self._check_lr_grid()
+        for row in self.runs:
+            if row.train_length == "native" and self.context.target_length is None:
+                raise ValueError(
+                    f"runs[{row.name}].train_length: native needs context.target_length (the "
+                    "length whose tokens it matches)"
+                )
+
+    def _check_contrasts(self) -> None:
+        """Comparators and families name rows of this experiment (report-only fields, but a
+        typo must still fail before any work)."""
+        names = {r.name for r in self.runs}
+        for row in self.runs:
+            if row.comparator is not None and row.comparator not in names:
+                raise ValueError(
+                    f"runs[{row.name}].comparator {row.comparator!r} is not a row "
+                    f"(rows: {sorted(names)})"
+                )
+        if self.families is None:
+            return
+        if not isinstance(self.families, Mapping) or not self.families:
+            raise ValueError(
+                f"families must be a non-empty mapping of name: [row, ...], got {self.families!r}"
+            )
+        with_comparator = {r.name for r in self.runs if r.comparator is not None}
+        for name, rows in self.families.items():
+            _check_str("families key", name)
+            if isinstance(rows, str):  # `ablation: lora` means [lora]
+                rows = [rows]
+            if not isinstance(rows, (list, tuple)) or not rows:
+                raise ValueError(f"families[{name}] must be a non-empty list of rows, got {rows!r}")
+            unknown = [r for r in rows if r not in names]
+            if unknown:
+                raise ValueError(f"families[{name}] names unknown rows {unknown}")
+            lonely = [r for r in rows if r not in with_comparator]
+            if lonely:
+                raise ValueError(
+                    f"families[{name}] lists rows without a comparator {lonely} (a family "
+                    "holds contrasts: give each row its comparator)"
+                )
+            if len(set(rows)) != len(rows):
+                raise ValueError(f"families[{name}] lists a row twice: {list(rows)}")
+            self.families[name] = list(rows)
+        self.families = dict(self.families)
+
+    def _check_lr_grid(self) -> None:
+        """``lr_grid``: positive rates; its seeds and steps; the selection split it needs."""
+        if self.lr_grid is None:
+            if self.data.selection_fraction is not None:
+                raise ValueError(
+                    "data.selection_fraction holds documents out for lr_grid, which is not set"
+                )
+            return
+        if isinstance(self.lr_grid, (int, float)) and not isinstance(self.lr_grid, bool):
+            self.lr_grid = [self.lr_grid]  # `lr_grid: 1e-3` means [1e-3]
+        if not isinstance(self.lr_grid, (list, tuple)) or not self.lr_grid:
+            raise ValueError(
+                f"lr_grid must be a non-empty list of positive learning rates, got {self.lr_grid!r}"
+            )
+        for lr in self.lr_grid:
+            check_range("lr_grid[]", lr, low=0, low_open=True)
+        if len(set(self.lr_grid)) != len(self.lr_grid):
+            raise ValueError(f"lr_grid lists a rate twice: {list(self.lr_grid)}")
+        self.lr_grid = [float(lr) for lr in self.lr_grid]
+        if not isinstance(self.lr_grid_seeds, (list, tuple)) or not self.lr_grid_seeds:
+            raise ValueError(
+                f"lr_grid_seeds must be a non-empty list of integers, got {self.lr_grid_seeds!r}"
+            )
+        self.lr_grid_seeds = list(self.lr_grid_seeds)
+        for s in self.lr_grid_seeds:
+            check_range("lr_grid_seeds[]", s, low=0, high=MAX_SEED, integer=True)
+        if self.lr_grid_steps is not None:
+            check_range("lr_grid_steps", self.lr_grid_steps, low=1, integer=True)
+        if self.data.selection_fraction is None:
+            self.data.selection_fraction = DEFAULT_SELECTION_FRACTION
+            if self.data.validation_fraction + self.data.selection_fraction >= 1:
+                raise ValueError(
+                    "data.validation_fraction leaves no documents for lr_grid's selection "
+                    f"split ({DEFAULT_SELECTION_FRACTION}) and training; lower it"
+                )
+
+    def row_lr(self, row: RunSpec) -> float:
+        """The learning rate ``row`` trains at without a selection: its own, else ``train.lr``."""
+        return row.lr if row.lr is not None else self.train.lr
+
+    def needs_lr_selection(self, row: RunSpec) -> bool:
+        """``lr_grid`` chooses this row's rate: it trains and fixes none itself."""
+        return self.lr_grid is not None and row.trains and row.lr is None
 
     def _check_eval_lengths(self) -> None:
         """Every scored length fits in the ``eval.max_tokens`` validation tokens (a longer one
@@ -413,6 +607,8 @@ class ExperimentConfig:
         lengths = self.eval.lengths or (
             [self.context.target_length] if self.context.target_length else []
         )
+        if self.eval.max_tokens is None:  # the whole split: checked once it is read
+            return
         too_long = [n for n in lengths if n > self.eval.max_tokens]
         if too_long:
             key = "eval.lengths" if self.eval.lengths else "context.target_length"
@@ -437,15 +633,27 @@ class ExperimentConfig:
         bad = [r.name for r in trained if r.trainable]
         if bad:
             raise ValueError(
-                f"concurrent: true, but rows {bad} train embeddings/norms, which one frozen base "
-                "cannot share; drop their `trainable` or set concurrent: false"
+                f"concurrent: true, but rows {bad} train base weights (embeddings/norms/all), "
+                "which one frozen base cannot share; drop their `trainable` or set concurrent: "
+                "false"
+            )
+        if self.lr_grid is not None or any(r.lr is not None for r in trained):
+            raise ValueError(
+                "concurrent: true trains every row in one step at train.lr; drop lr_grid and "
+                "runs[].lr, or set concurrent: false"
+            )
+        native = [r.name for r in trained if r.train_length == "native"]
+        if native:
+            raise ValueError(
+                f"concurrent: true, but rows {native} train at another length (train_length: "
+                "native); set concurrent: false"
             )
 
     def check_adapter_specs(self) -> None:
         """Build every trained row's adapter config now: a typo in a spec name or an override
         is a config error before any work, not a failed run."""
         for row in self.runs:
-            if row.trains:
+            if row.has_adapter:
                 try:
                     load_adapter_spec(row.adapter, self.adapter_overrides(row), self.spec_dir)
                 except (FileNotFoundError, ValueError) as e:

@@ -235,7 +235,7 @@ def test_concurrent_rejects_rows_that_train_base_modules(tmp_path):
         {"name": "a", "adapter": "lora"},
         {"name": "b", "adapter": "lora", "trainable": ["norm"]},
     ]
-    with pytest.raises(ValueError, match=r"rows \['b'\] train embeddings/norms"):
+    with pytest.raises(ValueError, match=r"rows \['b'\] train base weights"):
         _experiment(tmp_path, runs, seeds=[0], concurrent=True)
     assert not (tmp_path / "out").exists()
 

@@ -189,13 +189,13 @@ def matched_overrides(
         ``(overrides by row, match outcome by row)``; the outcome (``target``, ``achieved``,
         ``deviation``) is empty without ``match_params``.
     """
-    overrides = {row.name: config.adapter_overrides(row) for row in config.runs if row.trains}
+    overrides = {row.name: config.adapter_overrides(row) for row in config.runs if row.has_adapter}
     matched: dict[str, dict[str, Any]] = {}
     if not config.match_params:
         return overrides, matched
     tolerance = config.match_params_tolerance
     for row in config.runs:
-        if row.trains:
+        if row.has_adapter:  # full fine-tuning has no rank to match
             overrides[row.name], achieved = match_rank(
                 load_model,
                 row.adapter,

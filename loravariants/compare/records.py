@@ -44,7 +44,15 @@ _NEWER_FIELDS = {
         "lm_eval_batch_size": 8,
     },
     "train": {"report_to": [], "eval_every": 0},
+    "data": {"selection_fraction": None},
 }
+# ... at the top level, and in every row
+_NEWER_TOP_FIELDS = {"lr_grid": None, "lr_grid_seeds": [0], "lr_grid_steps": None}
+_NEWER_ROW_FIELDS = {"lr": None, "train_length": "target"}
+# fields that change only the report (which contrasts, their families), never a run: a finished
+# study may be reported again with new contrast declarations
+_REPORT_ONLY_KEYS = ("families",)
+_REPORT_ONLY_ROW_KEYS = ("comparator", "question")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +64,20 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     for section, keys in _RESUMABLE_FIELDS.items():
         if isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if k not in keys}
+    config = {**_NEWER_TOP_FIELDS, **config}
+    for key in _REPORT_ONLY_KEYS:
+        config.pop(key, None)
+    if isinstance(config.get("runs"), list):
+        config["runs"] = [
+            {
+                k: v
+                for k, v in {**_NEWER_ROW_FIELDS, **row}.items()
+                if k not in _REPORT_ONLY_ROW_KEYS
+            }
+            if isinstance(row, dict)
+            else row
+            for row in config["runs"]
+        ]
     return config
 
 
@@ -69,8 +91,9 @@ def check_same_experiment(out: Path, saved: dict[str, Any], config: ExperimentCo
         ValueError: naming the first differences.
     """
     now = _comparable(config_dict(config))
-    differ = config_differences(_comparable(saved), now, _RESUMABLE_KEYS, show=json.dumps)
-    saved_rows = {r.get("name"): r for r in saved.get("runs") or []}
+    then = _comparable(saved)
+    differ = config_differences(then, now, _RESUMABLE_KEYS, show=json.dumps)
+    saved_rows = {r.get("name"): r for r in then.get("runs") or [] if isinstance(r, dict)}
     differ += [
         f"runs[{r['name']}] changed"
         for r in now["runs"]
