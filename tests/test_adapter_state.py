@@ -1,0 +1,93 @@
+"""Adapter state in one place: routing per thread and per model, the model's own attributes."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import loravariants as lv
+from loravariants.adapters import LoRAConfig
+
+
+class _Block(nn.Module):
+    """``q_proj(wait(x))``: ``wait`` holds every thread until all are inside their
+    ``route_rows`` block, so the routings are all set before any forward reads one."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q_proj = nn.Linear(6, 5)
+        self.barrier: threading.Barrier | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.barrier is not None:
+            self.barrier.wait()
+        return self.q_proj(x)
+
+
+def _model(seed: int, names: tuple[str, ...]) -> _Block:
+    model = _Block(seed)
+    for i, name in enumerate(names):
+        torch.manual_seed(seed * 10 + i)
+        lv.attach(model, LoRAConfig(r=2, init="random", target_modules=["q_proj"]), name=name)
+    return model.eval()
+
+
+def _expected(model: nn.Module, x: torch.Tensor, rows: dict[str, list[int]]) -> torch.Tensor:
+    """Row by row, each through the one adapter it is routed to (or none), one at a time."""
+    out = []
+    owner = {i: n for n, idx in rows.items() for i in idx}
+    for i in range(x.shape[0]):
+        lv.set_active_adapters(model, [owner[i]] if i in owner else [])
+        out.append(model(x[i : i + 1]))
+    lv.set_active_adapters(model, None)
+    return torch.cat(out)
+
+
+def test_route_rows_is_per_thread_across_two_models():
+    """Four threads, two models, each thread its own routing, all set at once: each forward
+    sees its own thread's rows (a process-wide routing gives all of them the last one set)."""
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    one, two = _model(1, ("a", "b")), _model(2, ("c", "d"))
+    jobs = [
+        (one, {"a": [0, 1], "b": [2, 3]}),
+        (one, {"b": [0], "a": [3]}),
+        (two, {"c": [1, 2]}),
+        (two, {"d": [0, 3], "c": [1]}),
+    ]
+    with torch.no_grad():
+        expected = [_expected(m, x, rows) for m, rows in jobs]
+        plain = one(x)
+    barrier = threading.Barrier(len(jobs), timeout=30)
+    one.barrier = two.barrier = barrier
+
+    def run(job):
+        model, rows = job
+        with torch.no_grad(), lv.route_rows({n: torch.tensor(i) for n, i in rows.items()}):
+            return model(x)
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        got = list(pool.map(run, jobs))
+    one.barrier = two.barrier = None
+    for (_, rows), g, e in zip(jobs, got, expected, strict=True):
+        assert_close(g, e, msg=f"routing {rows}")
+    with torch.no_grad():  # nothing left routed on this thread after the threads' blocks
+        assert_close(one(x), plain)
+
+
+def test_route_rows_for_one_model_leaves_another_unrouted():
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    one, two = _model(3, ("a", "b")), _model(4, ("a", "b"))
+    with torch.no_grad():
+        plain_two = two(x)
+        with lv.route_rows({"a": slice(0, 1)}, model=one):
+            routed_one, still_two = one(x), two(x)
+        with lv.route_rows({"a": slice(0, 1)}):  # no model: every model is routed
+            routed_two = two(x)
+    assert_close(routed_one, _expected(one, x, {"a": [0]}))
+    assert_close(still_two, plain_two)
+    assert_close(routed_two, _expected(two, x, {"a": [0]}))
