@@ -21,6 +21,7 @@ class _Block(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.q_proj = nn.Linear(6, 5)
+        self.norm = nn.LayerNorm(5)  # not in forward; a module to mark trainable
         self.barrier: threading.Barrier | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,3 +92,22 @@ def test_route_rows_for_one_model_leaves_another_unrouted():
     assert_close(routed_one, _expected(one, x, {"a": [0]}))
     assert_close(still_two, plain_two)
     assert_close(routed_two, _expected(two, x, {"a": [0]}))
+
+
+def test_the_model_carries_one_attribute_of_ours():
+    """Configs, marked modules and hook flags are one object of the model; reading a plain
+    model adds nothing, and a copy has its own."""
+    import copy
+
+    model = _Block(5)
+    before = set(model.__dict__)
+    assert lv.adapter_names(model) == [] and lv.extra_trainable_modules(model) == []
+    assert set(model.__dict__) == before  # reads change nothing
+    lv.attach(model, LoRAConfig(r=2, target_modules=["q_proj"]), name="a")
+    lv.mark_trainable(model, ["norm"])
+    assert set(model.__dict__) - before == {"_loravariants_state"}
+    state = model.__dict__["_loravariants_state"]
+    assert list(state.configs) == ["a"] and state.extra_trainable == ["norm"]
+    twin = copy.deepcopy(model)
+    lv.detach(twin)
+    assert lv.adapter_names(model) == ["a"] and lv.adapter_names(twin) == []
