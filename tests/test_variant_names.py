@@ -20,11 +20,17 @@ from loravariants.adapters import VARIANTS, AdapterConfig, AdapterLayer
 
 PACKAGE = Path(loravariants.__file__).parent
 
-#: modules allowed to name a variant, what they may name, and why (nothing else may)
+#: modules allowed to name a variant, the words they may use, and why (nothing else may)
 ALLOWED: dict[str, tuple[set[str], str]] = {
     "adapters/__init__.py": ({"*"}, "imports every built-in variant: the registration"),
-    "adapters/cola.py": ({"lora"}, "COLA is a chain of LoRA links (its config extends LoRA's)"),
-    "adapters/mixlora.py": ({"lora"}, "MixLoRA's attention projections carry plain LoRA"),
+    "adapters/cola.py": (
+        {"lora", "LoRAConfig", "init_lora_", "lora_scaling"},
+        "COLA is a chain of LoRA links (its config extends LoRA's)",
+    ),
+    "adapters/mixlora.py": (
+        {"lora", "LoRAConfig", "LoRALinear"},
+        "MixLoRA's attention projections carry plain LoRA",
+    ),
     "adapters/multilora.py": ({"lora"}, 'init: "lora" is an option value (LoRA\'s init)'),
     "io/mixlora.py": (
         {"mixlora"},
@@ -76,6 +82,8 @@ def names_in(source: str) -> list[tuple[int, str, bool]]:
             out.append((node.lineno, node.name.rsplit(".", 1)[-1], False))
         elif isinstance(node, ast.ClassDef):
             out.append((node.lineno, node.name, False))
+        if isinstance(node, ast.ImportFrom) and node.module:  # the module, as a path
+            out.append((node.lineno, "." * node.level + node.module, False))
         elif (
             isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in bare
         ):
@@ -87,18 +95,30 @@ def violations(relative: str, source: str) -> list[str]:
     allowed = ALLOWED.get(relative, (set(), ""))[0]
     found = []
     for spec, (own, classes) in _builtin_variants().items():
-        if relative == own or "*" in allowed or spec in allowed:
+        if relative == own or "*" in allowed:
             continue
+        stem = Path(own).stem
+        modules = {f"adapters.{stem}", f"loravariants.adapters.{stem}"}
+        if relative.startswith("adapters/"):
+            modules.add(stem)
         for line, word, is_string in names_in(source):
-            # a class by its name; a spec name as a string (a local variable `lora` is no test)
-            if word == spec if is_string else word in classes:
+            word = word if is_string else word.lstrip(".")
+            if word in allowed:
+                continue
+            # a class by its name or its module; a spec name as a string (a local variable
+            # named `lora` is no test of a variant)
+            if word == spec if is_string else word in classes or word in modules:
                 found.append(f"{relative}:{line}: {word!r} ({spec})")
     return found
 
 
 def test_the_scan_sees_a_class_and_a_spec_name():
-    assert violations("x.py", "from .adapters.lora import LoRAConfig\n") == [
-        "x.py:1: 'LoRAConfig' (lora)"
+    assert sorted(violations("x.py", "from .adapters.lora import LoRAConfig\n")) == [
+        "x.py:1: 'LoRAConfig' (lora)",
+        "x.py:1: 'adapters.lora' (lora)",
+    ]
+    assert violations("x.py", "from .adapters.lora import lora_scaling\n") == [
+        "x.py:1: 'adapters.lora' (lora)"
     ]
     hits = violations("x.py", 'if r.adapter == "mixlora":\n    y = m.MixLoRAFFN\n')
     assert hits == ["x.py:1: 'mixlora' (mixlora)", "x.py:2: 'MixLoRAFFN' (mixlora)"]
