@@ -11,7 +11,7 @@ import copy
 import re
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .adapters.base import (
     AdapterLayer,
     iter_frozen_modules,
     match_target,
+    model_state,
     modules_inside_hosts,
 )
 
@@ -51,45 +52,6 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 # names an nn.ModuleDict already has as attributes (keys, items, training, forward, ...): a
 # host's dict of adapters cannot take them as keys
 _RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
-
-
-@dataclass
-class AdapterState:
-    """Everything loravariants keeps about one model beyond its modules, in one object.
-
-    The layers themselves live in the model (its :class:`AdapterHost` modules, so ``.to()``,
-    ``state_dict()`` and optimizers see them); this holds the rest, per model, as peft keeps it
-    on its ``PeftModel``: one plain attribute of the model (``model.__dict__``, not a
-    submodule nor a buffer), so ``copy.deepcopy`` and pickling carry it and a second model has
-    its own. The routing of :func:`~loravariants.adapters.host.route_rows` is per call, not per
-    model, and belongs to the calling thread instead.
-
-    Attributes:
-        configs: adapter name -> the config it was attached with, in attach order.
-        extra_trainable: module names trained and saved with the adapters
-            (:func:`mark_trainable`: LongLoRA's embeddings and norms).
-        resume_hooks: the Trainer-resume load hooks are registered on this model.
-        resuming: a resume file is being loaded (between the pre and the post hook).
-    """
-
-    configs: dict[str, AdapterConfig] = field(default_factory=dict)
-    extra_trainable: list[str] = field(default_factory=list)
-    resume_hooks: bool = False
-    resuming: bool = False
-
-
-_STATE_ATTR = "_loravariants_state"
-
-
-def model_state(model: nn.Module, create: bool = True) -> AdapterState:
-    """The model's :class:`AdapterState`; a model without one gets one (with ``create=False``:
-    an empty one that is not kept, so a read never changes the model)."""
-    state = model.__dict__.get(_STATE_ATTR)
-    if state is None:
-        state = AdapterState()
-        if create:
-            model.__dict__[_STATE_ATTR] = state
-    return state
 
 
 def _configs(model: nn.Module) -> dict[str, AdapterConfig]:

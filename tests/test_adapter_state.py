@@ -111,3 +111,19 @@ def test_the_model_carries_one_attribute_of_ours():
     twin = copy.deepcopy(model)
     lv.detach(twin)
     assert lv.adapter_names(model) == ["a"] and lv.adapter_names(twin) == []
+
+
+def test_a_transformers_model_with_mixlora_gains_the_state_and_save_pretrained_only():
+    """MixLoRA's attention-mask hook is recorded in the same object; the one other entry is
+    the instance's save_pretrained (which writes the adapters: docs/trainer.md)."""
+    from conftest import make_tiny_llama
+
+    from loravariants.adapters import MixLoRAConfig
+
+    model = make_tiny_llama()
+    before = set(model.__dict__)
+    lv.attach(model, MixLoRAConfig(num_experts=2, top_k=1, r=2, target_modules=["q_proj"]))
+    assert set(model.__dict__) - before == {"_loravariants_state", "save_pretrained"}
+    assert model.__dict__["_loravariants_state"].model_hooks == {"mixlora.attention_mask"}
+    lv.detach(model)
+    assert "save_pretrained" not in model.__dict__

@@ -43,10 +43,12 @@ __all__ = [
     "AdapterFormat",
     "AdapterHost",
     "AdapterLayer",
+    "AdapterState",
     "add_into_",
     "check_range",
     "iter_frozen_modules",
     "match_target",
+    "model_state",
     "route_rows",
     "rows_by_adapter",
     "reference_variant",
@@ -192,6 +194,49 @@ def format_class(name: str) -> AdapterFormat:
     if name not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {name!r}")
     return FORMATS[name]
+
+
+@dataclass
+class AdapterState:
+    """Everything loravariants keeps about one model beyond its modules, in one object.
+
+    Kept by :mod:`loravariants.inject` (``attach`` and the rest). The layers themselves live in
+    the model (its :class:`AdapterHost` modules, so ``.to()``,
+    ``state_dict()`` and optimizers see them); this holds the rest, per model, as peft keeps it
+    on its ``PeftModel``: one plain attribute of the model (``model.__dict__``, not a
+    submodule nor a buffer), so ``copy.deepcopy`` and pickling carry it and a second model has
+    its own. The routing of :func:`~loravariants.adapters.host.route_rows` is per call, not per
+    model, and belongs to the calling thread instead.
+
+    Attributes:
+        configs: adapter name -> the config it was attached with, in attach order.
+        extra_trainable: module names trained and saved with the adapters
+            (:func:`mark_trainable`: LongLoRA's embeddings and norms).
+        resume_hooks: the Trainer-resume load hooks are registered on this model.
+        resuming: a resume file is being loaded (between the pre and the post hook).
+        model_hooks: the model-level hooks variants installed, by name, once per model
+            (MixLoRA's attention-mask recorder).
+    """
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    extra_trainable: list[str] = field(default_factory=list)
+    resume_hooks: bool = False
+    resuming: bool = False
+    model_hooks: set[str] = field(default_factory=set)
+
+
+_STATE_ATTR = "_loravariants_state"
+
+
+def model_state(model: nn.Module, create: bool = True) -> AdapterState:
+    """The model's :class:`AdapterState`; a model without one gets one (with ``create=False``:
+    an empty one that is not kept, so a read never changes the model)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        state = AdapterState()
+        if create:
+            model.__dict__[_STATE_ATTR] = state
+    return state
 
 
 def check_range(

@@ -71,6 +71,7 @@ from .base import (
     check_range,
     iter_frozen_modules,
     match_target,
+    model_state,
     register_variant,
 )
 from .lora import LoRAConfig, LoRALinear
@@ -438,7 +439,7 @@ def ffn_activation_name(model: nn.Module) -> str:
 # The mask of the forward under way, read by every MixLoRA layer: a one-element list, as
 # `route_rows` keeps its routing, so the context manager can swap it.
 _TOKEN_MASK: list[torch.Tensor | None] = [None]
-_HOOKED_ATTR = "loravariants_records_attention_mask"
+_MASK_HOOK = "mixlora.attention_mask"  # its name in the model's AdapterState.model_hooks
 
 
 @contextlib.contextmanager
@@ -515,7 +516,8 @@ def record_attention_mask(model: nn.Module) -> None:
     the previous one back). Other masks (``None``, a 4-D custom mask) leave the current one in
     place. ``attach`` calls this for every MixLoRA adapter; it never changes the model's output.
     """
-    if getattr(model, _HOOKED_ATTR, False):
+    hooks = model_state(model).model_hooks
+    if _MASK_HOOK in hooks:
         return
     position = None
     try:
@@ -526,7 +528,7 @@ def record_attention_mask(model: nn.Module) -> None:
     recorder = _MaskRecorder(position)
     model.register_forward_pre_hook(recorder.before, with_kwargs=True)
     model.register_forward_hook(recorder.after, with_kwargs=True, always_call=True)
-    object.__setattr__(model, _HOOKED_ATTR, True)
+    hooks.add(_MASK_HOOK)
 
 
 class _MaskRecorder:
