@@ -6,11 +6,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from conftest import make_tiny_llama
 from torch import nn
 from torch.testing import assert_close
 
 import loravariants as lv
-from loravariants.adapters import LoRAConfig
+from loravariants.adapters import LoRAConfig, MixLoRAConfig
 
 
 class _Block(nn.Module):
@@ -116,10 +117,6 @@ def test_the_model_carries_one_attribute_of_ours():
 def test_a_transformers_model_with_mixlora_gains_the_state_and_save_pretrained_only():
     """MixLoRA's attention-mask hook is recorded in the same object; the one other entry is
     the instance's save_pretrained (which writes the adapters: docs/trainer.md)."""
-    from conftest import make_tiny_llama
-
-    from loravariants.adapters import MixLoRAConfig
-
     model = make_tiny_llama()
     before = set(model.__dict__)
     lv.attach(model, MixLoRAConfig(num_experts=2, top_k=1, r=2, target_modules=["q_proj"]))
