@@ -108,6 +108,49 @@ def variant_class(variant: str) -> type[AdapterConfig]:
     return VARIANTS[variant]
 
 
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming the field and the allowed range when ``value`` is outside it.
+
+    Args:
+        name: field name used in the message.
+        value: the value to check.
+        low, high: bounds (``None`` = unbounded).
+        low_open, high_open: exclude the bound itself.
+        integer: require an ``int`` (``bool`` is rejected).
+    """
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    allowed = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ValueError(f"{name} must be {kind} in {allowed}, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+
+
+def match_target(module_path: str, target_modules: str | Sequence[str]) -> bool:
+    """peft's matching rule for ``target_modules``.
+
+    A string is a regular expression that must match the whole qualified module name; a list
+    matches a module whose qualified name equals an entry or ends with ``"." + entry``.
+    """
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_path) is not None
+    return any(module_path == t or module_path.endswith("." + t) for t in target_modules)
+
+
 def variant_for_file_type(file_type: str) -> type[AdapterConfig] | None:
     """The registered config class that declares :attr:`AdapterConfig.file_type` ``file_type``
     itself (the ``peft_type`` of a foreign adapter file: peft's ``"LORA"``), or None. Only the
@@ -237,49 +280,6 @@ def model_state(model: nn.Module, create: bool = True) -> AdapterState:
         if create:
             model.__dict__[_STATE_ATTR] = state
     return state
-
-
-def check_range(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    integer: bool = False,
-) -> None:
-    """Raise ``ValueError`` naming the field and the allowed range when ``value`` is outside it.
-
-    Args:
-        name: field name used in the message.
-        value: the value to check.
-        low, high: bounds (``None`` = unbounded).
-        low_open, high_open: exclude the bound itself.
-        integer: require an ``int`` (``bool`` is rejected).
-    """
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    allowed = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-        raise ValueError(f"{name} must be {kind} in {allowed}, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
-
-
-def match_target(module_path: str, target_modules: str | Sequence[str]) -> bool:
-    """peft's matching rule for ``target_modules``.
-
-    A string is a regular expression that must match the whole qualified module name; a list
-    matches a module whose qualified name equals an entry or ends with ``"." + entry``.
-    """
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module_path) is not None
-    return any(module_path == t or module_path.endswith("." + t) for t in target_modules)
 
 
 #: why a launch strategy is refused by default (AdapterConfig.unsupported_strategy); the ones
