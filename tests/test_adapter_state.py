@@ -15,8 +15,8 @@ from loravariants.adapters import LoRAConfig, MixLoRAConfig
 
 
 class _Block(nn.Module):
-    """``q_proj(wait(x))``: ``wait`` holds every thread until all are inside their
-    ``route_rows`` block, so the routings are all set before any forward reads one."""
+    """``q_proj(x)`` between two waits: every thread's routing is set before any forward reads
+    one, and read by all before any thread leaves its ``route_rows`` block."""
 
     def __init__(self, seed: int) -> None:
         super().__init__()
@@ -28,7 +28,10 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.barrier is not None:
             self.barrier.wait()
-        return self.q_proj(x)
+        out = self.q_proj(x)
+        if self.barrier is not None:
+            self.barrier.wait()
+        return out
 
 
 def _model(seed: int, names: tuple[str, ...]) -> _Block:
@@ -124,3 +127,54 @@ def test_a_transformers_model_with_mixlora_gains_the_state_and_save_pretrained_o
     assert model.__dict__["_loravariants_state"].model_hooks == {"mixlora.attention_mask"}
     lv.detach(model)
     assert "save_pretrained" not in model.__dict__
+
+
+def _routing(model: nn.Module) -> list[tuple[int, list[int]]]:
+    """Each MixLoRA layer's last forward: real tokens routed, tokens per expert."""
+    out = []
+    for layer in lv.adapter_layers(model).values():
+        stats = layer.router_stats() if hasattr(layer, "router_stats") else None
+        if stats is not None:
+            out.append((stats["num_tokens"], stats["tokens_per_expert"].tolist()))
+    return out
+
+
+def test_mixlora_masks_are_per_thread():
+    """Two MixLoRA models called at once from two threads, with different masks (4 and 5 real
+    tokens): each model's routing counts its own call's real tokens (with one process-wide
+    mask, the thread that set its mask first reads the other's)."""
+    batches = [(torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.tensor([[1, 1, 1, 1, 0, 0]]))]
+    batches.append((torch.tensor([[7, 8, 9], [3, 2, 1]]), torch.tensor([[1, 1, 1], [0, 1, 1]])))
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = MixLoRAConfig(num_experts=2, top_k=1, r=2, target_modules=["q_proj"])
+        models.append(lv.attach(make_tiny_llama(), config).eval())
+    with torch.no_grad():
+        expected = []
+        for model, (ids, mask) in zip(models, batches, strict=True):
+            model(ids, attention_mask=mask)
+            expected.append((_routing(model), lv.aux_loss(model)))
+    assert [r[0][0] for r, _ in expected] == [4, 5]
+    barrier = threading.Barrier(2, timeout=30)
+
+    def wait(*_) -> None:  # a pre-hook's return value would replace the layer's input
+        barrier.wait()
+
+    # every thread's mask is set (by the model's own hook) before any FFN reads one, and
+    # every thread's first FFN has read it before any call ends (and puts its mask back)
+    hooks = [m.model.layers[0].register_forward_pre_hook(wait) for m in models]
+    hooks += [m.model.layers[0].mlp.register_forward_hook(wait) for m in models]
+
+    def run(i):
+        with torch.no_grad():
+            models[i](batches[i][0], attention_mask=batches[i][1])
+            return _routing(models[i]), lv.aux_loss(models[i])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        got = list(pool.map(run, [0, 1]))
+    for h in hooks:
+        h.remove()
+    for (routing, loss), (want_routing, want_loss) in zip(got, expected, strict=True):
+        assert routing == want_routing
+        assert_close(loss, want_loss)

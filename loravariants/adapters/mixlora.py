@@ -53,6 +53,7 @@ the per-pair intermediates (docs/benchmarks.md measures both).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import math
 import warnings
@@ -436,9 +437,19 @@ def ffn_activation_name(model: nn.Module) -> str:
 # the attention mask, for a balance loss without padding
 # ---------------------------------------------------------------------------------------------
 
-# The mask of the forward under way, read by every MixLoRA layer: a one-element list, as
-# `route_rows` keeps its routing, so the context manager can swap it.
-_TOKEN_MASK: list[torch.Tensor | None] = [None]
+# The masks of the forwards under way, innermost last, read by every MixLoRA layer. A
+# ContextVar, as `route_rows` keeps its routing: each thread (and asyncio task) has its own, so
+# two threads running MixLoRA models on different batches never read each other's mask.
+_TOKEN_MASKS: contextvars.ContextVar[tuple[torch.Tensor | None, ...]] = contextvars.ContextVar(
+    "loravariants_token_masks", default=()
+)
+
+
+def _current_mask() -> torch.Tensor | None:
+    masks = _TOKEN_MASKS.get()
+    return masks[-1] if masks else None
+
+
 _MASK_HOOK = "mixlora.attention_mask"  # its name in the model's AdapterState.model_hooks
 
 
@@ -462,12 +473,11 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
             out = model(inputs_embeds=embeds)
         loss = lm_loss + lv.aux_loss(model)
     """
-    previous = _TOKEN_MASK[0]
-    _TOKEN_MASK[0] = mask
+    token = _TOKEN_MASKS.set((*_TOKEN_MASKS.get(), mask))
     try:
         yield
     finally:
-        _TOKEN_MASK[0] = previous
+        _TOKEN_MASKS.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,22 +543,22 @@ def record_attention_mask(model: nn.Module) -> None:
 
 class _MaskRecorder:
     """The two hooks of :func:`record_attention_mask` (methods of a module-level class, so a
-    model carrying them can still be pickled)."""
+    model carrying them can still be pickled). They push and pop the calling thread's masks
+    (:data:`_TOKEN_MASKS`), so they keep no state of their own."""
 
     def __init__(self, position: int | None) -> None:
         self.position = position  # of attention_mask among forward's positional parameters
-        self.previous: list[torch.Tensor | None] = []
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None and self.position is not None and len(args) > self.position:
             mask = args[self.position]
-        self.previous.append(_TOKEN_MASK[0])
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            _TOKEN_MASK[0] = mask
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            mask = _current_mask()  # another kind of mask (or none) leaves the current one
+        _TOKEN_MASKS.set((*_TOKEN_MASKS.get(), mask))
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        _TOKEN_MASK[0] = self.previous.pop()
+        _TOKEN_MASKS.set(_TOKEN_MASKS.get()[:-1])
 
 
 def _real_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -558,7 +568,7 @@ def _real_tokens(x: torch.Tensor) -> torch.Tensor:
         ValueError: the current mask does not fit ``x``.
     """
     lead = x.shape[:-1]
-    mask = _TOKEN_MASK[0]
+    mask = _current_mask()
     if mask is None:
         return torch.ones(lead, dtype=torch.float32, device=x.device)
     if tuple(mask.shape) != tuple(lead):
