@@ -93,6 +93,7 @@ def names_in(source: str) -> list[tuple[int, str, bool]]:
 
 def violations(relative: str, source: str) -> list[str]:
     allowed = ALLOWED.get(relative, (set(), ""))[0]
+    words = names_in(source)
     found = []
     for spec, (own, classes) in _builtin_variants().items():
         if relative == own or "*" in allowed:
@@ -101,7 +102,7 @@ def violations(relative: str, source: str) -> list[str]:
         modules = {f"adapters.{stem}", f"loravariants.adapters.{stem}"}
         if relative.startswith("adapters/"):
             modules.add(stem)
-        for line, word, is_string in names_in(source):
+        for line, word, is_string in words:
             word = word if is_string else word.lstrip(".")
             if word in allowed:
                 continue
