@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import peft
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -17,7 +18,7 @@ from torch.testing import assert_close
 from toy_variant import GatedLoRAConfig
 
 import loravariants as lv
-from loravariants.adapters import AdapterConfig, LoRAConfig
+from loravariants.adapters import AdapterConfig, COLAConfig, LoRAConfig
 from loravariants.adapters.base import FORMATS, AdapterFormat, register_format
 from loravariants.io import saved_variant
 
@@ -94,3 +95,17 @@ def test_formats_are_the_registered_ones(toy_format, tmp_path):
         register_format(type("Nameless", (AdapterFormat,), {}))
     with pytest.raises(TypeError, match="'peft' is already registered"):
         register_format(type("Impostor", (AdapterFormat,), {"name": "peft"}))
+
+
+@pytest.mark.parametrize("variant", ["lora", "cola"])
+def test_peft_export_scales_as_the_variant_says(variant, tmp_path, tokens):
+    """rsLoRA: LoRA's layers go to peft as trained, so the file says use_rslora; COLA (a LoRA
+    subclass) goes as its folded factors, so it must not: peft's logits are ours in both."""
+    cls = LoRAConfig if variant == "lora" else COLAConfig
+    model = lv.attach(make_tiny_llama(), cls(r=4, alpha=8, use_rslora=True, init="random"))
+    want = model.eval()(tokens).logits
+    lv.save_adapter(model, tmp_path / "p", format="peft")
+    written = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert written["use_rslora"] is (variant == "lora")
+    theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "p").eval()
+    assert_close(theirs(tokens).logits, want, atol=1e-5, rtol=1e-5)
