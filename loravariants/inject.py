@@ -23,6 +23,7 @@ from .adapters.base import (
     AdapterLayer,
     iter_frozen_modules,
     match_target,
+    model_state,
     modules_inside_hosts,
 )
 
@@ -47,8 +48,6 @@ __all__ = [
     "TrainableSummary",
 ]
 
-_CONFIGS_ATTR = "loravariants_configs"  # adapter name -> AdapterConfig, kept on the model
-_EXTRA_ATTR = "loravariants_extra_trainable"  # module names trained and saved with adapters
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 # names an nn.ModuleDict already has as attributes (keys, items, training, forward, ...): a
 # host's dict of adapters cannot take them as keys
@@ -56,10 +55,7 @@ _RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
 
 
 def _configs(model: nn.Module) -> dict[str, AdapterConfig]:
-    if not hasattr(model, _CONFIGS_ATTR):
-        # object.__setattr__: a plain dict attribute, not a submodule or a buffer.
-        object.__setattr__(model, _CONFIGS_ATTR, {})
-    return getattr(model, _CONFIGS_ATTR)
+    return model_state(model, create=False).configs
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -103,6 +99,21 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     Raises:
         ValueError: bad name, name taken, or no module matches ``config.target_modules``.
     """
+    _check_new_adapter(model, config, name)
+    _wrap_targets(model, config, name, _targets(model, config))
+    model_state(model).configs[name] = config
+    _refresh_requires_grad(model)
+    _refresh_model_hooks(model)
+    return model
+
+
+def _check_new_adapter(model: nn.Module, config: AdapterConfig, name: str) -> None:
+    """A config object, a free and valid name, and no target inside a module a host wraps.
+
+    Raises:
+        TypeError: ``config`` is not an :class:`AdapterConfig`.
+        ValueError: a bad or taken name, or a target inside another adapter's whole module.
+    """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
@@ -120,40 +131,50 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
             "module another adapter already wraps as a whole (MixLoRA's FFN); a module and its "
             "submodules cannot both carry adapters"
         )
+
+
+def _targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """``config.select(model)``; none found is an error that names what the model has.
+
+    Raises:
+        ValueError: no module matches (naming the matches that are not ``nn.Linear``, or the
+            model's linear layers, with a hint when a regex was meant as a name).
+    """
     targets = config.select(model)
-    if not targets:
-        other = [
-            f"{p} ({type(m).__name__})"
-            for p, m in iter_frozen_modules(model)
-            if p and match_target(p, config.target_modules) and not isinstance(m, nn.Linear)
-        ]
-        if other:
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matches only modules that are not "
-                f"nn.Linear, e.g. {other[:3]}; adapters wrap nn.Linear layers only "
-                "(GPT-2's Conv1D is not supported)"
-            )
-        linear_names = sorted(
-            {
-                p.rsplit(".", 1)[-1]
-                for p, m in iter_frozen_modules(model)
-                if isinstance(m, nn.Linear)
-            }
-        )
-        hint = ""
-        if isinstance(config.target_modules, str):
-            example = next(
-                (p for p, m in iter_frozen_modules(model) if isinstance(m, nn.Linear)), ""
-            )
-            hint = (
-                " (a string is a regular expression that must match the whole module name, "
-                f"as in peft, e.g. {example!r}; to match by name pass a list: "
-                f"[{config.target_modules!r}])"
-            )
+    if targets:
+        return targets
+    other = [
+        f"{p} ({type(m).__name__})"
+        for p, m in iter_frozen_modules(model)
+        if p and match_target(p, config.target_modules) and not isinstance(m, nn.Linear)
+    ]
+    if other:
         raise ValueError(
-            f"target_modules={config.target_modules!r} matches no module of "
-            f"{type(model).__name__}; its linear layers are named {linear_names}{hint}"
+            f"target_modules={config.target_modules!r} matches only modules that are not "
+            f"nn.Linear, e.g. {other[:3]}; adapters wrap nn.Linear layers only "
+            "(GPT-2's Conv1D is not supported)"
         )
+    linears = [p for p, m in iter_frozen_modules(model) if isinstance(m, nn.Linear)]
+    linear_names = sorted({p.rsplit(".", 1)[-1] for p in linears})
+    hint = ""
+    if isinstance(config.target_modules, str):
+        hint = (
+            " (a string is a regular expression that must match the whole module name, "
+            f"as in peft, e.g. {(linears or [''])[0]!r}; to match by name pass a list: "
+            f"[{config.target_modules!r}])"
+        )
+    raise ValueError(
+        f"target_modules={config.target_modules!r} matches no module of "
+        f"{type(model).__name__}; its linear layers are named {linear_names}{hint}"
+    )
+
+
+def _wrap_targets(
+    model: nn.Module, config: AdapterConfig, name: str, targets: list[tuple[str, nn.Module]]
+) -> None:
+    """Host one new layer per target under ``name`` (a module not yet hosted gets a host in
+    its place), then ``config.on_attached``; any failure (an allocation, a bad layer, Ctrl-C)
+    leaves the model as it was."""
     layers: dict[str, AdapterLayer] = {}
     hosts: list[tuple[str, AdapterHost]] = []  # every host touched, to undo a failed attach
     try:
@@ -173,17 +194,12 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
             layers[path] = layer
         config.on_attached(layers)
     except BaseException:
-        # any failure (an allocation, a bad layer, Ctrl-C) leaves the model as it was
         for path, host in reversed(hosts):
             if name in host.adapters:
                 _remove_from_host(model, path, host, name)
             else:
                 _unwrap_if_empty(model, path, host)
         raise
-    _configs(model)[name] = config
-    _refresh_requires_grad(model)
-    _refresh_model_hooks(model)
-    return model
 
 
 # the writer of an attached model's save_pretrained: loravariants.io.save_pretrained, which
@@ -208,8 +224,6 @@ class _SavePretrained:
 
 # the tensor that marks a Trainer-resumable file (io.save_pretrained writes it)
 RESUME_SENTINEL = "loravariants.adapter_checkpoint"
-_HOOKS_ATTR = "_loravariants_hooks"
-_RESUMED_ATTR = "_loravariants_resumed"
 
 
 def _refresh_model_hooks(model: nn.Module) -> None:
@@ -221,14 +235,15 @@ def _refresh_model_hooks(model: nn.Module) -> None:
         model.__dict__["save_pretrained"] = _SavePretrained(model)
     else:
         model.__dict__.pop("save_pretrained", None)
-    if names and _HOOKS_ATTR not in model.__dict__:
+    state = model_state(model)
+    if names and not state.resume_hooks:
         pre = getattr(model, "register_load_state_dict_pre_hook", None)  # torch >= 2.5
         if pre is not None:
             pre(_resume_pre_hook)
         else:
             model._register_load_state_dict_pre_hook(_resume_pre_hook, with_module=True)
         model.register_load_state_dict_post_hook(_resume_post_hook)
-        model.__dict__[_HOOKS_ATTR] = True  # once per model (copies keep hooks and flag)
+        state.resume_hooks = True  # once per model (copies keep hooks and flag)
     training_hooks.refresh_watch(model, list(iter_adapters(model)) if names else [])
 
 
@@ -250,12 +265,14 @@ def _resume_pre_hook(module, state_dict, prefix, *_args) -> None:
                 "from a model with other adapters; attach the ones it was trained with"
             )
         layer.load_adapter_state({k[len(start) :]: state_dict.pop(k) for k in keys})
-    module.__dict__[_RESUMED_ATTR] = True
+    model_state(module).resuming = True
 
 
 def _resume_post_hook(module, incompatible_keys) -> None:
     """The frozen base is not in an adapter checkpoint: not a missing key."""
-    if module.__dict__.pop(_RESUMED_ATTR, False):
+    state = model_state(module, create=False)
+    if state.resuming:
+        state.resuming = False
         incompatible_keys.missing_keys.clear()
 
 
@@ -524,7 +541,7 @@ def mark_trainable(model: nn.Module, module_names: Iterable[str]) -> list[str]:
     Returns:
         All module names marked so far.
     """
-    extra: list[str] = list(getattr(model, _EXTRA_ATTR, []))
+    extra = list(model_state(model).extra_trainable)
     for module_name in module_names:
         try:
             model.get_submodule(module_name)
@@ -532,20 +549,20 @@ def mark_trainable(model: nn.Module, module_names: Iterable[str]) -> list[str]:
             raise ValueError(f"no module named {module_name!r} in {type(model).__name__}") from e
         if module_name not in extra:
             extra.append(module_name)
-    object.__setattr__(model, _EXTRA_ATTR, extra)
+    model_state(model).extra_trainable = extra
     _refresh_requires_grad(model)
     return extra
 
 
 def _restore_trainable_modules(model: nn.Module, module_names: list[str]) -> None:
     """Set the marked modules back to exactly ``module_names`` (a failed load's rollback)."""
-    object.__setattr__(model, _EXTRA_ATTR, list(module_names))
+    model_state(model).extra_trainable = list(module_names)
     _refresh_requires_grad(model)
 
 
 def extra_trainable_modules(model: nn.Module) -> list[str]:
     """Module names marked with :func:`mark_trainable`."""
-    return list(getattr(model, _EXTRA_ATTR, []))
+    return list(model_state(model, create=False).extra_trainable)
 
 
 def _refresh_requires_grad(model: nn.Module) -> None:

@@ -130,7 +130,7 @@ def test_failed_save_leaves_previous_directory_intact(tmp_path, trained, monkeyp
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("loravariants.io.save_file", explode)
+    monkeypatch.setattr("loravariants.io.common.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
         lv.save_adapter(model, path)
     assert sorted(p.name for p in path.iterdir()) == before

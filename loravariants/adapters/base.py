@@ -30,6 +30,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -39,17 +40,24 @@ from .host import AdapterHost, route_rows, rows_by_adapter
 
 __all__ = [
     "AdapterConfig",
+    "AdapterFormat",
     "AdapterHost",
     "AdapterLayer",
+    "AdapterState",
     "add_into_",
     "check_range",
     "iter_frozen_modules",
     "match_target",
+    "model_state",
     "route_rows",
     "rows_by_adapter",
     "reference_variant",
+    "register_format",
     "register_variant",
+    "format_class",
     "variant_class",
+    "variant_for_file_type",
+    "FORMATS",
     "VARIANTS",
 ]
 
@@ -143,6 +151,137 @@ def match_target(module_path: str, target_modules: str | Sequence[str]) -> bool:
     return any(module_path == t or module_path.endswith("." + t) for t in target_modules)
 
 
+def variant_for_file_type(file_type: str) -> type[AdapterConfig] | None:
+    """The registered config class that declares :attr:`AdapterConfig.file_type` ``file_type``
+    itself (the ``peft_type`` of a foreign adapter file: peft's ``"LORA"``), or None. Only the
+    class's own declaration counts: a subclass of LoRA is not what a peft file holds."""
+    found = [cls for cls in VARIANTS.values() if vars(cls).get("file_type") == file_type]
+    return found[0] if found else None
+
+
+class AdapterFormat:
+    """A file format adapters are saved in, registered like a variant (:func:`register_format`).
+
+    ``loravariants.io`` names no format beyond its default: ``save_adapter(format=...)`` looks
+    the name up here, ``load_adapter`` and ``read_factors`` ask each format whether a folder is
+    its own (:meth:`detect`). Which variants a format holds is the variant's to say
+    (:attr:`AdapterConfig.formats`); what a variant writes into, and reads back from, a foreign
+    format's config is its own too (:meth:`AdapterConfig.format_fields`,
+    :meth:`AdapterConfig.from_format`, :meth:`AdapterLayer.format_tensors`).
+    """
+
+    name: ClassVar[str] = ""
+
+    def detect(self, directory: Path) -> bool:
+        """Whether ``directory`` (an existing folder) holds an adapter in this format."""
+        raise NotImplementedError
+
+    def save(
+        self,
+        model: nn.Module,
+        path: Path,
+        name: str,
+        config: AdapterConfig,
+        base_model_name_or_path: str | None,
+    ) -> Path:
+        """Write adapter ``name`` of ``model`` (attached with ``config``) to ``path``,
+        atomically; returns the folder."""
+        raise NotImplementedError
+
+    def load(self, model: nn.Module, directory: Path, name: str | None) -> nn.Module:
+        """Attach (or fill) adapter ``name`` of ``model`` from ``directory``; a failure
+        leaves the model as it was."""
+        raise NotImplementedError
+
+    def read_factors(self, directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (B, A)}`` with the scaling folded in, from the files only."""
+        raise NotImplementedError
+
+    def saved_variant(self, directory: Path) -> str:
+        """The variant name the folder's config holds (``""`` if it says none)."""
+        raise NotImplementedError
+
+    def saved_extension(self, model: nn.Module, directory: Path) -> dict[str, Any] | None:
+        """The context extension the folder records, checked against ``model`` (None: none)."""
+        return None
+
+
+#: format name -> the registered format; filled by :func:`register_format`.
+FORMATS: dict[str, AdapterFormat] = {}
+
+
+def register_format(cls: type[AdapterFormat]) -> type[AdapterFormat]:
+    """Class decorator: register (an instance of) a format under its ``name``.
+
+    Raises:
+        TypeError: no ``name``, or another class holds it.
+    """
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} must set the class attribute `name`")
+    held = FORMATS.get(cls.name)
+    if held is not None and (type(held).__module__, type(held).__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
+        raise TypeError(f"format name {cls.name!r} is already registered by {type(held)}")
+    FORMATS[cls.name] = cls()
+    return cls
+
+
+def format_class(name: str) -> AdapterFormat:
+    """The format registered as ``name``.
+
+    Raises:
+        ValueError: no such format (the message lists the registered ones).
+    """
+    if name not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
+@dataclass
+class AdapterState:
+    """Everything loravariants keeps about one model beyond its modules, in one object.
+
+    Kept by :mod:`loravariants.inject` (``attach`` and the rest). The layers themselves live in
+    the model (its :class:`AdapterHost` modules, so ``.to()``,
+    ``state_dict()`` and optimizers see them); this holds the rest, per model, as peft keeps it
+    on its ``PeftModel``: one plain attribute of the model (``model.__dict__``, not a
+    submodule nor a buffer), so ``copy.deepcopy`` and pickling carry it and a second model has
+    its own. The routing of :func:`~loravariants.adapters.host.route_rows` is per call, not per
+    model, and belongs to the calling thread instead.
+
+    Attributes:
+        configs: adapter name -> the config it was attached with, in attach order.
+        extra_trainable: module names trained and saved with the adapters
+            (:func:`mark_trainable`: LongLoRA's embeddings and norms).
+        resume_hooks: the Trainer-resume load hooks are registered on this model.
+        resuming: a resume file is being loaded (between the pre and the post hook).
+        model_hooks: the model-level hooks variants installed, by name, once per model
+            (MixLoRA's attention-mask recorder).
+    """
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    extra_trainable: list[str] = field(default_factory=list)
+    resume_hooks: bool = False
+    resuming: bool = False
+    model_hooks: set[str] = field(default_factory=set)
+
+
+_STATE_ATTR = "_loravariants_state"
+
+
+def model_state(model: nn.Module, create: bool = True) -> AdapterState:
+    """The model's :class:`AdapterState`; a model without one gets one (with ``create=False``:
+    an empty one that is not kept, so a read never changes the model)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        state = AdapterState()
+        if create:
+            model.__dict__[_STATE_ATTR] = state
+    return state
+
+
 #: why a launch strategy is refused by default (AdapterConfig.unsupported_strategy); the ones
 #: missing here (single, ddp, fsdp) are supported. FSDP2 needs nothing of a variant: its
 #: adapter modules stay whole (left out of the sharding) and a write into a sharded frozen
@@ -206,6 +345,9 @@ class AdapterConfig:
     # the variant the others are measured against (compare: similarity to its subspace,
     # paired differences, the plain-LoRA contrasts); exactly one built-in variant sets it
     is_reference: ClassVar[bool] = False
+    # the `peft_type` under which a foreign format's file reads back as this variant (peft's
+    # "LORA": LoRA; MoE-PEFT's "MIXLORA": MixLoRA); None: no foreign file builds this variant
+    file_type: ClassVar[str | None] = None
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:
@@ -331,6 +473,30 @@ class AdapterConfig:
                 child, nn.Linear(shape["in"], shape["out"], bias=False, device="meta")
             )
         return module
+
+    # -- foreign file formats (peft's, MoE-PEFT's): what the variant writes and reads ----------
+    def format_fields(self, fmt: str, model: nn.Module) -> dict[str, Any]:
+        """Fields of a foreign format's config (``fmt``: a name in :attr:`formats`) that come
+        from this config, beyond what the format derives from the layers; none by default.
+
+        LoRA: peft's ``use_rslora`` (its layers are written as trained); MixLoRA: the MoE-PEFT
+        config (experts, top-k, ranks, router settings).
+        """
+        return {}
+
+    @classmethod
+    def from_format(cls, fmt: str, fields: Mapping[str, Any]) -> AdapterConfig:
+        """The config a file of foreign format ``fmt`` holds (this class's :attr:`file_type`).
+
+        ``fields`` are what the format read, under this config's field names (peft's format
+        renames ``lora_alpha`` to ``alpha`` and so on) unless the variant reads the format's
+        own keys (MixLoRA). The default builds ``cls(**fields)``.
+
+        Raises:
+            ValueError, TypeError, KeyError: the fields do not make a valid config (the format
+                names its file in the message).
+        """
+        return cls(**fields)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -500,6 +666,16 @@ class AdapterLayer(nn.Module):
         with ``lora_alpha = r``: exact for the merged update of any mergeable layer."""
         B, A = self.factors()
         return B, A, A.shape[0], float(A.shape[0])
+
+    def format_tensors(self, fmt: str) -> dict[str, torch.Tensor]:
+        """The layer's trained tensors (the parameters themselves, not copies) under the names
+        a foreign format ``fmt`` gives them below the module's prefix; the format writes them
+        and copies a file's tensors back into them.
+
+        Raises:
+            ValueError: the layer has no form in ``fmt`` (the default).
+        """
+        raise ValueError(f"{type(self).__name__} has no {fmt}-format form")
 
     def report_stats(self) -> dict[str, Any]:
         """Per-layer statistics of the last training step for the comparison's record

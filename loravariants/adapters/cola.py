@@ -114,6 +114,7 @@ class COLAConfig(LoRAConfig):
     """
 
     variant: ClassVar[str] = "cola"
+    file_type: ClassVar[str | None] = None  # a peft LoRA file reads back as plain LoRA
     knots: list[int] | None = None
     chain_length: int | None = None
     total_steps: int | None = None
@@ -205,6 +206,11 @@ class COLAConfig(LoRAConfig):
 
     def restarts_lr_schedule(self) -> bool:
         return self.restart_lr_schedule
+
+    def format_fields(self, fmt: str, model: nn.Module) -> dict[str, Any]:
+        """None of LoRA's: the chain goes to peft as its folded factors (scaling in ``B``,
+        ``alpha = r``), not as trained, so ``use_rslora`` must not be written."""
+        return {}
 
     def unsupported_strategy(self, strategy: str) -> str | None:
         ranks = self.link_ranks or []

@@ -8,6 +8,7 @@ and :func:`route_rows` says which batch rows each adapter applies to.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -18,9 +19,12 @@ from torch import nn
 __all__ = ["AdapterHost", "route_rows", "rows_by_adapter"]
 
 
-# The routing set by `route_rows`, read by every host during a forward. A one-element list so
-# the context manager can swap it without a `global` statement.
-_ROW_ROUTING: list[Mapping[str, slice | torch.Tensor] | None] = [None]
+# The routings `route_rows` set, innermost last, as ``(host ids or None for every model, rows)``.
+# A ContextVar, not a module global: each thread (and asyncio task) sees only its own, so two
+# threads routing different rows, through one model or two, never read each other's.
+_ROUTES: contextvars.ContextVar[tuple[tuple[frozenset[int] | None, dict], ...]] = (
+    contextvars.ContextVar("loravariants_route_rows", default=())
+)
 
 
 _PEFT_REFUSAL = (
@@ -83,8 +87,15 @@ class AdapterHost(nn.Module):
         names = list(self.adapters) if self.active_adapters is None else self.active_adapters
         return [n for n in names if n in self.adapters and not self.adapters[n].merged]
 
+    def _routing(self) -> Mapping[str, slice | torch.Tensor] | None:
+        """The innermost :func:`route_rows` of this thread that covers this host, if any."""
+        for scope, rows in reversed(_ROUTES.get()):
+            if scope is None or id(self) in scope:
+                return rows
+        return None
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows_of = _ROW_ROUTING[0]
+        rows_of = self._routing()
         if rows_of is not None and any(layer.merged for layer in self.adapters.values()):
             merged = [n for n, layer in self.adapters.items() if layer.merged]
             raise ValueError(
@@ -151,6 +162,7 @@ def rows_by_adapter(adapter_per_row: Sequence[str | None]) -> dict[str, torch.Te
 @contextlib.contextmanager
 def route_rows(
     rows: Mapping[str, slice | torch.Tensor] | Sequence[str | None],
+    model: nn.Module | None = None,
 ) -> Iterator[None]:
     """Within the block, adapter ``name`` updates only batch rows ``rows[name]``.
 
@@ -158,6 +170,11 @@ def route_rows(
     ``adapter_names``, one adapter name (or None) per batch row. Rows not given to any adapter
     get the frozen model's output. Merged adapters are part of the weights and cannot be
     routed: unmerge first.
+
+    The routing belongs to the calling thread (and asyncio task): other threads, routing other
+    rows through the same model or another, are not affected. With ``model`` given it applies
+    to that model's adapters only, so another model run inside the block (a reference model)
+    is not routed; without it, to every model. Nested blocks: the innermost one applies.
 
     Example::
 
@@ -168,9 +185,11 @@ def route_rows(
     """
     if not isinstance(rows, Mapping):
         rows = rows_by_adapter(rows)
-    previous = _ROW_ROUTING[0]
-    _ROW_ROUTING[0] = dict(rows)
+    scope = None
+    if model is not None:
+        scope = frozenset(id(m) for m in model.modules() if isinstance(m, AdapterHost))
+    token = _ROUTES.set((*_ROUTES.get(), (scope, dict(rows))))
     try:
         yield
     finally:
-        _ROW_ROUTING[0] = previous
+        _ROUTES.reset(token)

@@ -58,6 +58,7 @@ class LoRAConfig(AdapterConfig):
     output_fields: ClassVar[tuple[str, ...]] = ("alpha", "use_rslora", "alpha_pattern")
     formats: ClassVar[tuple[str, ...]] = ("native", "peft")
     is_reference: ClassVar[bool] = True  # the method every variant extends
+    file_type: ClassVar[str | None] = "LORA"  # peft's peft_type: a peft LoRA file reads as LoRA
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -88,6 +89,11 @@ class LoRAConfig(AdapterConfig):
             check_range(f"rank_pattern[{key!r}]", value, low=1, integer=True)
         for key, value in self.alpha_pattern.items():
             check_range(f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
+
+    def format_fields(self, fmt: str, model: nn.Module) -> dict[str, Any]:
+        """peft's scaling rule (``fmt == "peft"``): LoRA's layers are written as trained, so
+        the file says whether they scale by ``alpha / sqrt(r)``."""
+        return {"use_rslora": self.use_rslora} if fmt == "peft" else {}
 
     def rank_for(self, path: str) -> tuple[int, float]:
         """``(r, alpha)`` for the module named ``path``, after the pattern overrides."""
@@ -182,6 +188,11 @@ class LoRALinear(AdapterLayer):
         """Written as trained: the same ``B``, ``A``, rank and alpha, so peft continues
         training it exactly."""
         return self.lora_B.detach(), self.lora_A.detach(), self.r, self.alpha
+
+    def format_tensors(self, fmt: str) -> dict[str, torch.Tensor]:
+        """peft's names, which foreign formats share (MoE-PEFT's attention LoRA):
+        ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight`` ``(out, r)``, B unscaled."""
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"

@@ -53,8 +53,10 @@ the per-pair intermediates (docs/benchmarks.md measures both).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -70,6 +72,7 @@ from .base import (
     check_range,
     iter_frozen_modules,
     match_target,
+    model_state,
     register_variant,
 )
 from .lora import LoRAConfig, LoRALinear
@@ -130,6 +133,7 @@ class MixLoRAConfig(AdapterConfig):
     # match_params sets the attention LoRA's and the experts' rank alike
     rank_fields: ClassVar[tuple[str, ...]] = ("r", "expert_r")
     formats: ClassVar[tuple[str, ...]] = ("native", "mixlora")
+    file_type: ClassVar[str | None] = "MIXLORA"  # MoE-PEFT's peft_type (loravariants.io.mixlora)
     target_modules: list[str] | str = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -298,6 +302,93 @@ class MixLoRAConfig(AdapterConfig):
             module.act_fn = nn.SiLU()
         return module
 
+    # -- the MixLoRA ecosystem's file format (MoE-PEFT, the `mixlora` package) -----------------
+    # loravariants.io.mixlora writes and reads the files; the config's side is here.
+    def format_fields(self, fmt: str, model: nn.Module) -> dict[str, Any]:
+        """MoE-PEFT's ``adapter_config.json`` for this config (``fmt == "mixlora"``; ``{}`` for
+        another format). Its ``target_modules`` lists the attention projections and the FFN
+        projections that carry experts, as the reference code writes it; ``lora_alpha`` is an
+        int when integral (the reference loaders assert one).
+
+        Raises:
+            ValueError: a regex ``target_modules`` (the format lists names).
+        """
+        if fmt != "mixlora":
+            return {}
+        tm = self.target_modules
+        if isinstance(tm, str):
+            raise ValueError(
+                "the MixLoRA format lists target_modules by name; a regex target_modules "
+                f"({tm!r}) cannot be written"
+            )
+        alpha, expert_alpha = _int_if_integral(self.alpha), _int_if_integral(self.expert_lora_alpha)
+        if not (isinstance(alpha, int) and isinstance(expert_alpha, int)):
+            warnings.warn(
+                f"writing lora_alpha {self.alpha} / expert lora_alpha {self.expert_lora_alpha}: "
+                "the `mixlora` package and MoE-PEFT assert an int lora_alpha and will refuse "
+                "the file",
+                stacklevel=4,
+            )
+        return {
+            "peft_type": self.file_type,
+            "routing_strategy": "mixlora",
+            "task_type": "CAUSAL_LM",
+            "bias": "none",
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "r": int(self.r),
+            "lora_alpha": alpha,
+            "lora_dropout": float(self.dropout),
+            "target_modules": list(tm) + list(self.ffn_projections),
+            "act_fn": ffn_activation_name(model),
+            "expert_lora": {
+                "r": int(self.expert_rank),
+                "lora_alpha": expert_alpha,
+                "lora_dropout": float(self.expert_lora_dropout),
+            },
+            "router_aux_loss_coef": float(self.router_aux_loss_coef),
+            "router_init_range": float(self.router_init_range),
+            "jitter_noise": float(self.jitter_noise),
+            # ours only; the ecosystem's loaders read their keys by name and ignore it
+            "balance_loss_aggregation": self.balance_loss_aggregation,
+        }
+
+    @classmethod
+    def from_format(cls, fmt: str, fields: Mapping[str, Any]) -> MixLoRAConfig:
+        """The config of a MoE-PEFT ``adapter_config.json`` (its own keys; the format checked
+        their JSON types). Absent keys take the reference code's defaults (coefficient 0.001,
+        init range 0.02, no jitter); FFN names in ``target_modules`` become
+        ``ffn_projections``."""
+        targets = fields["target_modules"]
+        expert = fields.get("expert_lora") or {}
+        ffn = [t for t in targets if t in FFN_PROJECTIONS]
+
+        def value(meta: Mapping[str, Any], key: str, default: float | None) -> float | None:
+            return default if meta.get(key) is None else float(meta[key])
+
+        return cls(
+            num_experts=fields["num_experts"],
+            top_k=fields["top_k"],
+            r=fields["r"],
+            alpha=float(fields["lora_alpha"]),
+            dropout=value(fields, "lora_dropout", 0.0),
+            expert_r=expert.get("r"),
+            expert_alpha=value(expert, "lora_alpha", None),
+            expert_dropout=value(expert, "lora_dropout", None),
+            router_aux_loss_coef=value(fields, "router_aux_loss_coef", 0.001),
+            router_init_range=value(fields, "router_init_range", 0.02),
+            jitter_noise=value(fields, "jitter_noise", 0.0),
+            target_modules=[t for t in targets if t not in FFN_PROJECTIONS],
+            ffn_projections=ffn or list(FFN_PROJECTIONS),
+            balance_loss_aggregation=fields.get("balance_loss_aggregation", "global"),
+        )
+
+
+def _int_if_integral(value: float) -> int | float:
+    """``16.0 -> 16``: the reference loaders assert an int ``lora_alpha``."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
 
 def check_ffn(module: nn.Module, path: str = "") -> None:
     """Raise a ``ValueError`` naming ``path`` unless ``module`` is an FFN MixLoRA supports."""
@@ -346,10 +437,20 @@ def ffn_activation_name(model: nn.Module) -> str:
 # the attention mask, for a balance loss without padding
 # ---------------------------------------------------------------------------------------------
 
-# The mask of the forward under way, read by every MixLoRA layer: a one-element list, as
-# `route_rows` keeps its routing, so the context manager can swap it.
-_TOKEN_MASK: list[torch.Tensor | None] = [None]
-_HOOKED_ATTR = "loravariants_records_attention_mask"
+# The masks of the forwards under way, innermost last, read by every MixLoRA layer. A
+# ContextVar, as `route_rows` keeps its routing: each thread (and asyncio task) has its own, so
+# two threads running MixLoRA models on different batches never read each other's mask.
+_TOKEN_MASKS: contextvars.ContextVar[tuple[torch.Tensor | None, ...]] = contextvars.ContextVar(
+    "loravariants_token_masks", default=()
+)
+
+
+def _current_mask() -> torch.Tensor | None:
+    masks = _TOKEN_MASKS.get()
+    return masks[-1] if masks else None
+
+
+_MASK_HOOK = "mixlora.attention_mask"  # its name in the model's AdapterState.model_hooks
 
 
 @contextlib.contextmanager
@@ -372,12 +473,11 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
             out = model(inputs_embeds=embeds)
         loss = lm_loss + lv.aux_loss(model)
     """
-    previous = _TOKEN_MASK[0]
-    _TOKEN_MASK[0] = mask
+    token = _TOKEN_MASKS.set((*_TOKEN_MASKS.get(), mask))
     try:
         yield
     finally:
-        _TOKEN_MASK[0] = previous
+        _TOKEN_MASKS.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +526,8 @@ def record_attention_mask(model: nn.Module) -> None:
     the previous one back). Other masks (``None``, a 4-D custom mask) leave the current one in
     place. ``attach`` calls this for every MixLoRA adapter; it never changes the model's output.
     """
-    if getattr(model, _HOOKED_ATTR, False):
+    hooks = model_state(model).model_hooks
+    if _MASK_HOOK in hooks:
         return
     position = None
     try:
@@ -437,27 +538,27 @@ def record_attention_mask(model: nn.Module) -> None:
     recorder = _MaskRecorder(position)
     model.register_forward_pre_hook(recorder.before, with_kwargs=True)
     model.register_forward_hook(recorder.after, with_kwargs=True, always_call=True)
-    object.__setattr__(model, _HOOKED_ATTR, True)
+    hooks.add(_MASK_HOOK)
 
 
 class _MaskRecorder:
     """The two hooks of :func:`record_attention_mask` (methods of a module-level class, so a
-    model carrying them can still be pickled)."""
+    model carrying them can still be pickled). They push and pop the calling thread's masks
+    (:data:`_TOKEN_MASKS`), so they keep no state of their own."""
 
     def __init__(self, position: int | None) -> None:
         self.position = position  # of attention_mask among forward's positional parameters
-        self.previous: list[torch.Tensor | None] = []
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None and self.position is not None and len(args) > self.position:
             mask = args[self.position]
-        self.previous.append(_TOKEN_MASK[0])
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            _TOKEN_MASK[0] = mask
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            mask = _current_mask()  # another kind of mask (or none) leaves the current one
+        _TOKEN_MASKS.set((*_TOKEN_MASKS.get(), mask))
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        _TOKEN_MASK[0] = self.previous.pop()
+        _TOKEN_MASKS.set(_TOKEN_MASKS.get()[:-1])
 
 
 def _real_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -467,7 +568,7 @@ def _real_tokens(x: torch.Tensor) -> torch.Tensor:
         ValueError: the current mask does not fit ``x``.
     """
     lead = x.shape[:-1]
-    mask = _TOKEN_MASK[0]
+    mask = _current_mask()
     if mask is None:
         return torch.ones(lead, dtype=torch.float32, device=x.device)
     if tuple(mask.shape) != tuple(lead):
@@ -1074,6 +1175,19 @@ class MixLoRAFFN(AdapterLayer):
             for proj, pairs in self.expert_factors().items()
             for e, pair in enumerate(pairs)
         }
+
+    def format_tensors(self, fmt: str) -> dict[str, torch.Tensor]:
+        """MoE-PEFT's names (``fmt == "mixlora"``): ``moe_gate.weight`` (the router,
+        ``(E, hidden)``) and ``<proj>.experts.<e>.lora_A.weight`` ``(r, in)`` /
+        ``lora_B.weight`` ``(out, r)``, B unscaled."""
+        if fmt != "mixlora":
+            return super().format_tensors(fmt)
+        out = {"moe_gate.weight": self.router}
+        for e, expert in enumerate(self.experts):
+            for proj in self.projections:
+                out[f"{proj}.experts.{e}.lora_A.weight"] = expert.lora_A[proj]
+                out[f"{proj}.experts.{e}.lora_B.weight"] = expert.lora_B[proj]
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         raise ValueError(

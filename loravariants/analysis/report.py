@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from ..inject import adapter_config, adapter_names, iter_adapters
-from ..io import read_factors
-from ..io.common import read_json
+from ..io import read_factors, saved_variant
 from ..utils import atomic_write, printable
 from .svd import (
     amplification_factor,
@@ -166,7 +165,7 @@ def _updates_from_directory(directory: Path) -> list[Update]:
         raise FileNotFoundError(f"{directory}: no such adapter directory")
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory")
-    variant = _variant_from_files(directory)
+    variant = saved_variant(directory)  # the format that holds it says which variant
     try:
         factors = read_factors(directory)
     except KeyError as e:  # a config file without a required entry
@@ -174,18 +173,6 @@ def _updates_from_directory(directory: Path) -> list[Update]:
     if not factors:
         raise ValueError(f"{directory}: no LoRA factors found")
     return [Update(module, pair, variant) for module, pair in factors.items()]
-
-
-def _variant_from_files(directory: Path) -> str:
-    native = directory / "loravariants_config.json"
-    if native.is_file():
-        return str((read_json(native).get("config") or {}).get("variant", ""))
-    peft = directory / "adapter_config.json"
-    if peft.is_file():
-        # a foreign format holds one variant: the one registered under its lower-cased
-        # peft_type (peft's "LORA" is our "lora", MixLoRA's "MIXLORA" our "mixlora")
-        return str(read_json(peft).get("peft_type")).lower()
-    raise ValueError(f"{directory}: not an adapter directory (no adapter_config.json)")
 
 
 # ---------------------------------------------------------------------------------------------

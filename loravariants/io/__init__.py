@@ -16,7 +16,6 @@ temporary directory renamed into place. Reads never unpickle: safetensors, JSON,
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
+from ..adapters.base import FORMATS, format_class
 from ..inject import (
     RESUME_SENTINEL,
     SAVE_PRETRAINED,
@@ -37,38 +37,26 @@ from ..inject import (
     iter_adapters,
 )
 from ..longlora.context import apply_extension
-from ..utils import atomic_directory, make_dirs
+from ..utils import make_dirs
+
+# each format module registers its format on import, in this order (native first: it is the
+# default, and the first asked whether a folder is its own); the package dispatches through
+# the registry and names no format beyond that default
+# isort: off
+from . import native, peft, mixlora  # noqa: F401  (registration)
+
+# isort: on
 from .common import (
-    FORMATS,
     NATIVE_CONFIG,
     PEFT_CONFIG,
-    PEFT_PREFIX,
     WEIGHTS,
     attach_for_loading,
-    check_adapter_replaceable,
     check_allocation,
     check_json_ints,
     check_same_output_fields,
-    config_name,
     detect_format,
-    extra_candidates,
-    load_extra,
-    load_layers,
     read_json,
-    read_safetensors,
-    rollback_on_error,
-    saved_extension,
-    tensor_bytes,
 )
-from .mixlora import load_mixlora, read_mixlora_factors, save_mixlora
-from .native import (
-    EXTRA_PREFIX,
-    TENSOR_PREFIX,
-    native_payload,
-    read_native_config,
-    read_native_factors,
-)
-from .peft import peft_payload, peft_tensors, read_peft_config, read_peft_factors
 
 __all__ = [
     "FORMATS",
@@ -81,6 +69,7 @@ __all__ = [
     "load_adapter",
     "read_factors",
     "save_adapter",
+    "saved_variant",
     "save_pretrained",
 ]
 
@@ -102,7 +91,8 @@ def save_adapter(
         model: a model with adapters attached.
         path: target directory; replaced atomically if it exists (only when it holds
             nothing but adapter files).
-        format: ``"native"``, ``"peft"`` (LoRA family) or ``"mixlora"`` (MixLoRA).
+        format: a registered format (:data:`FORMATS`): ``"native"`` (every variant), or one
+            the variant lists in its ``formats`` (peft's LoRA format, MoE-PEFT's).
         name: adapter name.
         base_model_name_or_path: written as the config's ``base_model_name_or_path`` (the
             base model peft and the MixLoRA loaders load); ``None``: the model's own.
@@ -114,8 +104,7 @@ def save_adapter(
         ValueError: unknown format, a variant the format cannot hold, or ``path`` is a
             folder with other files in it.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    fmt = format_class(format)  # ValueError listing the registered formats
     if not adapter_names(model):
         raise ValueError("the model has no adapters to save; call loravariants.attach first")
     config = adapter_config(model, name)
@@ -125,23 +114,7 @@ def save_adapter(
             f"save it as one of {list(config.formats)}"
         )
     name = name or adapter_names(model)[0]
-    if format == "mixlora":
-        return save_mixlora(model, path, name=name, base_model_name_or_path=base_model_name_or_path)
-    check_adapter_replaceable(path)
-    if format == "peft":
-        tensors, meta = peft_payload(model, name, config)
-        config_file = PEFT_CONFIG
-    else:
-        tensors, meta = native_payload(model, name, config)
-        config_file = NATIVE_CONFIG
-    if base_model_name_or_path is not None:
-        meta["base_model_name_or_path"] = base_model_name_or_path
-    # provenance goes into the weights' metadata: peft warns about unknown config keys
-    provenance = {"format": "pt", "loravariants_version": __version__, "variant": config.variant}
-    with atomic_directory(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata=provenance)
-        (tmp / config_file).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return Path(path)
+    return fmt.save(model, Path(path), name, config, base_model_name_or_path)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
@@ -163,28 +136,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         ValueError: corrupt files, or weights that do not fit the model (file named).
     """
     directory = Path(path)
-    fmt = detect_format(directory)
-    if fmt == "mixlora":
-        return load_mixlora(model, directory, name=name or "default")
-    if fmt == "native":
-        meta, config, name, extra = read_native_config(directory, name)
-        prefix, extra_prefix = TENSOR_PREFIX, EXTRA_PREFIX
-    else:
-        meta, config, name, extra = read_peft_config(directory, name)
-        prefix, extra_prefix = PEFT_PREFIX, PEFT_PREFIX
-    config_file, weights_file = directory / config_name(fmt), directory / WEIGHTS
-    extension = saved_extension(model, meta, fmt, config_file)  # checked before any read
-    tensors = read_safetensors(weights_file)
-    if fmt == "peft":
-        tensors, config = peft_tensors(tensors, config, weights_file)
-    extra_modules = extra_candidates(model, extra, fmt, weights_file)
-    with rollback_on_error(model, name, extra_modules):
-        attach_for_loading(model, name, config, tensor_bytes(tensors), directory, config_file)
-        load_extra(model, tensors, extra_modules, extra_prefix, weights_file)
-        load_layers(model, name, tensors, prefix, weights_file)
-        if extension:  # last: a failure here also takes the adapter back out
-            apply_extension(model, extension, str(config_file))
-    return model
+    return FORMATS[detect_format(directory)].load(model, directory, name)
 
 
 def apply_saved_context(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -197,13 +149,9 @@ def apply_saved_context(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ValueError: the model carries a different extension (one line saying what to do).
     """
     directory = Path(path)
-    fmt = detect_format(directory)
-    if fmt == "mixlora":
-        return model
-    config_file = directory / config_name(fmt)
-    extension = saved_extension(model, read_json(config_file), fmt, config_file)
+    extension = FORMATS[detect_format(directory)].saved_extension(model, directory)
     if extension:
-        apply_extension(model, extension, str(config_file))
+        apply_extension(model, extension, str(directory))
     return model
 
 
@@ -214,12 +162,14 @@ def read_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
     building a model. MixLoRA experts appear as ``"<ffn module>.<proj>.experts.<e>"``.
     """
     directory = Path(path)
-    readers = {
-        "native": read_native_factors,
-        "peft": read_peft_factors,
-        "mixlora": read_mixlora_factors,
-    }
-    return readers[detect_format(directory)](directory)
+    return FORMATS[detect_format(directory)].read_factors(directory)
+
+
+def saved_variant(path: str | os.PathLike) -> str:
+    """The variant name an adapter directory holds (``""`` when its config names none), from
+    its config file only."""
+    directory = Path(path)
+    return FORMATS[detect_format(directory)].saved_variant(directory)
 
 
 def save_pretrained(

@@ -3,7 +3,9 @@ file passes before anything is allocated, and the rollback that keeps a failed l
 changing the model.
 
 The format modules (:mod:`.native`, :mod:`.peft`, :mod:`.mixlora`) import from here, never from
-each other nor from the package's ``__init__``.
+each other nor from the package's ``__init__``; each registers its format
+(:class:`~loravariants.adapters.base.AdapterFormat`), and the package dispatches through that
+registry (:data:`~loravariants.adapters.base.FORMATS`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters.base import AdapterConfig
+from .._version import __version__
+from ..adapters.base import FORMATS, VARIANTS, AdapterConfig, variant_for_file_type
 from ..inject import (
     _restore_trainable_modules,
     adapter_config,
@@ -33,12 +37,9 @@ from ..inject import (
     iter_adapters,
     mark_trainable,
 )
-from ..longlora.context import check_extension
+from ..longlora.context import apply_extension, check_extension
 from ..longlora.context import describe_extension as _context_of
-from ..utils import ADAPTER_FILES, check_replaceable, recover_directory
-
-FORMATS = ("native", "peft", "mixlora")
-
+from ..utils import ADAPTER_FILES, atomic_directory, check_replaceable, recover_directory
 
 NATIVE_CONFIG = "loravariants_config.json"
 
@@ -419,31 +420,48 @@ def check_json_ints(meta: Mapping[str, Any], keys: tuple[str, ...], file: Path) 
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``"native"``, ``"peft"`` or ``"mixlora"`` for an adapter directory.
+    """The registered format (``"native"``, ``"peft"``, ...) an adapter directory is in.
 
     A save killed mid-replace is repaired first (:func:`~loravariants.utils.recover_directory`).
+
+    Raises:
+        FileNotFoundError: no such directory.
+        ValueError: no registered format recognises it (a foreign ``peft_type`` is named).
     """
     directory = Path(path)
     recover_directory(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such adapter directory")
-    if (directory / NATIVE_CONFIG).is_file():
-        return "native"
+    for name, fmt in FORMATS.items():
+        if fmt.detect(directory):
+            return name
     if (directory / PEFT_CONFIG).is_file():
         peft_type = read_json(directory / PEFT_CONFIG).get("peft_type")
-        if peft_type == "LORA":
-            return "peft"
-        if peft_type == "MIXLORA":
-            return "mixlora"
+        known = sorted(t for t in (vars(c).get("file_type") for c in VARIANTS.values()) if t)
         raise ValueError(
             f"{directory / PEFT_CONFIG}: peft_type {peft_type!r} is not supported "
-            "(LORA and MIXLORA are)"
+            f"({' and '.join(known)} are)"
         )
     raise ValueError(f"{directory}: neither {NATIVE_CONFIG} nor {PEFT_CONFIG} found")
 
 
-def config_name(fmt: str) -> str:
-    return NATIVE_CONFIG if fmt == "native" else PEFT_CONFIG
+def peft_type_of(directory: Path) -> Any:
+    """The ``peft_type`` of a folder's ``adapter_config.json`` (None without one)."""
+    file = directory / PEFT_CONFIG
+    return read_json(file).get("peft_type") if file.is_file() else None
+
+
+def reading_variant(file_type: str, file: Path) -> type[AdapterConfig]:
+    """The registered variant a foreign file of ``peft_type`` ``file_type`` reads back as
+    (:attr:`AdapterConfig.file_type`).
+
+    Raises:
+        ValueError: no registered variant reads it.
+    """
+    cls = variant_for_file_type(file_type)
+    if cls is None:
+        raise ValueError(f"{file}: no registered variant reads peft_type {file_type!r}")
+    return cls
 
 
 def extra_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -503,14 +521,59 @@ def layer_from_state(config: AdapterConfig, path: str, spec: Mapping[str, Any], 
     return layer
 
 
-def saved_extension(model: nn.Module, meta: Mapping[str, Any], fmt: str, file: Path):
-    """The saved context extension to apply to ``model`` (None: nothing to do).
+def saved_extension(model: nn.Module, meta: Mapping[str, Any], key: str, file: Path):
+    """The saved context extension (``meta[key]``) to apply to ``model`` (None: nothing to do).
 
     Raises:
         ValueError: the model carries another extension than the adapter was trained with.
     """
-    key = "context_extension" if fmt == "native" else PEFT_CONTEXT_KEY
     return check_extension(model, meta.get(key), str(file), recorded=key in meta)
+
+
+def write_safetensors_adapter(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    config_file: str,
+    config: AdapterConfig,
+    base_model_name_or_path: str | None,
+) -> Path:
+    """``adapter_model.safetensors`` + the JSON config ``config_file``, written atomically into
+    ``path`` (a folder that is missing, empty, or an adapter of ours)."""
+    check_adapter_replaceable(path)
+    if base_model_name_or_path is not None:
+        meta["base_model_name_or_path"] = base_model_name_or_path
+    # provenance goes into the weights' metadata: peft warns about unknown config keys
+    provenance = {"format": "pt", "loravariants_version": __version__, "variant": config.variant}
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata=provenance)
+        (tmp / config_file).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def load_safetensors_adapter(
+    model: nn.Module,
+    directory: Path,
+    name: str,
+    config: AdapterConfig,
+    tensors: dict[str, torch.Tensor],
+    extra_modules: list[str],
+    prefixes: tuple[str, str],
+    extension: dict[str, Any] | None,
+    config_file: Path,
+) -> nn.Module:
+    """Attach (or fill) adapter ``name`` from tensors read out of ``directory``: the layers'
+    under ``prefixes[0]``, whole saved modules' under ``prefixes[1]``, then the context
+    extension. Any failure leaves the model as it was."""
+    weights_file = directory / WEIGHTS
+    prefix, extra_prefix = prefixes
+    with rollback_on_error(model, name, extra_modules):
+        attach_for_loading(model, name, config, tensor_bytes(tensors), directory, config_file)
+        load_extra(model, tensors, extra_modules, extra_prefix, weights_file)
+        load_layers(model, name, tensors, prefix, weights_file)
+        if extension:  # last: a failure here also takes the adapter back out
+            apply_extension(model, extension, str(config_file))
+    return model
 
 
 @contextlib.contextmanager
@@ -668,12 +731,15 @@ def check_same_output_fields(
             )
 
 
-def extra_candidates(model: nn.Module, extra: list[str], fmt: str, file: Path) -> list[str]:
-    """The model's modules a file's saved whole modules (embed/norm) may go into."""
+def extra_candidates(
+    model: nn.Module, extra: list[str], file: Path, suffix_match: bool = False
+) -> list[str]:
+    """The model's modules a file's saved whole modules (embed/norm) may go into: the named
+    ones, or with ``suffix_match`` (peft's rule) every module whose name ends with one."""
     names = {n for n, _ in model.named_modules() if n}
     out: list[str] = []
     for module_name in extra:
-        if fmt == "peft":
+        if suffix_match:
             # peft's rule for modules_to_save: a plain suffix ("norm" also names
             # "input_layernorm"); only modules the file has weights for are taken
             out += [n for n in sorted(names) if n.endswith(module_name) and n not in out]

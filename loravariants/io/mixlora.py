@@ -52,12 +52,11 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..adapters.base import AdapterLayer
-from ..adapters.lora import LoRALinear
-from ..adapters.mixlora import FFN_PROJECTIONS, MixLoRAConfig, MixLoRAFFN, ffn_activation_name
+from ..adapters.base import AdapterConfig, AdapterFormat, AdapterLayer, register_format
 from ..inject import adapter_config, adapter_names, iter_adapters
 from ..utils import atomic_directory
 from .common import (
+    PEFT_CONFIG,
     attach_for_loading,
     bytes_present,
     check_adapter_replaceable,
@@ -67,15 +66,19 @@ from .common import (
     check_present,
     check_tensors,
     json_number,
+    peft_type_of,
     read_json,
+    reading_variant,
     rollback_on_error,
     tensor_bytes,
 )
 
 __all__ = ["save_mixlora", "load_mixlora", "read_mixlora_factors"]
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = PEFT_CONFIG
 WEIGHTS_FILE = "adapter_model.bin"
+# the format's name in loravariants (save_adapter(format=...)), and MoE-PEFT's peft_type
+FORMAT, PEFT_TYPE = "mixlora", "MIXLORA"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 
@@ -91,24 +94,14 @@ def _file_prefix(module_path: str) -> str:
 
 
 def _layer_tensors(path: str, layer: AdapterLayer) -> dict[str, torch.Tensor]:
-    """The file's tensors for one adapter layer, keyed as the format names them."""
+    """The file's tensors for one adapter layer (its :meth:`AdapterLayer.format_tensors`),
+    keyed as the format names them."""
     prefix = _file_prefix(path)
-    if isinstance(layer, MixLoRAFFN):
-        out = {f"{prefix}.moe_gate.weight": layer.router}
-        for e, expert in enumerate(layer.experts):
-            for proj in layer.projections:
-                out[f"{prefix}.{proj}.experts.{e}.lora_A.weight"] = expert.lora_A[proj]
-                out[f"{prefix}.{proj}.experts.{e}.lora_B.weight"] = expert.lora_B[proj]
-        return out
-    if isinstance(layer, LoRALinear):
-        return {f"{prefix}.lora_A.weight": layer.lora_A, f"{prefix}.lora_B.weight": layer.lora_B}
-    raise ValueError(f"{path}: {type(layer).__name__} has no MixLoRA-format form")
-
-
-def _int_if_integral(value: float) -> int | float:
-    """``16.0 -> 16``: the reference loaders assert an int ``lora_alpha``."""
-    value = float(value)
-    return int(value) if value.is_integer() else value
+    try:
+        named = layer.format_tensors(FORMAT)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return {f"{prefix}.{key}": t for key, t in named.items()}
 
 
 def base_model_name(model: nn.Module) -> str | None:
@@ -121,51 +114,27 @@ def base_model_name(model: nn.Module) -> str | None:
 
 
 def _config_json(
-    config: MixLoRAConfig,
+    config: AdapterConfig,
     model: nn.Module,
-    dropout: float,
-    expert_dropout: float,
+    dropout: float | None,
     base_model_name_or_path: str | None,
-):
-    tm = config.target_modules
-    if isinstance(tm, str):
-        raise ValueError(
-            "the MixLoRA format lists target_modules by name; a regex target_modules "
-            f"({tm!r}) cannot be written"
-        )
-    alpha = _int_if_integral(config.alpha)
-    expert_alpha = _int_if_integral(config.expert_lora_alpha)
-    if not (isinstance(alpha, int) and isinstance(expert_alpha, int)):
+) -> dict[str, Any]:
+    """The variant's MoE-PEFT config (:meth:`AdapterConfig.format_fields`), with the dropout
+    the reference loaders accept (``dropout``, for a 0 only), the base model and our version."""
+    meta = config.format_fields(FORMAT, model)
+    expert = meta.get("expert_lora") or {}
+    if dropout is not None:
+        meta["lora_dropout"] = meta.get("lora_dropout") or dropout
+        expert["lora_dropout"] = expert.get("lora_dropout") or dropout
+    elif meta.get("lora_dropout") == 0 or expert.get("lora_dropout") == 0:
         warnings.warn(
-            f"writing lora_alpha {config.alpha} / expert lora_alpha {config.expert_lora_alpha}: "
-            "the `mixlora` package and MoE-PEFT assert an int lora_alpha and will refuse the file",
+            "writing lora_dropout 0: the `mixlora` package and MoE-PEFT assert lora_dropout > 0 "
+            "and will refuse the file (loravariants accepts it); pass loader_dropout=... for them",
             stacklevel=3,
         )
-    return {
-        "peft_type": "MIXLORA",
-        "routing_strategy": "mixlora",
-        "task_type": "CAUSAL_LM",
-        "bias": "none",
-        "num_experts": config.num_experts,
-        "top_k": config.top_k,
-        "r": int(config.r),
-        "lora_alpha": alpha,
-        "lora_dropout": float(dropout),
-        "target_modules": list(tm) + list(config.ffn_projections),
-        "act_fn": ffn_activation_name(model),
-        "expert_lora": {
-            "r": int(config.expert_rank),
-            "lora_alpha": expert_alpha,
-            "lora_dropout": float(expert_dropout),
-        },
-        "router_aux_loss_coef": float(config.router_aux_loss_coef),
-        "router_init_range": float(config.router_init_range),
-        "jitter_noise": float(config.jitter_noise),
-        "base_model_name_or_path": base_model_name_or_path,
-        # ours only; the ecosystem's loaders read their keys by name and ignore these
-        "balance_loss_aggregation": config.balance_loss_aggregation,
-        "loravariants_version": __version__,
-    }
+    meta["base_model_name_or_path"] = base_model_name_or_path
+    meta["loravariants_version"] = __version__  # ours; the reference loaders ignore it
+    return meta
 
 
 def save_mixlora(
@@ -198,24 +167,15 @@ def save_mixlora(
             without a layer index.
     """
     config = adapter_config(model, name)
-    if not isinstance(config, MixLoRAConfig):
+    if FORMAT not in config.formats:
         raise ValueError(
-            f"format 'mixlora' holds MixLoRA adapters only, got variant {config.variant!r}"
+            f"format {FORMAT!r} cannot hold a {config.variant} adapter; "
+            f"save it as one of {list(config.formats)}"
         )
     name = name or adapter_names(model)[0]
     check_adapter_replaceable(path)
-    dropout, expert_dropout = config.dropout, config.expert_lora_dropout
-    if loader_dropout is not None:
-        if not loader_dropout > 0:
-            raise ValueError(f"loader_dropout must be > 0, got {loader_dropout!r}")
-        dropout = dropout or float(loader_dropout)
-        expert_dropout = expert_dropout or float(loader_dropout)
-    elif dropout == 0 or expert_dropout == 0:
-        warnings.warn(
-            "writing lora_dropout 0: the `mixlora` package and MoE-PEFT assert lora_dropout > 0 "
-            "and will refuse the file (loravariants accepts it); pass loader_dropout=... for them",
-            stacklevel=2,
-        )
+    if loader_dropout is not None and not loader_dropout > 0:
+        raise ValueError(f"loader_dropout must be > 0, got {loader_dropout!r}")
     if base_model_name_or_path is None:
         base_model_name_or_path = base_model_name(model)
     elif not isinstance(base_model_name_or_path, str) or not base_model_name_or_path:
@@ -223,6 +183,8 @@ def save_mixlora(
             "base_model_name_or_path must be a non-empty string (a hub id or a path), "
             f"got {base_model_name_or_path!r}"
         )
+    dropout = None if loader_dropout is None else float(loader_dropout)
+    meta = _config_json(config, model, dropout, base_model_name_or_path)
     if base_model_name_or_path is None:
         warnings.warn(
             "writing base_model_name_or_path null (the model was built from a config): the "
@@ -233,7 +195,6 @@ def save_mixlora(
     for path_, _, layer in iter_adapters(model, name):
         for key, t in _layer_tensors(path_, layer).items():
             tensors[key] = t.detach().to("cpu").contiguous().clone()
-    meta = _config_json(config, model, dropout, expert_dropout, base_model_name_or_path)
     with atomic_directory(path) as tmp:
         torch.save(tensors, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -250,7 +211,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: MixLoRA adapter config not found")
     meta = read_json(file)
-    if meta.get("peft_type") != "MIXLORA":
+    if meta.get("peft_type") != PEFT_TYPE:
         raise ValueError(f'{file}: not a MixLoRA adapter config (needs "peft_type": "MIXLORA")')
     strategy = meta.get("routing_strategy", "mixlora")
     if strategy != "mixlora":
@@ -278,34 +239,21 @@ def _targets(meta: dict[str, Any]) -> list[str]:
     return targets
 
 
-def _config_from_json(meta: dict[str, Any], file: Path) -> MixLoRAConfig:
+def _config_from_json(meta: dict[str, Any], file: Path) -> AdapterConfig:
+    """The variant that reads MoE-PEFT's ``peft_type`` builds its config from the file's keys
+    (:meth:`AdapterConfig.from_format`), once their JSON types are checked here."""
     check_json_ints(meta, ("num_experts", "top_k", "r", "expert_lora.r"), file)
     try:
-        targets = _targets(meta)
+        fields = dict(meta, target_modules=_targets(meta))
         expert = meta.get("expert_lora") or {}
         if not isinstance(expert, dict):
             raise ValueError(f"expert_lora must be a mapping, got {expert!r:.60}")
-        ffn = [t for t in targets if t in FFN_PROJECTIONS]
-        aggregation = meta.get("balance_loss_aggregation", "global")  # ours; MoE-PEFT: global
-        return MixLoRAConfig(
-            num_experts=meta["num_experts"],
-            top_k=meta["top_k"],
-            r=meta["r"],
-            alpha=json_number(meta["lora_alpha"], "lora_alpha"),
-            dropout=_number(meta, "lora_dropout", 0.0, "lora_dropout"),
-            expert_r=expert.get("r"),
-            expert_alpha=_number(expert, "lora_alpha", None, "expert_lora.lora_alpha"),
-            expert_dropout=_number(expert, "lora_dropout", None, "expert_lora.lora_dropout"),
-            # absent keys: the reference code's defaults (coef 0.001, range 0.02, no jitter)
-            router_aux_loss_coef=_number(
-                meta, "router_aux_loss_coef", 0.001, "router_aux_loss_coef"
-            ),
-            router_init_range=_number(meta, "router_init_range", 0.02, "router_init_range"),
-            jitter_noise=_number(meta, "jitter_noise", 0.0, "jitter_noise"),
-            target_modules=[t for t in targets if t not in FFN_PROJECTIONS],
-            ffn_projections=ffn or list(FFN_PROJECTIONS),
-            balance_loss_aggregation=aggregation,
-        )
+        json_number(meta["lora_alpha"], "lora_alpha")
+        for key in ("lora_dropout", "router_aux_loss_coef", "router_init_range", "jitter_noise"):
+            _number(meta, key, None, key)
+        for key in ("lora_alpha", "lora_dropout"):
+            _number(expert, key, None, f"expert_lora.{key}")
+        return reading_variant(PEFT_TYPE, file).from_format(FORMAT, fields)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{file}: invalid MixLoRA config ({e!r:.200})") from e
 
@@ -378,8 +326,10 @@ def load_mixlora(model: nn.Module, path: str | os.PathLike, name: str = "default
     config = _config_from_json(meta, config_file)
     act = meta.get("act_fn")
     if act is not None:
-        try:
-            own = ffn_activation_name(model)
+        try:  # what the model's FFN would be written with (its write-time warnings unwanted)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                own = config.format_fields(FORMAT, model).get("act_fn")
         except ValueError:
             own = None
         if own is not None and own != act:
@@ -460,3 +410,25 @@ def read_mixlora_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tenso
         module: (B.float() * scales[module], A.float())
         for module, (B, A) in check_factors(out, directory / WEIGHTS_FILE).items()
     }
+
+
+@register_format
+class MixLoRAFormat(AdapterFormat):
+    """The MixLoRA ecosystem's format (MoE-PEFT, the `mixlora` package)."""
+
+    name = FORMAT
+
+    def detect(self, directory: Path) -> bool:
+        return peft_type_of(directory) == PEFT_TYPE
+
+    def save(self, model, path, name, config, base_model_name_or_path) -> Path:
+        return save_mixlora(model, path, name=name, base_model_name_or_path=base_model_name_or_path)
+
+    def load(self, model: nn.Module, directory: Path, name: str | None) -> nn.Module:
+        return load_mixlora(model, directory, name=name or "default")
+
+    def read_factors(self, directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return read_mixlora_factors(directory)
+
+    def saved_variant(self, directory: Path) -> str:
+        return reading_variant(PEFT_TYPE, directory / CONFIG_FILE).variant

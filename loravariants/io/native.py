@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..adapters.base import AdapterConfig, AdapterLayer
+from ..adapters.base import AdapterConfig, AdapterFormat, AdapterLayer, register_format
 from ..inject import extra_trainable_modules, iter_adapters
 from .common import (
     NATIVE_CONFIG,
@@ -22,14 +22,18 @@ from .common import (
     check_size_fields,
     check_spec,
     describe_extension,
+    extra_candidates,
     extra_tensors,
     json_str,
     json_str_list,
     layer_from_state,
+    load_safetensors_adapter,
     module_spec,
     read_json,
     read_safetensors,
+    saved_extension,
     tensor_bytes,
+    write_safetensors_adapter,
 )
 
 TENSOR_PREFIX, EXTRA_PREFIX = "adapter.", "extra."
@@ -98,3 +102,50 @@ def read_native_factors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.
             raise ValueError(f"{directory / WEIGHTS}: cannot rebuild {module} ({e})") from e
         out.update({module + suffix: pair for suffix, pair in layer.named_factors().items()})
     return out
+
+
+@register_format
+class NativeFormat(AdapterFormat):
+    """``loravariants_config.json`` + ``adapter_model.safetensors``: every variant, lossless."""
+
+    name = "native"
+
+    def detect(self, directory: Path) -> bool:
+        return (directory / NATIVE_CONFIG).is_file()
+
+    def save(self, model, path, name, config, base_model_name_or_path) -> Path:
+        tensors, meta = native_payload(model, name, config)
+        return write_safetensors_adapter(
+            path, tensors, meta, NATIVE_CONFIG, config, base_model_name_or_path
+        )
+
+    def load(self, model: nn.Module, directory: Path, name: str | None) -> nn.Module:
+        meta, config, name, extra = read_native_config(directory, name)
+        config_file = directory / NATIVE_CONFIG
+        extension = saved_extension(model, meta, _CONTEXT_KEY, config_file)  # before any read
+        tensors = read_safetensors(directory / WEIGHTS)
+        extra_modules = extra_candidates(model, extra, directory / WEIGHTS)
+        return load_safetensors_adapter(
+            model,
+            directory,
+            name,
+            config,
+            tensors,
+            extra_modules,
+            (TENSOR_PREFIX, EXTRA_PREFIX),
+            extension,
+            config_file,
+        )
+
+    def read_factors(self, directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return read_native_factors(directory)
+
+    def saved_variant(self, directory: Path) -> str:
+        return str((read_json(directory / NATIVE_CONFIG).get("config") or {}).get("variant", ""))
+
+    def saved_extension(self, model: nn.Module, directory: Path) -> dict[str, Any] | None:
+        file = directory / NATIVE_CONFIG
+        return saved_extension(model, read_json(file), _CONTEXT_KEY, file)
+
+
+_CONTEXT_KEY = "context_extension"
