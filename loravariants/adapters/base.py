@@ -94,7 +94,8 @@ def register_variant(cls: type[AdapterConfig]) -> type[AdapterConfig]:
 def reference_variant() -> str | None:
     """The registered variant every other is measured against (the one whose config sets
     ``is_reference``: plain LoRA); ``None`` when no registered variant does."""
-    return next((name for name, cls in VARIANTS.items() if cls.is_reference), None)
+    # a class's own declaration only: COLA and MixLoRA inherit LoRAConfig but are not the reference
+    return next((name for name, cls in VARIANTS.items() if vars(cls).get("is_reference")), None)
 
 
 def variant_class(variant: str) -> type[AdapterConfig]:
