@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters.base import check_range
 from .utils import default_cache_dir
+from .validation import check_range
 
 __all__ = [
     "ACCEPTANCE",
@@ -791,13 +791,3 @@ def load_base_model(
     path, tokenizer = resolve_base_model(path_or_name, cache_dir, progress)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.eval(), tokenizer
-
-
-def __getattr__(name: str):
-    # `pretrain_base_main` moved to loravariants.cli (the CLI owns every entry point); the old path
-    # still resolves, on use: importing the CLI here would make this module depend on it
-    if name == "pretrain_base_main":
-        import importlib
-
-        return importlib.import_module("loravariants.cli").pretrain_base_main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import tracking
-from .adapters.base import check_range
 from .checkpoint import (
     TrainingDiverged,
     checkpoint_dir,
@@ -58,6 +57,7 @@ from .utils import (
     claim_output_dir,
     output_lock,
 )
+from .validation import check_range
 
 if TYPE_CHECKING:  # accelerate is imported when a run starts (_accelerator), not with the package
     from accelerate import Accelerator

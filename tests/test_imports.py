@@ -171,26 +171,11 @@ def test_no_function_reimports_a_module_level_import(module):
     assert again == []
 
 
-def test_moved_names_still_import_from_their_old_paths():
-    import loravariants.analysis
-    import loravariants.base_model
-    import loravariants.cli
+def test_compare_exports_every_listed_name():
     import loravariants.compare
-    import loravariants.compare.plots
-    import loravariants.io.mixlora
-    import loravariants.io_mixlora
-    import loravariants.plots_report
 
-    assert loravariants.analysis.analyze_main is loravariants.cli.analyze_main
-    assert loravariants.base_model.pretrain_base_main is loravariants.cli.pretrain_base_main
-    assert loravariants.io_mixlora.save_mixlora is loravariants.io.mixlora.save_mixlora
-    assert (
-        loravariants.plots_report.make_report_plots is loravariants.compare.plots.make_report_plots
-    )
     for name in loravariants.compare.__all__:
         assert hasattr(loravariants.compare, name), name
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        loravariants.analysis.nothing  # noqa: B018
 
 
 def test_every_subpackage_is_shipped_by_pyproject():

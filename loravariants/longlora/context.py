@@ -26,8 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters.base import check_range
 from ..inject import mark_trainable
+from ..validation import check_range
 
 METHODS = ("linear", "dynamic", "yarn")
 TRAINABLE = ("embed", "norm")
