@@ -10,50 +10,13 @@ exits with status 2; a bug still shows its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._version import __version__
 from .real_models import MissingExtraError
-
-# subcommand -> (module, function, one-line help); modules are imported on use so that
-# `loravariants --help` stays fast and a missing optional piece only affects its command.
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "quickstart": (
-        "loravariants.cli",
-        "quickstart_main",
-        "the main job: build the default base, extend it 4x with S2-Attn, compare all variants",
-    ),
-    "compare": (
-        "loravariants.cli",
-        "compare_main",
-        "run an experiment config: every adapter x seed, then the report",
-    ),
-    "train": (
-        "loravariants.cli",
-        "train_main",
-        "train one row of an experiment config (one seed) and save its adapter",
-    ),
-    "eval": (
-        "loravariants.cli",
-        "eval_main",
-        "perplexity at several lengths (+ passkey, lm-eval tasks) of a base model with an "
-        "optional adapter",
-    ),
-    "pretrain-base": (
-        "loravariants.cli",
-        "pretrain_base_main",
-        "build (or reuse) the small default Llama-architecture base model",
-    ),
-    "analyze": (
-        "loravariants.cli",
-        "analyze_main",
-        "SVD analysis of a saved adapter directory (ours or any peft LoRA)",
-    ),
-}
 
 
 def _print_summary(out) -> int:
@@ -540,6 +503,38 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# subcommand -> (function, one-line help). The library's modules are imported inside each
+# function, on use, so that `loravariants --help` stays fast and a missing optional piece only
+# affects its command.
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "quickstart": (
+        quickstart_main,
+        "the main job: build the default base, extend it 4x with S2-Attn, compare all variants",
+    ),
+    "compare": (
+        compare_main,
+        "run an experiment config: every adapter x seed, then the report",
+    ),
+    "train": (
+        train_main,
+        "train one row of an experiment config (one seed) and save its adapter",
+    ),
+    "eval": (
+        eval_main,
+        "perplexity at several lengths (+ passkey, lm-eval tasks) of a base model with an "
+        "optional adapter",
+    ),
+    "pretrain-base": (
+        pretrain_base_main,
+        "build (or reuse) the small default Llama-architecture base model",
+    ),
+    "analyze": (
+        analyze_main,
+        "SVD analysis of a saved adapter directory (ours or any peft LoRA)",
+    ),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loravariants",
@@ -547,7 +542,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, _, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -589,12 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module_name, func_name, _ = COMMANDS[command]
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as e:
-        _print_error(command, f"not available in this version ({e})")
-        return 2
+    func, _ = COMMANDS[command]
     try:
         return int(func(rest) or 0)
     except (ValueError, OSError) as e:  # a missing, unreadable or misplaced file or folder

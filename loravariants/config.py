@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from .adapters.base import VARIANTS, AdapterConfig, check_range
+from .adapters.base import VARIANTS, AdapterConfig
 from .train import MAX_SEED, TrainConfig
 from .utils import check_not_precious
+from .validation import check_range
 
 __all__ = [
     "ExperimentConfig",

@@ -161,7 +161,6 @@ def install_copy_circuit(
     cfg = model.config
     d = cfg.hidden_size
     hd = d // cfg.num_attention_heads
-    half = hd // 2
     rope_theta = _rope_theta(cfg)
     fast, slow = check_shape(
         d, cfg.num_attention_heads, cfg.num_hidden_layers, rope_theta, context_length
@@ -178,30 +177,9 @@ def install_copy_circuit(
     G = basis[:, hd : 2 * hd]  # (d, hd): the previous-token slot
     u = basis[:, 2 * hd]  # (d,): the common direction
 
-    # embeddings: nothing in G, the code normalised, c * u in every row
-    E = model.model.embed_tokens.weight.double()
-    E = E - torch.outer(E @ u, u) - (E @ G) @ G.T
-    code = E @ P.T
-    E = E + (code / code.norm(dim=1, keepdim=True).clamp_min(1e-12) * code_norm - code) @ P
-    E = embed_scale * (E + c * u)
-    # after RMSNorm (weight 1) a row x becomes x / rms(x): u's coefficient is then about this
-    u_in = embed_scale * c / math.sqrt((E**2).mean().item())
-
-    # layer 0, head 0: q . R(D) k = sum_i a^2 cos(theta_i (D - 1)), largest at D = 1
-    gap = sum(1 - math.cos(inv_freq[i].item()) for i in fast)  # offset 1 vs offsets 0, 2
-    a = math.sqrt(_PREV_MARGIN * math.sqrt(hd) / gap)
-    q0 = torch.zeros(hd, dtype=torch.float64)
-    k0 = torch.zeros(hd, dtype=torch.float64)
-    for i in fast:
-        k0[i] = a
-        q0[i] = a * math.cos(inv_freq[i].item())
-        q0[i + half] = -a * math.sin(inv_freq[i].item())
-    # layer 1, head 0: both sides' codes, projected into the slow pairs
-    slow_dims = slow + [i + half for i in slow]
-    S = torch.zeros(hd, hd, dtype=torch.float64)
-    S[slow_dims] = torch.linalg.qr(
-        torch.randn(hd, len(slow_dims), generator=g, dtype=torch.float64)
-    )[0].T
+    E, u_in = _embeddings(model.model.embed_tokens.weight, P, G, u, c, code_norm, embed_scale)
+    q0, k0 = _previous_token_query_key(inv_freq, fast, hd)
+    S = _slow_projection(slow, hd, g)
 
     values = [  # in the order of _circuit_weights: layer 0 q, k, v, o, then layer 1
         torch.outer(q0, u) / u_in,
@@ -217,6 +195,58 @@ def install_copy_circuit(
         weight[index] = value.to(weight.dtype)
     model.model.embed_tokens.weight.copy_(E)
     model.lm_head.weight.copy_(lm_head_scale * E)
+
+
+def _embeddings(
+    weight: torch.Tensor,
+    P: torch.Tensor,
+    G: torch.Tensor,
+    u: torch.Tensor,
+    c: float,
+    code_norm: float,
+    embed_scale: float,
+) -> tuple[torch.Tensor, float]:
+    """The embeddings ``(vocab, d)`` rebuilt from ``weight``: nothing in ``G``, each token's
+    code (its part in ``P``) of norm ``code_norm``, ``c * u`` in every row, all times
+    ``embed_scale``; and ``u``'s coefficient after RMSNorm."""
+    E = weight.double()
+    E = E - torch.outer(E @ u, u) - (E @ G) @ G.T
+    code = E @ P.T
+    E = E + (code / code.norm(dim=1, keepdim=True).clamp_min(1e-12) * code_norm - code) @ P
+    E = embed_scale * (E + c * u)
+    # after RMSNorm (weight 1) a row x becomes x / rms(x): u's coefficient is then about this
+    u_in = embed_scale * c / math.sqrt((E**2).mean().item())
+    return E, u_in
+
+
+def _previous_token_query_key(
+    inv_freq: torch.Tensor, fast: list[int], hd: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 0, head 0's query and key ``(hd,)`` on the fast RoPE pairs:
+    ``q . R(D) k = sum_i a^2 cos(theta_i (D - 1))``, largest at offset ``D = 1``."""
+    half = hd // 2
+    gap = sum(1 - math.cos(inv_freq[i].item()) for i in fast)  # offset 1 vs offsets 0, 2
+    a = math.sqrt(_PREV_MARGIN * math.sqrt(hd) / gap)
+    q0 = torch.zeros(hd, dtype=torch.float64)
+    k0 = torch.zeros(hd, dtype=torch.float64)
+    for i in fast:
+        k0[i] = a
+        q0[i] = a * math.cos(inv_freq[i].item())
+        q0[i + half] = -a * math.sin(inv_freq[i].item())
+    return q0, k0
+
+
+def _slow_projection(slow: list[int], hd: int, g: torch.Generator) -> torch.Tensor:
+    """Layer 1, head 0's ``(hd, hd)`` projection of both sides' codes into the slow RoPE pairs
+    (an orthonormal random map, drawn from ``g``): within the native context the match then
+    barely depends on distance."""
+    half = hd // 2
+    slow_dims = slow + [i + half for i in slow]
+    S = torch.zeros(hd, hd, dtype=torch.float64)
+    S[slow_dims] = torch.linalg.qr(
+        torch.randn(hd, len(slow_dims), generator=g, dtype=torch.float64)
+    )[0].T
+    return S
 
 
 def _rope_theta(config) -> float:

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters.base import check_range
 from .data.passkey import passkey_prompt
+from .validation import check_range
 
 __all__ = [
     "windows",

@@ -106,21 +106,7 @@ def train_concurrent(
     """
     _check_jobs(model, jobs)
     grad_accum = jobs[0].config.grad_accum
-    state = {}
-    for job in jobs:
-        cfg = job.config
-        params = _job_params(model, job.adapter)
-        opt, sched, cycle = make_optimizer(params, cfg)
-        restart_lr = adapter_config(model, job.adapter).restarts_lr_schedule()
-        state[job.adapter] = dict(
-            params=params,
-            opt=opt,
-            sched=sched,
-            cycle=cycle,
-            restart_lr=restart_lr,
-            result=TrainResult(),
-        )
-
+    state = {job.adapter: _job_state(model, job) for job in jobs}
     model.train()
     total_steps = max(job.config.max_steps for job in jobs)
     bar = tqdm(
@@ -133,26 +119,7 @@ def train_concurrent(
     t0 = time.perf_counter()
     for step in range(total_steps):
         running = [job for job in jobs if step < job.config.max_steps]
-        losses = {job.adapter: 0.0 for job in running}
-        auxes = {job.adapter: 0.0 for job in running}
-        # each job's micro-batches of this step, read once
-        micro_batches = {
-            job.adapter: [
-                collate(job.dataset, _micro_rows(job, step, m, grad_accum))
-                for m in range(grad_accum)
-            ]
-            for job in running
-        }
-        # each job's loss is the mean over all label tokens of its step (as in `train`)
-        step_tokens = {
-            adapter: max(sum(label_count(b["labels"]) for b in batches), 1)
-            for adapter, batches in micro_batches.items()
-        }
-        for micro in range(grad_accum):
-            batches = [micro_batches[job.adapter][micro] for job in running]
-            _fused_micro_batch(model, running, batches, step_tokens, state, losses, auxes)
-        for job in running:
-            _job_step(model, job, state[job.adapter], step, losses[job.adapter], auxes[job.adapter])
+        losses = _concurrent_step(model, running, step, grad_accum, state)
         bar.update(1)
         bar.set_postfix({n: f"{losses[n]:.3f}" for n in losses})
     bar.close()
@@ -165,6 +132,47 @@ def train_concurrent(
         r.tokens_per_second = r.tokens / max(wall, 1e-9)
         results[name] = r
     return results
+
+
+def _job_state(model: nn.Module, job: Job) -> dict[str, Any]:
+    """One job's own optimizer over its adapter's parameters, its schedule, and its result."""
+    params = _job_params(model, job.adapter)
+    opt, sched, cycle = make_optimizer(params, job.config)
+    return dict(
+        params=params,
+        opt=opt,
+        sched=sched,
+        cycle=cycle,
+        restart_lr=adapter_config(model, job.adapter).restarts_lr_schedule(),
+        result=TrainResult(),
+    )
+
+
+def _concurrent_step(
+    model: nn.Module, running: list[Job], step: int, grad_accum: int, state: dict[str, dict]
+) -> dict[str, float]:
+    """Optimizer step ``step`` of every running job: its micro-batches fused with the other
+    jobs' (:func:`_fused_micro_batch`), then each job's own update. Returns each job's loss."""
+    losses = {job.adapter: 0.0 for job in running}
+    auxes = {job.adapter: 0.0 for job in running}
+    # each job's micro-batches of this step, read once
+    micro_batches = {
+        job.adapter: [
+            collate(job.dataset, _micro_rows(job, step, m, grad_accum)) for m in range(grad_accum)
+        ]
+        for job in running
+    }
+    # each job's loss is the mean over all label tokens of its step (as in `train`)
+    step_tokens = {
+        adapter: max(sum(label_count(b["labels"]) for b in batches), 1)
+        for adapter, batches in micro_batches.items()
+    }
+    for micro in range(grad_accum):
+        batches = [micro_batches[job.adapter][micro] for job in running]
+        _fused_micro_batch(model, running, batches, step_tokens, state, losses, auxes)
+    for job in running:
+        _job_step(model, job, state[job.adapter], step, losses[job.adapter], auxes[job.adapter])
+    return losses
 
 
 def _fused_micro_batch(model, running, batches, step_tokens, state, losses, auxes) -> None:

@@ -28,14 +28,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import tracking
-from .adapters.base import check_range
 from .checkpoint import (
     TrainingDiverged,
     checkpoint_dir,
@@ -52,12 +51,16 @@ from .distributed import (
     launch_strategy,
     statistics_context,
 )
-from .inject import adapter_config, adapter_names, on_step_end
+from .inject import adapter_config, adapter_names, iter_adapters, on_step_end
 from .inject import aux_loss as adapters_aux_loss
 from .utils import (
     claim_output_dir,
     output_lock,
 )
+from .validation import check_range
+
+if TYPE_CHECKING:  # accelerate is imported when a run starts (_accelerator), not with the package
+    from accelerate import Accelerator
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "lr_factor"]
 
@@ -368,42 +371,18 @@ def _check_inputs(dataset, config: TrainConfig, output_dir) -> None:
         )
 
 
-# The loop stays one function on purpose (about 100 lines, as nanoGPT's): setup, loop,
-# checkpoint, done, readable top to bottom; its parts with a name of their own are _start
-# (resume or clean), _accumulate (micro-batches), _update (the optimizer step).
+# The loop reads top to bottom: setup (_set_up, _prepare, _start), the loop (_accumulate the
+# micro-batches, _update the weights, _log the step), checkpoint, done.
 def _train(
     model, dataset, config, output_dir, resume, progress, stack, eval_data=None, run_name=None
 ) -> TrainResult:
     _check_inputs(dataset, config, output_dir)
     block_length = int(torch.as_tensor(dataset[0]["input_ids"]).shape[-1])
     tracking.check_eval_data(config, eval_data, block_length)
-    names = adapter_names(model)
-    sparse = any(layer.sparse_gradients for _, layer in _layers(model))
-    # refuse a variant/strategy pair before any work (distributed.py)
-    strategy = launch_strategy()
-    check_supported(model, strategy)
-    seed_everything(config.seed)
     out = Path(output_dir) if output_dir is not None else None
-    accelerator = _accelerator(config, model, sparse, strategy, out)
-    world = accelerator.num_processes
-    # MixLoRA's balance loss and router statistics over the global batch (distributed.py)
-    stack.enter_context(statistics_context(accelerator, model))
-    if out is not None and accelerator.is_main_process:
-        # one writer per folder: a second run there would interleave checkpoints and metrics;
-        # and only a folder of ours (a fresh run deletes its checkpoints/)
-        stack.enter_context(output_lock(claim_output_dir(out)))
-
-    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for _, p in trainable_named_parameters(model)]
-    if not params:
-        raise ValueError("the model has no trainable parameters; attach an adapter first")
-    optimizer, scheduler, cycle = make_optimizer(params, config)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # the parameters clipping and the checks see: FSDP2 replaces the ones it shards by
-    # DTensors (the trainable ones stay whole, distributed.fsdp_accelerator; read them again
-    # all the same). Under DDP these are the same objects.
-    params = [p for _, p in trainable_named_parameters(model)]
+    names = adapter_names(model)
+    accelerator = _set_up(model, config, out, stack)
+    model, optimizer, scheduler, cycle, params = _prepare(model, config, accelerator)
     inner = accelerator.unwrap_model(model)
     restart_lr = any(adapter_config(inner, n).restarts_lr_schedule() for n in names)
 
@@ -411,13 +390,8 @@ def _train(
     start_step = _start(
         out, resume, inner, optimizer, scheduler, cycle, result, config, accelerator
     )
-
-    micro_rows = config.batch_size * world  # rows per micro-batch over all processes
-    per_step = micro_rows * config.grad_accum
-    metrics_file = out / "metrics.jsonl" if out is not None else None
-    if metrics_file is not None and accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_file, start_step)
+    per_step = config.batch_size * accelerator.num_processes * config.grad_accum
+    log = _open_metrics(out, start_step, accelerator)  # None: not this process's to write
     tracking.start_trackers(accelerator, config, run_name, stack)  # none without report_to
 
     model.train()
@@ -429,7 +403,6 @@ def _train(
         disable=not (progress and accelerator.is_main_process),
         dynamic_ncols=True,
     )
-    log = metrics_file if accelerator.is_main_process else None  # one writer
     t0 = time.perf_counter()
     run_tokens, eval_s = 0, 0.0  # eval_s: validation time, left out of the throughput
     for step in range(start_step, config.max_steps):
@@ -446,11 +419,7 @@ def _train(
         reset = on_step_end(inner, step + 1, optimizer)
         advance_schedule(scheduler, cycle, step + 1, bool(reset) and restart_lr)
 
-        tokens = int(
-            accelerator.reduce(
-                torch.tensor(step_tokens, device=accelerator.device), reduction="sum"
-            ).item()
-        )
+        tokens = _global_sum(accelerator, step_tokens)
         run_tokens += tokens
         result.tokens += tokens
         result.losses.append(lm_mean)
@@ -461,15 +430,10 @@ def _train(
         bar.update(1)
         bar.set_postfix(loss=f"{lm_mean:.4f}", tok_s=f"{tps:,.0f}")
         val_ppl, eval_s = _validate(inner, eval_data, block_length, config, step + 1, eval_s)
-        logs = (step + 1) % config.log_every == 0 or step + 1 == config.max_steps
-        if logs or val_ppl is not None:
-            line = {"step": step + 1, "loss": lm_mean, "aux_loss": aux_mean}
-            line.update(lr=scheduler.get_last_lr()[0], tokens=result.tokens)
-            line.update(tokens_per_s=tps, elapsed_s=elapsed, grad_norm=grad_norm)
-            line.update({"val_ppl": val_ppl} if val_ppl is not None else {})
-            if log is not None:
-                _append_json_line(log, line)
-            tracking.log_line(accelerator, inner, line)  # a no-op without report_to
+        line = {"step": step + 1, "loss": lm_mean, "aux_loss": aux_mean}
+        line.update(lr=scheduler.get_last_lr()[0], tokens=result.tokens)
+        line.update(tokens_per_s=tps, elapsed_s=elapsed, grad_norm=grad_norm)
+        _log(line, val_ppl, config, log, accelerator, inner)
         if out is not None and config.save_every and (step + 1) % config.save_every == 0:
             save_checkpoint(
                 out, inner, optimizer, scheduler, cycle, result, step + 1, config, accelerator
@@ -482,6 +446,70 @@ def _train(
     inner.eval()
     accelerator.wait_for_everyone()
     return result
+
+
+def _set_up(model: nn.Module, config: TrainConfig, out: Path | None, stack) -> Accelerator:
+    """Refuse an unsupported variant/strategy pair, seed, and make the accelerator; the run's
+    contexts (global-batch statistics, the output folder's lock) enter ``stack``."""
+    sparse = any(layer.sparse_gradients for _, layer in _layers(model))
+    # refuse a variant/strategy pair before any work (distributed.py)
+    strategy = launch_strategy()
+    check_supported(model, strategy)
+    seed_everything(config.seed)
+    accelerator = _accelerator(config, model, sparse, strategy, out)
+    # MixLoRA's balance loss and router statistics over the global batch (distributed.py)
+    stack.enter_context(statistics_context(accelerator, model))
+    if out is not None and accelerator.is_main_process:
+        # one writer per folder: a second run there would interleave checkpoints and metrics;
+        # and only a folder of ours (a fresh run deletes its checkpoints/)
+        stack.enter_context(output_lock(claim_output_dir(out)))
+    return accelerator
+
+
+def _prepare(model: nn.Module, config: TrainConfig, accelerator: Accelerator):
+    """The prepared model and optimizer, the schedule, and the trainable parameters as the
+    prepared model holds them: ``(model, optimizer, scheduler, cycle, params)``."""
+    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for _, p in trainable_named_parameters(model)]
+    if not params:
+        raise ValueError("the model has no trainable parameters; attach an adapter first")
+    optimizer, scheduler, cycle = make_optimizer(params, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # the parameters clipping and the checks see: FSDP2 replaces the ones it shards by
+    # DTensors (the trainable ones stay whole, distributed.fsdp_accelerator; read them again
+    # all the same). Under DDP these are the same objects.
+    params = [p for _, p in trainable_named_parameters(model)]
+    return model, optimizer, scheduler, cycle, params
+
+
+def _open_metrics(out: Path | None, start_step: int, accelerator: Accelerator) -> Path | None:
+    """``metrics.jsonl`` cut back to ``start_step`` (a resumed run rewrites what follows), on
+    the main process only (one writer); None elsewhere or without an output folder."""
+    if out is None or not accelerator.is_main_process:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+    truncate_metrics(metrics_file, start_step)
+    return metrics_file
+
+
+def _global_sum(accelerator: Accelerator, count: int) -> int:
+    """``count`` summed over the processes."""
+    total = torch.tensor(count, device=accelerator.device)
+    return int(accelerator.reduce(total, reduction="sum").item())
+
+
+def _log(line: dict, val_ppl, config: TrainConfig, log: Path | None, accelerator, inner) -> None:
+    """Write the step's ``line`` (to ``metrics.jsonl`` and the trackers) every ``log_every``
+    steps, at the last step, and at every validation (``val_ppl`` joins it then)."""
+    step = line["step"]
+    if step % config.log_every and step != config.max_steps and val_ppl is None:
+        return
+    line.update({"val_ppl": val_ppl} if val_ppl is not None else {})
+    if log is not None:
+        _append_json_line(log, line)
+    tracking.log_line(accelerator, inner, line)  # a no-op without report_to
 
 
 def _validate(inner, eval_data, block_length, config, step, eval_s) -> tuple[float | None, float]:
@@ -615,6 +643,4 @@ class _null:
 
 
 def _layers(model: nn.Module):
-    from .inject import iter_adapters
-
     return [(p, layer) for p, _, layer in iter_adapters(model)]

@@ -166,7 +166,7 @@ def test_match_params_outcome_is_reported(tmp_path):
 
 
 def test_smooth_and_layer_of():
-    from loravariants.plots_report import layer_of, smooth
+    from loravariants.compare.plots import layer_of, smooth
 
     assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert smooth([1.0, 3.0], 1) == [1.0, 3.0]
@@ -179,7 +179,7 @@ def test_smooth_and_layer_of():
 def test_report_plots_facets_error_bars_and_layers(tmp_path):
     """Six rows -> two loss panels; effective rank is plotted per decoder layer, so a row with
     many modules per layer and one with few line up."""
-    from loravariants.plots_report import make_report_plots
+    from loravariants.compare.plots import make_report_plots
 
     class Spec:
         def __init__(self, name):

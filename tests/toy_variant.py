@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loravariants.adapters import AdapterConfig, AdapterLayer, register_variant
-from loravariants.adapters.base import check_range
+from loravariants.validation import check_range
 
 SPEC_DIR = Path(__file__).parent / "specs"
 

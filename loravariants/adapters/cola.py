@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, add_into_, check_range, register_variant
+from ..validation import check_range
+from .base import AdapterLayer, add_into_, register_variant
+from .host import AdapterHost
 from .lora import LoRAConfig, init_lora_, lora_scaling
 
 __all__ = [
@@ -560,11 +562,19 @@ def restart(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
     Returns:
         The new links' parameters; reset their optimizer state, e.g. with
         :func:`loravariants.reset_optimizer_state`.
-    """
-    from ..inject import iter_adapters  # late import: inject imports the adapters package
 
+    Raises:
+        ValueError: ``name`` is not attached.
+    """
+    # the hosts' own tables, not inject's walk: inject imports this package
+    hosts = [m for m in model.modules() if isinstance(m, AdapterHost)]
+    if name is not None:
+        attached = list(dict.fromkeys(n for host in hosts for n in host.adapters))
+        if name not in attached:
+            raise ValueError(f"no adapter named {name!r}; attached: {attached}")
     params: list[nn.Parameter] = []
-    for _, _, layer in iter_adapters(model, name):
-        if isinstance(layer, COLALinear):
-            params.extend(layer.restart())
+    for host in hosts:
+        for adapter_name, layer in host.adapters.items():
+            if isinstance(layer, COLALinear) and name in (None, adapter_name):
+                params.extend(layer.restart())
     return params

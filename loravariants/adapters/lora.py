@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterConfig, AdapterLayer, check_range, register_variant
+from ..validation import check_range
+from .base import AdapterConfig, AdapterLayer, register_variant
 
 __all__ = ["LoRAConfig", "LoRALinear", "lora_scaling"]
 

@@ -65,11 +65,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_range
 from .base import (
     AdapterConfig,
     AdapterHost,
     AdapterLayer,
-    check_range,
     iter_frozen_modules,
     match_target,
     model_state,

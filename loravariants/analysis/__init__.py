@@ -51,13 +51,3 @@ __all__ = [
     "svd",
     "top_singular",
 ]
-
-
-def __getattr__(name: str):
-    # `analyze_main` moved to loravariants.cli (the CLI owns every entry point); the old path
-    # still resolves, on use: importing the CLI here would make this module depend on it
-    if name == "analyze_main":
-        import importlib
-
-        return importlib.import_module("loravariants.cli").analyze_main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

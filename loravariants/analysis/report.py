@@ -451,40 +451,9 @@ def analyze(
     layers = []
     base_svd_cache: dict[str, Any] = {}
     for u in updates:
-        if isinstance(u.factors, torch.Tensor):
-            out_f, in_f = u.factors.shape
-        else:
-            out_f, in_f = u.factors[0].shape[0], u.factors[1].shape[1]
-        with _threads(threads):
-            s = spectrum(u.factors)
-        nrank = numerical_rank(s, rtol=max(out_f, in_f) * torch.finfo(torch.float32).eps)
-        width = nrank if isinstance(u.factors, torch.Tensor) else u.factors[0].shape[1]
-        la = LayerAnalysis(
-            module=u.module,
-            layer_type=u.layer_type,
-            layer_index=u.layer_index,
-            expert=u.expert,
-            variant=u.variant,
-            adapter=u.adapter,
-            out_features=int(out_f),
-            in_features=int(in_f),
-            rank=int(width),
-            numerical_rank=nrank,
-            frobenius_norm=float(s.pow(2).sum().sqrt()),
-            effective_rank=effective_rank(s),
-            stable_rank=stable_rank(s),
-            energy={k: energy(s, k) for k in energy_k},
-            singular_values=s,
-        )
+        la = _spectral_analysis(u, energy_k, threads)
         if weights is not None:
-            W = weights.weight(u.base_module)
-            if W is None:
-                raise ValueError(f"base has no weight for {u.base_module}")
-            W = W.to(torch.float64)
-            if tuple(W.shape) != (out_f, in_f):
-                raise ValueError(
-                    f"base weight of {u.base_module} is {tuple(W.shape)}, update is {(out_f, in_f)}"
-                )
+            W = _base_weight(weights, u)
             la.amplification = amplification_factor(u.factors, W)
             if u.base_module not in base_svd_cache:
                 base_svd_cache[u.base_module] = (
@@ -496,6 +465,54 @@ def analyze(
             la.intruders, la.intruder_energy = found.count, found.energy_share
         layers.append(la)
     return AnalysisReport(layers, tuple(energy_k))
+
+
+def _shape(u) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an update given densely or as ``(B, A)``."""
+    if isinstance(u.factors, torch.Tensor):
+        return tuple(u.factors.shape)
+    return u.factors[0].shape[0], u.factors[1].shape[1]
+
+
+def _spectral_analysis(u, energy_k: Sequence[int], threads: int | None) -> LayerAnalysis:
+    """The metrics of one update that need no base weight (its spectrum's ranks, norm and
+    energies)."""
+    out_f, in_f = _shape(u)
+    with _threads(threads):
+        s = spectrum(u.factors)
+    nrank = numerical_rank(s, rtol=max(out_f, in_f) * torch.finfo(torch.float32).eps)
+    width = nrank if isinstance(u.factors, torch.Tensor) else u.factors[0].shape[1]
+    return LayerAnalysis(
+        module=u.module,
+        layer_type=u.layer_type,
+        layer_index=u.layer_index,
+        expert=u.expert,
+        variant=u.variant,
+        adapter=u.adapter,
+        out_features=int(out_f),
+        in_features=int(in_f),
+        rank=int(width),
+        numerical_rank=nrank,
+        frobenius_norm=float(s.pow(2).sum().sqrt()),
+        effective_rank=effective_rank(s),
+        stable_rank=stable_rank(s),
+        energy={k: energy(s, k) for k in energy_k},
+        singular_values=s,
+    )
+
+
+def _base_weight(weights, u) -> torch.Tensor:
+    """The base weight under update ``u``, as float64, checked against the update's shape."""
+    W = weights.weight(u.base_module)
+    if W is None:
+        raise ValueError(f"base has no weight for {u.base_module}")
+    W = W.to(torch.float64)
+    out_f, in_f = _shape(u)
+    if tuple(W.shape) != (out_f, in_f):
+        raise ValueError(
+            f"base weight of {u.base_module} is {tuple(W.shape)}, update is {(out_f, in_f)}"
+        )
+    return W
 
 
 @contextlib.contextmanager

@@ -26,8 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters.base import check_range
 from ..inject import mark_trainable
+from ..validation import check_range
 
 METHODS = ("linear", "dynamic", "yarn")
 TRAINABLE = ("embed", "norm")
@@ -209,16 +209,7 @@ def extend_context(
     config = model.config.get_text_config(decoder=True)
     dicts = _rope_dicts(config)
     readings = [_original_length(config, params) for params in dicts]
-    if original_length is not None:
-        original = original_length
-    else:
-        lengths = sorted({length for length, _ in readings})
-        if len(lengths) > 1:
-            raise ValueError(
-                f"{type(model).__name__}: the layer types' rope_parameters imply different "
-                f"pre-training lengths {lengths}; pass original_length= to rescale all from one"
-            )
-        original = lengths[0]
+    original = original_length if original_length is not None else _one_length(model, readings)
     current = max(round(original * factor) for _, factor in readings)
     if target_length <= current:
         raise ValueError(
@@ -228,14 +219,47 @@ def extend_context(
     rotaries = _rotary_modules(model)
     if not rotaries:
         raise ValueError(f"no rotary embedding module found in {type(model).__name__}")
+    factor, extended = _scale(target_length, original, factor_rounding)
+    _set_rope(model, dicts, rotaries, method, factor, original, extended)
+    if names:
+        mark_trainable(model, names)
+    return model
 
+
+def _one_length(model: nn.Module, readings: list[tuple[int, float]]) -> int:
+    """The pre-training length ``L`` the layer types' RoPE parameters agree on."""
+    lengths = sorted({length for length, _ in readings})
+    if len(lengths) > 1:
+        raise ValueError(
+            f"{type(model).__name__}: the layer types' rope_parameters imply different "
+            f"pre-training lengths {lengths}; pass original_length= to rescale all from one"
+        )
+    return lengths[0]
+
+
+def _scale(target_length: int, original: int, factor_rounding: str) -> tuple[float, int]:
+    """``(factor, positions covered)`` from ``original`` to ``target_length`` tokens."""
+    if factor_rounding == "ceil":  # LongLoRA: float(math.ceil(target / original))
+        factor = float(math.ceil(target_length / original))
+        return factor, round(original * factor)
+    return target_length / original, target_length
+
+
+def _set_rope(
+    model: nn.Module,
+    dicts: list[dict],
+    rotaries: list[tuple[str, nn.Module]],
+    method: str,
+    factor: float,
+    original: int,
+    extended: int,
+) -> None:
+    """Write ``method`` x ``factor`` into every RoPE dict of the text config (keeping its
+    ``rope_theta`` and ``partial_rotary_factor``) and rebuild the rotary modules; on any error
+    the config and modules are put back as they were."""
+    config = model.config.get_text_config(decoder=True)
     saved = [copy.deepcopy(params) for params in dicts]
     saved_max = config.max_position_embeddings
-    factor = target_length / original
-    extended = target_length
-    if factor_rounding == "ceil":  # LongLoRA: float(math.ceil(target / original))
-        factor = float(math.ceil(factor))
-        extended = round(original * factor)
     try:
         for params in dicts:
             theta = params.get("rope_theta")
@@ -258,9 +282,6 @@ def extend_context(
         for name, module in rotaries:
             _set_submodule(model, name, module)
         raise
-    if names:
-        mark_trainable(model, names)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
