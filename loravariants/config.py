@@ -114,6 +114,17 @@ def _check_str(name: str, value: Any, optional: bool = False) -> None:
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
 
 
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: take a string that spells a number as
+    that number (as ``train.lr`` does); anything else is left for the range check to name."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _int_list(name: str, value: Any, low: int) -> list[int]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{name} must be a list of integers >= {low}, got {value!r}")
@@ -381,6 +392,7 @@ class RunSpec:
                 f"runs[{self.name}].question needs a comparator (the row the question is about)"
             )
         if self.lr is not None:
+            self.lr = _yaml_number(self.lr)
             check_range(f"runs[{self.name}].lr", self.lr, low=0, low_open=True)
             if not self.trains:
                 raise ValueError(
@@ -566,12 +578,13 @@ class ExperimentConfig:
                     "data.selection_fraction holds documents out for lr_grid, which is not set"
                 )
             return
-        if isinstance(self.lr_grid, (int, float)) and not isinstance(self.lr_grid, bool):
+        if isinstance(self.lr_grid, (int, float, str)) and not isinstance(self.lr_grid, bool):
             self.lr_grid = [self.lr_grid]  # `lr_grid: 1e-3` means [1e-3]
         if not isinstance(self.lr_grid, (list, tuple)) or not self.lr_grid:
             raise ValueError(
                 f"lr_grid must be a non-empty list of positive learning rates, got {self.lr_grid!r}"
             )
+        self.lr_grid = [_yaml_number(lr) for lr in self.lr_grid]
         for lr in self.lr_grid:
             check_range("lr_grid[]", lr, low=0, low_open=True)
         if len(set(self.lr_grid)) != len(self.lr_grid):
@@ -634,7 +647,7 @@ class ExperimentConfig:
         bad = [r.name for r in trained if r.trainable]
         if bad:
             raise ValueError(
-                f"concurrent: true, but rows {bad} train base weights (embeddings/norms/all), "
+                f"concurrent: true, but rows {bad} train embeddings/norms (or every weight), "
                 "which one frozen base cannot share; drop their `trainable` or set concurrent: "
                 "false"
             )

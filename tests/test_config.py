@@ -20,7 +20,7 @@ def test_builtin_quickstart_config_is_valid():
     assert config.context.target_length == 1024
     assert {r.name for r in config.runs} >= {"lora", "cola", "multilora", "mixlora", "longlora"}
     for row in config.runs:
-        if row.trains:
+        if row.has_adapter:
             load_adapter_spec(row.adapter, row.overrides, config.spec_dir)
 
 

@@ -121,7 +121,7 @@ def with_row(row, **top):
         ),
         (
             with_row({"name": "a", "trainable": ["all"]}, concurrent=True),
-            "concurrent: true, but rows \\['a'\\] train base weights",
+            "concurrent: true, but rows \\['a'\\] train embeddings/norms",
         ),
         (
             experiment(lr_grid=[1e-3], concurrent=True),
@@ -173,6 +173,18 @@ def test_protocol_fields_parse():
     assert [config.needs_lr_selection(r) for r in config.runs] == [False, False, True, True]
     assert config.row_lr(full) == 1e-4 and config.row_lr(noshift) == config.train.lr
     assert native.train_length == "native"
+
+
+def test_yaml_1_1_exponents_are_numbers(tmp_path):
+    from loravariants.config import load_experiment
+
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(
+        "runs: [{name: a, adapter: lora, lr: 1e-3}, {name: b, adapter: lora}]\n"
+        "lr_grid: [5e-4, 2e-3]\n"
+    )
+    config = load_experiment(cfg)
+    assert config.runs[0].lr == 1e-3 and config.lr_grid == [5e-4, 2e-3]
 
 
 def test_no_lr_grid_no_selection_split():

@@ -151,7 +151,7 @@ def _check_rows(config: Any, shape) -> None:
 
     tolerance = config.match_params_tolerance
     for row in config.runs:
-        if not row.trains:
+        if not row.has_adapter:  # untrained, or full fine-tuning: no adapter to build
             continue
         overrides = config.adapter_overrides(row)
         try:
