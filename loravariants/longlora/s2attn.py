@@ -25,7 +25,8 @@ Kernels with identical semantics:
 
 Importing :mod:`loravariants.longlora` registers :func:`s2_attention_forward` as the transformers
 attention implementation ``"s2_attn"``; in eval mode and with a KV cache it is exact full causal
-attention (transformers' SDPA path).
+attention (transformers' SDPA path). ``"s2_attn_noshift"`` is the same without the shifted half
+(every head in groups ``[0, G), [G, 2G), ...``): LongLoRA Table 1's control.
 """
 
 # Over 500 lines on purpose: one readable file per method; the shift-and-group equations,
@@ -48,6 +49,7 @@ __all__ = [
     "group_size_for",
     "s2_attention_forward",
     "s2_block_mask",
+    "s2_noshift_attention_forward",
     "shifted_sparse_attention",
 ]
 
@@ -83,8 +85,11 @@ def _group_ids(n: int, group_size: int, shift: int, device: torch.device | None)
     return (pos + (group_size - shift if shift else 0)) // group_size
 
 
-def _head_halves(num_heads: int) -> list[tuple[int, int, int]]:
-    """``(first_head, end_head, shift_flag)``: unshifted heads first (the larger half if odd)."""
+def _head_halves(num_heads: int, shift: bool = True) -> list[tuple[int, int, int]]:
+    """``(first_head, end_head, shift_flag)``: unshifted heads first (the larger half if odd).
+    ``shift=False`` (LongLoRA Table 1's control): every head in the unshifted groups."""
+    if not shift:
+        return [(0, num_heads, 0)]
     split = num_heads - num_heads // 2
     halves = [(0, split, 0)]
     if split < num_heads:
@@ -93,7 +98,11 @@ def _head_halves(num_heads: int) -> list[tuple[int, int, int]]:
 
 
 def s2_block_mask(
-    seq_len: int, group_size: int, num_heads: int, device: torch.device | str | None = None
+    seq_len: int,
+    group_size: int,
+    num_heads: int,
+    device: torch.device | str | None = None,
+    shift: bool = True,
 ) -> torch.Tensor:
     """Dense S2-Attn mask: which key each query may see, per head.
 
@@ -102,6 +111,7 @@ def s2_block_mask(
         group_size: group size G.
         num_heads: number of query heads h; the last ``h // 2`` heads use the shifted groups.
         device: device of the result.
+        shift: False: no head uses the shifted groups (S2-Attn without the shift).
 
     Returns:
         Boolean tensor (h, n, n), True where query i may attend key j (same group and j <= i).
@@ -109,7 +119,7 @@ def s2_block_mask(
     _check_group_size(group_size)
     masks = []
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    for start, end, shifted in _head_halves(num_heads):
+    for start, end, shifted in _head_halves(num_heads, shift):
         ids = _group_ids(seq_len, group_size, group_size // 2 if shifted else 0, device)
         same = (ids[:, None] == ids[None, :]) & causal
         masks.append(same.expand(end - start, -1, -1))
@@ -307,6 +317,7 @@ def _sdpa_kernel(
     full_mask: torch.Tensor | None,
     scaling: float | None,
     dropout: float,
+    shift: bool = True,
 ) -> torch.Tensor:
     """Groups of equal length become SDPA batch elements. Returns (b, n, h, d).
 
@@ -322,7 +333,7 @@ def _sdpa_kernel(
     q_t, k_t, v_t = (x.transpose(1, 2) for x in (query, key, value))
     # per call: (query heads, key/value sources, gqa, length, runs)
     calls = []
-    for first, end, shifted in _head_halves(num_heads):
+    for first, end, shifted in _head_halves(num_heads, shift):
         k_src, k0, k1, gqa = _kv_half(k_t, first, end, rep)
         v_src = _kv_half(v_t, first, end, rep)[0]
         for length, runs in _group_calls(n, group_size, bool(shifted)):
@@ -387,13 +398,14 @@ def _eager_kernel(
     full_mask: torch.Tensor | None,
     scaling: float | None,
     dropout: float,
+    shift: bool = True,
 ) -> torch.Tensor:
     """Dense reference: explicit (h, n, n) block mask and softmax. Returns (b, n, h, d)."""
     batch, num_heads, n, head_dim = query.shape
     rep = num_heads // key.shape[1]
     key = key.repeat_interleave(rep, dim=1)
     value = value.repeat_interleave(rep, dim=1)
-    allowed = s2_block_mask(n, group_size, num_heads, query.device)[None]  # (1, h, n, n)
+    allowed = s2_block_mask(n, group_size, num_heads, query.device, shift)[None]  # (1, h, n, n)
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :] & key_valid[:, None, :, None]
     if full_mask is not None:
@@ -425,6 +437,7 @@ def _flash_kernel(
     key_valid: torch.Tensor | None,
     scaling: float | None,
     dropout: float,
+    shift: bool = True,
 ) -> torch.Tensor:
     """flash-attn varlen: one causal segment per (sample, group) of valid tokens.
 
@@ -448,7 +461,7 @@ def _flash_kernel(
     v_rows = value.transpose(1, 2).reshape(batch * n, value.shape[1], head_dim)[index]
     groups_per_sample = n // group_size + 2
     halves = []
-    for first, end, shifted in _head_halves(num_heads):
+    for first, end, shifted in _head_halves(num_heads, shift):
         shift = group_size // 2 if shifted else 0
         group = (pos + (group_size - shift if shift else 0)) // group_size
         segment = sample * groups_per_sample + group  # nondecreasing along the rows
@@ -492,6 +505,7 @@ def shifted_sparse_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     kernel: str = "auto",
+    shift: bool = True,
 ) -> torch.Tensor:
     """Shifted sparse attention (S2-Attn) of LongLoRA.
 
@@ -513,6 +527,8 @@ def shifted_sparse_attention(
         dropout: attention-probability dropout (apply only in training).
         kernel: ``"sdpa"``, ``"flash"`` (CUDA + flash-attn, 2-D masks only), ``"eager"``
             (dense reference) or ``"auto"`` (flash when usable, else sdpa).
+        shift: False: every head in the unshifted groups, no information across group
+            boundaries (LongLoRA Table 1's "S2-Attn w/o shift" control).
 
     Returns:
         (b, n, h, d), the layout transformers' attention functions return.
@@ -550,10 +566,11 @@ def shifted_sparse_attention(
             raise ValueError("kernel='flash' needs a CUDA tensor and the flash-attn package")
         if full_mask is not None:
             raise ValueError("kernel='flash' supports only a 2-D (b, n) key-padding attention_mask")
-        return _flash_kernel(query, key, value, group_size, key_valid, scaling, dropout)
-    if kernel == "eager":
-        return _eager_kernel(query, key, value, group_size, key_valid, full_mask, scaling, dropout)
-    return _sdpa_kernel(query, key, value, group_size, key_valid, full_mask, scaling, dropout)
+        return _flash_kernel(query, key, value, group_size, key_valid, scaling, dropout, shift)
+    kernels = {"eager": _eager_kernel, "sdpa": _sdpa_kernel}
+    return kernels[kernel](
+        query, key, value, group_size, key_valid, full_mask, scaling, dropout, shift
+    )
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -585,6 +602,7 @@ def s2_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    shift: bool = True,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function ``"s2_attn"`` (see ``AttentionInterface``).
@@ -606,6 +624,7 @@ def s2_attention_forward(
         dropout: attention dropout.
         scaling: softmax scale.
         is_causal: overrides ``module.is_causal`` when given.
+        shift: False: ``"s2_attn_noshift"`` (:func:`s2_noshift_attention_forward`).
         **kwargs: passed through to the SDPA fallback.
 
     Returns:
@@ -640,16 +659,36 @@ def s2_attention_forward(
         scaling=scaling,
         dropout=dropout,
         kernel=kernel,
+        shift=shift,
     )
     return out, None
 
 
+def s2_noshift_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function ``"s2_attn_noshift"``: :func:`s2_attention_forward`
+    with every head in the unshifted groups (LongLoRA Table 1: the shift is what lets
+    information cross group boundaries). Exact full attention in eval, as ``"s2_attn"``."""
+    return s2_attention_forward(module, query, key, value, attention_mask, shift=False, **kwargs)
+
+
 def register() -> None:
-    """Register ``"s2_attn"`` with transformers' attention and mask interfaces (idempotent)."""
+    """Register ``"s2_attn"`` and ``"s2_attn_noshift"`` with transformers' attention and mask
+    interfaces (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register("s2_attn", s2_attention_forward)
-    # transformers builds no mask at all for names missing here: register SDPA's mask so that
-    # padding reaches the attention function (and the eval fallback gets exactly SDPA's input)
-    AttentionMaskInterface.register("s2_attn", sdpa_mask)
+    for name, forward in (
+        ("s2_attn", s2_attention_forward),
+        ("s2_attn_noshift", s2_noshift_attention_forward),
+    ):
+        AttentionInterface.register(name, forward)
+        # transformers builds no mask at all for names missing here: register SDPA's mask so
+        # that padding reaches the attention function (and the eval fallback gets SDPA's input)
+        AttentionMaskInterface.register(name, sdpa_mask)
