@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,9 @@ __all__ = [
     "perplexity",
     "perplexity_at_lengths",
     "document_nll",
+    "document_nll_at_lengths",
     "split_at_eos",
+    "truncated_lengths",
     "passkey_accuracy",
     "passkey_trials",
     "PasskeyResult",
@@ -322,14 +324,90 @@ def perplexity_at_lengths(
     return out
 
 
+def truncated_lengths(document_lengths: Sequence[int], max_tokens: int | None) -> list[int]:
+    """The document lengths of a stream cut to its first ``max_tokens`` tokens (the last
+    document kept may be cut short; the ones after it are dropped)."""
+    out, total = [], 0
+    for n in document_lengths:
+        if max_tokens is not None and total >= max_tokens:
+            break
+        n = int(n) if max_tokens is None else min(int(n), max_tokens - total)
+        out.append(n)
+        total += n
+    return out
+
+
+def document_nll_at_lengths(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    document_lengths: Sequence[int],
+    lengths: Sequence[int],
+    stride_ratio: float = 0.5,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """:func:`document_nll` at each context length, with :func:`perplexity_at_lengths`'s
+    windows, truncation and skipping: ``exp(out[n][:, 0].sum() / out[n][:, 1].sum())`` is
+    ``perplexity_at_lengths(...)[n]`` (up to float summation order).
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        tokens: 1-D token ids ``(N,)``.
+        document_lengths: ``(D,)`` lengths of the documents of ``tokens``, summing to ``N``.
+        lengths, stride_ratio, max_tokens, batch_size, progress: as in
+            :func:`perplexity_at_lengths` (``max_tokens`` also cuts the documents).
+
+    Returns:
+        ``{length: (D', 2) float64}`` (``D'``: the documents left after ``max_tokens``): per
+        document the summed NLL in nats and the tokens scored.
+
+    Raises:
+        ValueError: as :func:`perplexity_at_lengths` and :func:`document_nll`.
+    """
+    check_range("stride_ratio", stride_ratio, low=0, high=1, low_open=True, high_open=True)
+    if max_tokens is not None:
+        check_range("max_tokens", max_tokens, low=2, integer=True)
+    tokens = torch.as_tensor(tokens).flatten()
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    docs = truncated_lengths(document_lengths, max_tokens)
+    n_tokens = tokens.numel()
+    out = {}
+    for n in lengths:
+        n = int(n)
+        check_range("context_length", n, low=2, integer=True)
+        if n > n_tokens:
+            warnings.warn(
+                f"document_nll: skipping context length {n}, longer than the {n_tokens} "
+                "tokens to score (raise max_tokens or provide more validation tokens)",
+                stacklevel=2,
+            )
+            continue
+        stride = max(1, int(n * stride_ratio))
+        out[n] = document_nll(model, tokens, docs, n, stride, batch_size, progress)
+    if lengths and not out:
+        raise ValueError(
+            f"every context length in lengths={list(lengths)} exceeds the {n_tokens} tokens "
+            f"to score"
+        )
+    return out
+
+
 @dataclass
 class PasskeyResult:
-    """Passkey retrieval at one prompt length."""
+    """Passkey retrieval at one prompt length.
+
+    Attributes:
+        hits: 1 (the key) or 0 per prompt, in prompt order (prompt ``i`` has seed
+            ``seed * 1000 + i``, the same for every model: outcomes pair for exact McNemar).
+    """
 
     length: int
     accuracy: float
     trials: int
     answers: list[str]
+    hits: list[int] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -355,13 +433,13 @@ def passkey_accuracy(
     device = next(model.parameters()).device
     results = {}
     for length in lengths:
-        answers, hits = [], 0
+        answers, hits = [], []
         for trial in range(trials):
             prompt_ids, key = passkey_prompt(tokenizer, int(length), seed=seed * 1000 + trial)
             hit, text = _answer_passkey(model, tokenizer, prompt_ids, key, device)
             answers.append(text)
-            hits += hit
-        results[int(length)] = PasskeyResult(int(length), hits / trials, trials, answers)
+            hits.append(int(hit))
+        results[int(length)] = PasskeyResult(int(length), sum(hits) / trials, trials, answers, hits)
     model.train(was_training)
     return results
 

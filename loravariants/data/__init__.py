@@ -16,6 +16,7 @@ import torch
 from .corpus import (
     Corpus,
     Document,
+    is_selection,
     is_validation,
     load_corpus,
     load_documents,
@@ -48,6 +49,7 @@ __all__ = [
     "check_seq_len",
     "encode_sft",
     "format_prompt",
+    "is_selection",
     "is_validation",
     "join_with_eos",
     "load_corpus",
@@ -73,6 +75,7 @@ def corpus_from_config(data_config, max_chars: int | None = None) -> Corpus:
         max_documents=getattr(data_config, "max_documents", None),
         validation_fraction=getattr(data_config, "validation_fraction", 0.05),
         max_chars=max_chars,
+        selection_fraction=getattr(data_config, "selection_fraction", None) or 0.0,
     )
 
 
@@ -113,13 +116,24 @@ def make_train_blocks(
     return blocks
 
 
-def load_validation_tokens(data_config, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+def load_validation_tokens(
+    data_config, tokenizer, max_tokens: int | None = None, split: str = "validation"
+) -> torch.Tensor:
     """The held-out documents as one 1-D ``LongTensor`` (each followed by EOS), truncated to
-    ``max_tokens``. Documents are tokenised only until ``max_tokens`` is reached."""
+    ``max_tokens``. Documents are tokenised only until ``max_tokens`` is reached.
+
+    ``split="selection"``: the learning-rate selection documents instead (``data_config.
+    selection_fraction``), disjoint from the validation and the training documents.
+    """
+    if split not in ("validation", "selection"):
+        raise ValueError(f"split must be 'validation' or 'selection', got {split!r}")
     corpus = corpus_from_config(data_config)
+    docs = corpus.validation if split == "validation" else corpus.selection
+    if not docs:
+        raise ValueError("no selection documents: set data.selection_fraction (or lr_grid)")
     ids: list[list[int]] = []
     total = 0
-    for doc in corpus.validation:
+    for doc in docs:
         if max_tokens is not None and total >= max_tokens:
             break
         ids += tokenize_documents([doc.text], tokenizer)

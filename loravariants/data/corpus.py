@@ -26,7 +26,7 @@ import json
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "iter_local_documents",
     "iter_hf_documents",
     "load_documents",
+    "is_selection",
     "is_validation",
     "split_documents",
     "load_corpus",
@@ -61,10 +62,12 @@ class Document:
 
 @dataclass
 class Corpus:
-    """The two sides of a split corpus."""
+    """The sides of a split corpus: training, validation (the test documents) and, when asked
+    for, the selection documents (learning-rate selection), all three disjoint."""
 
     train: list[Document]
     validation: list[Document]
+    selection: list[Document] = field(default_factory=list)
 
 
 def stdlib_dir() -> Path:
@@ -220,11 +223,23 @@ def load_documents(
     return out
 
 
+def _unit(doc_id: str) -> float:
+    """The first 8 bytes of the id's sha256 as a number in [0, 1)."""
+    digest = hashlib.sha256(doc_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def is_validation(doc_id: str, fraction: float) -> bool:
     """Whether document ``doc_id`` is held out: the first 8 bytes of its sha256 as a number in
     [0, 1) below ``fraction``. Stable across runs, machines and corpus caps."""
-    digest = hashlib.sha256(doc_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return _unit(doc_id) < fraction
+
+
+def is_selection(doc_id: str, validation_fraction: float, selection_fraction: float) -> bool:
+    """Whether ``doc_id`` is a selection document: its hash number (:func:`is_validation`'s)
+    in ``[validation_fraction, validation_fraction + selection_fraction)``. Never a validation
+    document, and the validation side is the same with or without a selection split."""
+    return validation_fraction <= _unit(doc_id) < validation_fraction + selection_fraction
 
 
 def split_documents(
@@ -245,19 +260,38 @@ def load_corpus(
     max_documents: int | None = None,
     validation_fraction: float = 0.05,
     max_chars: int | None = None,
+    selection_fraction: float = 0.0,
 ) -> Corpus:
     """Load ``source`` and split it; a tiny corpus whose hash puts nothing on one side gets its
     last document moved there, so both sides are never empty (with two documents or more).
 
+    ``selection_fraction > 0`` also moves the training documents of :func:`is_selection` to
+    ``selection`` (the last training document if none is, given three documents or more).
+
     Raises:
-        ValueError: fewer than two documents, or the errors of :func:`load_documents`.
+        ValueError: fewer than two documents (three with a selection split), or the errors of
+            :func:`load_documents`.
     """
     docs = load_documents(source, text_field, max_documents, max_chars)
     if len(docs) < 2:
         raise ValueError(f"data source {source!r} needs at least 2 documents, found {len(docs)}")
+    if selection_fraction and len(docs) < 3:
+        raise ValueError(
+            f"data source {source!r} needs at least 3 documents for a selection split, found "
+            f"{len(docs)}"
+        )
     train, val = split_documents(docs, validation_fraction)
     if not val:
         val.append(train.pop())
     elif not train:
         train.append(val.pop())
-    return Corpus(train, val)
+    selection: list[Document] = []
+    if selection_fraction:
+        keep = [not is_selection(d.id, validation_fraction, selection_fraction) for d in train]
+        selection = [d for d, k in zip(train, keep, strict=True) if not k]
+        train = [d for d, k in zip(train, keep, strict=True) if k]
+        if not selection:
+            selection.append(train.pop())
+        elif not train:
+            train.append(selection.pop())
+    return Corpus(train, val, selection)
