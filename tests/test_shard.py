@@ -23,7 +23,7 @@ from loravariants.utils import OutputLocked
 HERE = Path(__file__).parent
 
 # measured, not computed: differ between any two runs of the same grid
-TIMING = ("elapsed_s", "wall_s", "tokens_per_s", "peak_mem")
+TIMING = ("elapsed_s", "cpu_s", "wall_s", "tokens_per_s", "peak_mem")
 
 
 def grid(out: Path, **extra) -> dict:

@@ -19,9 +19,10 @@ from torch import nn
 
 from ..analysis import analyze, random_subspace_similarity, subspace_similarity
 from ..config import ExperimentConfig
-from ..evaluate import passkey_accuracy, perplexity_at_lengths
+from ..evaluate import document_nll_at_lengths, passkey_accuracy
 from ..inject import adapter_names, iter_adapters
 from ..io import read_factors
+from ..stats import final_loss
 from .env import Environment
 
 
@@ -103,34 +104,17 @@ def evaluate_run(
         if value is not None:
             record[key] = value
 
-    metric(
-        "ppl",
-        lambda: {
-            str(k): v
-            for k, v in perplexity_at_lengths(
-                model,
-                env.val_tokens,
-                lengths,
-                stride_ratio=config.eval.stride_ratio,
-                max_tokens=config.eval.max_tokens,
-                progress=progress,
-            ).items()
-        },
-    )
+    # per validation document and length: [nll sum, tokens scored] (the hierarchical
+    # bootstrap's input); the perplexity is their pooled ratio, on the same windows
+    doc_nll: dict[str, list[list[float]]] = {}
+    metric("ppl", lambda: _perplexity_and_doc_nll(model, config, env, lengths, progress, doc_nll))
+    if doc_nll:
+        record["doc_nll"] = doc_nll
     if config.eval.passkey_lengths:
-        metric(
-            "passkey",
-            lambda: {
-                str(k): r.accuracy
-                for k, r in passkey_accuracy(
-                    model,
-                    env.tokenizer,
-                    config.eval.passkey_lengths,
-                    config.eval.passkey_trials,
-                    seed,
-                ).items()
-            },
-        )
+        outcomes: dict[str, list[int]] = {}
+        metric("passkey", lambda: _passkey(model, config, env, seed, outcomes))
+        if outcomes:
+            record["passkey_outcomes"] = outcomes
     if config.eval.lm_eval:  # downstream tasks (lm-eval): {task: main metric}, then all
         tasks: dict[str, Any] = {}
         metric("lm_eval", lambda: _lm_eval(model, config, env, tasks))
@@ -147,6 +131,50 @@ def evaluate_run(
     if errors:
         record["metric_errors"] = errors
     return record
+
+
+def _perplexity_and_doc_nll(
+    model: nn.Module,
+    config: ExperimentConfig,
+    env: Environment,
+    lengths: list[int],
+    progress: bool,
+    doc_nll: dict[str, list[list[float]]],
+) -> dict[str, float]:
+    """``{length: perplexity}``; fills ``doc_nll`` with ``{length: [[nll, tokens], ...]}``,
+    one pair per validation document in stream order (the same for every run)."""
+    documents = env.val_document_lengths or [int(env.val_tokens.numel())]
+    sums = document_nll_at_lengths(
+        model,
+        env.val_tokens,
+        documents,
+        lengths,
+        stride_ratio=config.eval.stride_ratio,
+        max_tokens=config.eval.max_tokens,
+        progress=progress,
+    )
+    ppl = {}
+    for n, table in sums.items():
+        doc_nll[str(n)] = table.tolist()
+        ppl[str(n)] = math.exp(float(table[:, 0].sum()) / float(table[:, 1].sum()))
+    return ppl
+
+
+def _passkey(
+    model: nn.Module,
+    config: ExperimentConfig,
+    env: Environment,
+    seed: int,
+    outcomes: dict[str, list[int]],
+) -> dict[str, float]:
+    """``{length: accuracy}``; fills ``outcomes`` with ``{length: [0|1 per prompt]}`` (the
+    prompts depend on the seed only: every row of a seed sees the same ones)."""
+    results = passkey_accuracy(
+        model, env.tokenizer, config.eval.passkey_lengths, config.eval.passkey_trials, seed
+    )
+    for k, r in results.items():
+        outcomes[str(k)] = list(r.hits)
+    return {str(k): r.accuracy for k, r in results.items()}
 
 
 def _lm_eval(
@@ -258,6 +286,8 @@ def finite_mean(values) -> float:
 def training_record(result, mem: PeakMemory) -> dict[str, Any]:
     return dict(
         final_loss=result.final_loss,
+        # the report's training loss: the mean of the last 10% of steps, not one step's
+        train_loss_final=final_loss(result.losses) if result.losses else float("nan"),
         loss_curve=result.losses,
         tokens=result.tokens,
         tokens_per_s=result.tokens_per_second,

@@ -24,6 +24,7 @@ from ..config import ExperimentConfig
 from ..shipped_base import base_weights_sha256
 from ..utils import atomic_write
 from .findings import findings_section
+from .lr_select import selection_summary
 from .plots import make_report_plots
 from .records import RESULTS_SCHEMA_VERSION, config_dict
 from .summary import (
@@ -65,6 +66,8 @@ def write_outputs(
         "base_model": base_path,
         "base_model_sha256": base_sha256,
         "config": config_dict(config),
+        # lr_grid: each selected row's rates, their selection perplexity, the chosen one
+        "lr_selection": selection_summary(out, config),
         "runs": list(results.values()),
         "summary": [
             {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in summary

@@ -50,13 +50,19 @@ from ..utils import (
     printable,
     recover_folder,
 )
-from . import measure
+from . import lr_select, measure
 from .crossrun import CrossRunMeasures
 from .env import Environment, load_environment
 from .feasible import check_feasible
 from .measure import PeakMemory, training_record
 from .plan import Shard, eval_lengths, matched_overrides, plan_runs, shard_plan
 from .progress import GridClock, run_line
+from .protocol import (
+    load_full_model,
+    mark_full_finetune,
+    row_train_config,
+    save_full_model,
+)
 from .records import (
     load_results,
     merge_records,
@@ -105,6 +111,10 @@ def compare(
         refuse_launched("loravariants compare")  # one process; a grid over many uses --shard
     elif only is None or len(only) != 1 or shard is not None:
         raise ValueError("a launched compare trains exactly one run (loravariants train)")
+    else:  # every process must train at the same rate: the selection ran before
+        rows = {r.name: r for r in config.runs}
+        if only[0][0] in rows:
+            launched_lr(config, rows[only[0][0]])
     with _transformers_progress_bars(progress), contextlib.ExitStack() as locks:
         return _compare(config, progress, log, env, only, locks, shard)
 
@@ -172,6 +182,8 @@ def _compare(
     if shard is not None:
         plan = shard_plan(plan, shard)
     write = _writer(out, config, env, shard, {k: results[k] for k in _keys(plan) if k in results})
+    start = shard.index / shard.count if shard is not None else 0.0
+    lrs = _learning_rates(config, env, out, plan, overrides, progress, log, start)
     if config.concurrent:
         _concurrent_groups(
             config, plan, results, env, out, overrides, matched, progress, write, log
@@ -192,13 +204,50 @@ def _compare(
             log(f"{where}: done earlier, kept")
         else:
             log(f"{where}: running")
-            record = _run_recorded(config, row, seed, env, run_dir, overrides, progress, log)
+            lr = lrs.get(row.name, config.row_lr(row))
+            record = _run_recorded(config, row, seed, env, run_dir, overrides, progress, log, lr)
             results[key] = _with_match(record, matched.get(row.name))
             _log_metric_errors(record, log)
             write(results, key)
             clock.add(row.name, record["elapsed_s"])
             log(f"{where}: {run_line(record)}{clock.eta(_left(config, plan[i:], results))}")
     return out
+
+
+def _learning_rates(
+    config, env, out, plan, overrides, progress, log, start=0.0
+) -> dict[str, float | None]:
+    """``lr_grid``: the chosen rate of every row of ``plan`` it selects for (selection runs
+    first, resumed from their records: compare/lr_select.py). Other rows: not listed."""
+    names = {row.name for row, _ in plan}
+    rows = [row for row in lr_select.selection_rows(config) if row.name in names]
+    if not rows:
+        return {}
+
+    def train_row(row: RunSpec, seed: int, lr: float, steps: int) -> nn.Module:
+        model, record = _prepare_model(config, row, seed, env)
+        if row.has_adapter:
+            _attach_row(model, config, row, overrides.get(row.name, {}), "default")
+        cfg = row_train_config(config, row, seed, record["native_context"], lr, steps)
+        cfg.save_every = 0  # a selection run is one record; it keeps no checkpoints
+        train(model.to(env.device), env.train_blocks(record["context"]), cfg, progress=progress)
+        return model
+
+    def score(model: nn.Module) -> float:
+        from ..evaluate import perplexity
+
+        native = int(model.config.max_position_embeddings)
+        length = eval_lengths(config, native)[-1]
+        return perplexity(
+            model.to(env.device),
+            env.selection_tokens,
+            length,
+            max(1, int(length * config.eval.stride_ratio)),
+        )
+
+    return lr_select.select_learning_rates(
+        config, out, rows, overrides, train_row, score, log, start
+    )
 
 
 def _left(config: ExperimentConfig, plan, results: dict[str, dict[str, Any]]) -> list[str]:
@@ -263,14 +312,19 @@ def _with_match(record: dict[str, Any], match: dict[str, Any] | None) -> dict[st
     return record
 
 
-def _run_recorded(config, row, seed, env, run_dir, overrides, progress, log) -> dict[str, Any]:
+def _run_recorded(
+    config, row, seed, env, run_dir, overrides, progress, log, lr=None
+) -> dict[str, Any]:
     """One run as a record: its measurements, or the reason it failed (the traceback goes to
-    ``run_dir/error.txt``); never raises, so one failed run does not stop the others."""
-    start = time.perf_counter()
+    ``run_dir/error.txt``); never raises, so one failed run does not stop the others.
+    ``lr``: the rate a trained row runs at (None with ``lr_grid``: every rate failed)."""
+    start, cpu = time.perf_counter(), time.process_time()
     record = _new_record(row, seed)
     try:
+        if row.trains and lr is None:
+            raise ValueError("lr selection: every rate of lr_grid failed (lr_selection/)")
         record.update(
-            _run_one(config, row, seed, env, run_dir, overrides.get(row.name, {}), progress)
+            _run_one(config, row, seed, env, run_dir, overrides.get(row.name, {}), progress, lr)
         )
         record["status"] = "ok"
     except Exception as e:  # one failed run must not stop the others
@@ -279,6 +333,9 @@ def _run_recorded(config, row, seed, env, run_dir, overrides, progress, log) -> 
         atomic_write(run_dir / "error.txt", traceback.format_exc())
         log(f"    failed: {printable(record['reason'], limit=300)}")
     record["elapsed_s"] = time.perf_counter() - start
+    # this process's CPU seconds: what the run costs whatever else shares the machine (a study
+    # is sized from it)
+    record["cpu_s"] = time.process_time() - cpu
     return record
 
 
@@ -338,7 +395,9 @@ def _retry_metrics(
     try:
         model, _ = _prepare_model(config, row, seed, env)
         name = None
-        if row.trains:  # the saved adapter carries its exact config (COLA: its whole chain)
+        if row.full_finetune:  # its weights, saved whole
+            model = load_full_model(run_dir)
+        elif row.trains:  # the saved adapter carries its exact config (COLA: its whole chain)
             name = "default"
             load_adapter(model, run_dir / "adapter", name=name)
         lengths = eval_lengths(config, record["native_context"])
@@ -364,21 +423,24 @@ def _prepare_model(config: ExperimentConfig, row: RunSpec, seed: int, env: Envir
     native = int(model.config.max_position_embeddings)
     target = config.context.target_length
     record: dict[str, Any] = {"native_context": native}
+    modules = () if row.full_finetune else tuple(row.trainable)
     if row.extend_context and target and target > native:
         extend_context(
             model,
             target,
             method=config.context.method,
-            trainable=tuple(row.trainable),
+            trainable=modules,
             factor_rounding=config.context.factor_rounding,
         )
         record["context"] = target
     else:
-        if row.trainable:
-            mark_trainable(model, trainable_module_names(model, row.trainable))
+        if modules:
+            mark_trainable(model, trainable_module_names(model, modules))
         # a target below the native context (a real base with 8k positions on a CPU budget)
         # is the training length, with positions left as they are
         record["context"] = min(target or native, native)
+    if row.full_finetune:  # every base parameter trains (memory and params recorded)
+        record["trainable_params"] = mark_full_finetune(model)
     attention = row.attention or config.context.attention
     model.config.s2_group_size_ratio = config.context.group_size_ratio
     model.set_attn_implementation(attention)
@@ -415,13 +477,21 @@ def _run_one(
     run_dir: Path,
     overrides: dict[str, Any],
     progress: bool,
+    lr: float | None = None,
 ) -> dict[str, Any]:
     model, record = _prepare_model(config, row, seed, env)
     name = None
     if row.trains:
-        name = "default"
-        record.update(_attach_row(model, config, row, overrides, name))
-        train_cfg = TrainConfig(**{**asdict(config.train), "seed": seed})
+        if row.has_adapter:
+            name = "default"
+            record.update(_attach_row(model, config, row, overrides, name))
+        else:  # full fine-tuning: no adapter; every parameter is the row's
+            total = trainable_parameters(model).total
+            record.update(variant="full", adapter_params=0, total_params=total)
+        lr = config.row_lr(row) if lr is None else lr
+        native = record["native_context"]
+        train_cfg = row_train_config(config, row, seed, native, lr)
+        record.update(lr=lr, train_length=row.train_length, batch_size=train_cfg.batch_size)
         with PeakMemory(env.device) as mem:
             result = train(
                 model.to(env.device),
@@ -436,8 +506,15 @@ def _run_one(
                 run_name=run_key(row, seed),  # the run's name in train.report_to's trackers
             )
         record.update(training_record(result, mem))
-        save_adapter(model, run_dir / "adapter", format="native")
-        if is_sharded(model):
+        # input tokens trained on: equal for a train_length: native row and its target row
+        record["train_tokens_seen"] = (
+            result.steps * train_cfg.batch_size * train_cfg.grad_accum * record["context"]
+        )
+        if not row.has_adapter:
+            save_full_model(model, run_dir)
+        else:
+            save_adapter(model, run_dir / "adapter", format="native")
+        if is_sharded(model) and row.has_adapter:
             # FSDP left the frozen base sharded over the processes, which have ended their
             # part: evaluate here, alone, the saved adapter on a fresh base (as a retry does)
             del model
@@ -468,14 +545,34 @@ def follow_launched_run(config: ExperimentConfig, row: RunSpec, seed: int, env: 
         return
     overrides, _ = matched_overrides(config, env.load_model, lambda line: None)
     model, record = _prepare_model(config, row, seed, env)
-    _attach_row(model, config, row, overrides.get(row.name, {}), "default")
+    if row.has_adapter:
+        _attach_row(model, config, row, overrides.get(row.name, {}), "default")
+    lr = launched_lr(config, row)
     train(
         model.to(env.device),
         env.train_blocks(record["context"]),
-        TrainConfig(**{**asdict(config.train), "seed": seed}),
+        row_train_config(config, row, seed, record["native_context"], lr),
         output_dir=run_folder(out, row.name, seed) / "train",
         progress=False,
     )
+
+
+def launched_lr(config: ExperimentConfig, row: RunSpec) -> float:
+    """The rate a launched run trains at: with ``lr_grid``, the selection's, which must have
+    run before (every process must train the same thing; the selection runs in one).
+
+    Raises:
+        ValueError: the row's selection has not finished.
+    """
+    if not config.needs_lr_selection(row):
+        return config.row_lr(row)
+    chosen = lr_select.selection_summary(Path(config.output_dir), config).get(row.name, {})
+    if chosen.get("chosen") is None:
+        raise ValueError(
+            f"runs[{row.name}]: lr_grid's selection has not finished; run it first without a "
+            "launcher (loravariants compare), then launch the row"
+        )
+    return chosen["chosen"]
 
 
 def _run_concurrent(
