@@ -82,6 +82,8 @@ QUICK_OVERRIDES = [
     "eval.passkey_lengths=[200]",
     "eval.passkey_trials=1",
     "seeds=[0]",
+    # MixLoRA's smallest adapter on that base (r = 1): LoRA / COLA r 12, MultiLoRA r 3 within 4%
+    "match_params=22272",
 ]
 GPU_OVERRIDES = [
     "train.max_steps=200",

@@ -38,10 +38,14 @@ def test_quickstart_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(rows) == {
         "base-noPI",
         "base-PI",
+        "native",
         "lora",
+        "lora+embed",
         "lora+norm",
         "longlora",
+        "longlora-noshift",
         "longlora-fullattn",
+        "full-ft",
         "cola",
         "multilora",
         "mixlora",
@@ -54,6 +58,11 @@ def test_quickstart_quick_end_to_end(tmp_path, monkeypatch, capsys):
         assert run["trainable_params"] > 0 and run["tokens_per_s"] > 0
         assert len(run["loss_curve"]) == 3 and run["ppl"] and "effective_rank" in run["svd"]
     assert rows["mixlora"]["router_tokens_per_expert"]
+    # matched rows: every adapter within 10% of match_params; full fine-tuning trains it all
+    assert all(abs(rows[n]["match_params"]["deviation"]) <= 0.10 for n in ("lora", "mixlora"))
+    assert rows["full-ft"]["trainable_params"] == rows["full-ft"]["total_params"]
+    assert rows["native"]["train_tokens_seen"] == rows["longlora"]["train_tokens_seen"]
+    assert rows["longlora-noshift"]["attention"] == "s2_attn_noshift"
     assert rows["longlora-fullattn"]["attention"] == "sdpa"
     assert rows["base-noPI"]["context"] < rows["base-PI"]["context"]
     table = capsys.readouterr().out

@@ -252,3 +252,33 @@ def test_cli_refuses_a_bad_lr_grid_in_one_line(tmp_path, capsys):
     assert main(["compare", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "comparator 'b' is not a row" in err[0]
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "study.yaml"])
+def test_shipped_configs_are_matched_and_declare_their_contrasts(name):
+    from loravariants.config import CONFIG_DIR, load_adapter_spec, load_experiment
+
+    config = load_experiment(CONFIG_DIR / name)
+    rows = {r.name: r for r in config.runs}
+    # every row but the reference is contrasted, against a row that exists
+    assert [r.name for r in config.runs if r.comparator is None] == ["base-noPI"]
+    # the variants and the controls against longlora (LoRA + embed + norm)
+    for row in ("cola", "multilora", "mixlora", "lora", "lora+embed", "lora+norm", "full-ft"):
+        assert rows[row].comparator == "longlora"
+    assert rows["longlora"].comparator == "base-PI" and rows["base-PI"].comparator == "base-noPI"
+    assert rows["longlora-noshift"].attention == "s2_attn_noshift"
+    assert rows["native"].train_length == "native" and not rows["native"].extend_context
+    assert rows["full-ft"].full_finetune
+    # the same trainables and the same target modules (q, k, v, o) and dropout (0) everywhere
+    targets = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    for row in config.runs:
+        if not row.has_adapter:
+            continue
+        spec = load_adapter_spec(row.adapter, config.adapter_overrides(row), config.spec_dir)
+        assert set(spec.target_modules) >= targets, row.name
+        assert spec.dropout == 0.0, row.name
+        if row.adapter != "lora":
+            assert row.trainable == ["embed", "norm"], row.name
+    assert config.match_params and config.match_params_tolerance in (None, 0.1)
+    families = {r for members in config.families.values() for r in members}
+    assert families == {r.name for r in config.runs if r.comparator}
