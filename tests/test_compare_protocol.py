@@ -299,3 +299,17 @@ def test_shards_start_the_selection_at_different_runs_and_share_records(tmp_path
     trained.clear()
     first = select_learning_rates(config, out, rows, {}, train_row, score, lambda _: None, 0.0)
     assert trained == [] and first == second  # every record found, the same choice
+
+
+def test_shards_share_the_selection_and_the_merge_records_it(tmp_path):
+    from loravariants.compare.shard import Shard, merge_shards
+
+    runs = [{"name": "lora", "adapter": "lora", "overrides": {"r": 2}}, {"name": "base"}]
+    config = experiment(tmp_path, runs, lr_grid=[1e-4, 0.03], lr_grid_steps=2, seeds=[0, 1])
+    for i in (0, 1):
+        compare(config, progress=False, log=lambda _: None, env=tiny_env(), shard=Shard(i, 2))
+    merge_shards(config)
+    data, runs_ = records(tmp_path)
+    chosen = data["lr_selection"]["lora"]["chosen"]
+    assert chosen in (1e-4, 0.03)
+    assert runs_["lora/seed0"]["lr"] == runs_["lora/seed1"]["lr"] == chosen

@@ -24,7 +24,6 @@ from ..config import ExperimentConfig
 from ..shipped_base import base_weights_sha256
 from ..utils import atomic_write
 from .findings import findings_section
-from .lr_select import selection_summary
 from .plots import make_report_plots
 from .records import RESULTS_SCHEMA_VERSION, config_dict
 from .summary import (
@@ -46,6 +45,7 @@ def write_outputs(
     base_path: str | None,
     seed_to_seed: dict[str, dict[str, list[float]]] | None = None,
     reference: str | None = None,
+    lr_selection: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Rewrite results.json, results.csv, report.md and the plots (each file atomically).
 
@@ -56,6 +56,9 @@ def write_outputs(
         base_path: the resolved base model, recorded in results.json.
         seed_to_seed, reference: the cross-run measures' seed-to-seed similarities and
             reference row (:class:`~loravariants.compare.crossrun.CrossRun`).
+        lr_selection: ``{row: {"grid", "selection_ppl", "chosen", "seeds", "steps"}}`` of an
+            ``lr_grid`` selection (:func:`~loravariants.compare.lr_select.selection_summary`),
+            recorded in results.json.
     """
     summary = summarize(config, results, seed_to_seed, reference)
     base_sha256 = base_weights_sha256(base_path)  # the same base on every machine: compare it
@@ -66,13 +69,13 @@ def write_outputs(
         "base_model": base_path,
         "base_model_sha256": base_sha256,
         "config": config_dict(config),
-        # lr_grid: each selected row's rates, their selection perplexity, the chosen one
-        "lr_selection": selection_summary(out, config),
         "runs": list(results.values()),
         "summary": [
             {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in summary
         ],
     }
+    if lr_selection:
+        payload["lr_selection"] = lr_selection
     atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str))
     _write_csv(out / "results.csv", results)
     plots = {}

@@ -287,7 +287,15 @@ def _writer(
     def write(results: dict[str, dict[str, Any]], key: str | None = None) -> None:
         if shard is None:
             cross = cross_run.measure(config, results)
-            write_outputs(out, config, results, env.base_path, cross.seed_to_seed, cross.reference)
+            write_outputs(
+                out,
+                config,
+                results,
+                env.base_path,
+                cross.seed_to_seed,
+                cross.reference,
+                lr_select.selection_summary(out, config),
+            )
         else:
             own[key] = results[key]
             write_shard_records(out, shard, config, own, env.base_path)

@@ -41,6 +41,7 @@ from typing import Any
 from ..distributed import refuse_launched
 from ..utils import OutputLocked, check_output_dir, output_lock
 from .crossrun import CrossRunMeasures
+from .lr_select import selection_summary
 from .plan import Shard, parse_shard, plan_runs, shard_plan
 from .records import (
     SHARDS_DIR,
@@ -115,7 +116,10 @@ def merge_shards(config: Any) -> Path:
         if not results:
             raise ValueError(f"nothing to merge: no shard in {folder} has finished a run yet")
         cross = CrossRunMeasures(out).measure(config, results)
-        write_outputs(out, config, results, _base_model(out), cross.seed_to_seed, cross.reference)
+        selection = selection_summary(out, config)  # lr_grid: the shards' selection records
+        write_outputs(
+            out, config, results, _base_model(out), cross.seed_to_seed, cross.reference, selection
+        )
     return out
 
 
