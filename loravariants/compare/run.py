@@ -223,6 +223,10 @@ def _learning_rates(
     rows = [row for row in lr_select.selection_rows(config) if row.name in names]
     if not rows:
         return {}
+    if env.selection_tokens is None:  # (a hand-made Environment without them)
+        raise ValueError(
+            "lr_grid needs the selection split's tokens (Environment.selection_tokens)"
+        )
 
     def train_row(row: RunSpec, seed: int, lr: float, steps: int) -> nn.Module:
         model, record = _prepare_model(config, row, seed, env)
