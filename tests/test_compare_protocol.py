@@ -142,7 +142,7 @@ def test_native_length_needs_a_multiple_of_the_native_context(tmp_path):
 
 
 def test_lr_grid_selects_on_the_selection_split_and_resumes(tmp_path, monkeypatch):
-    import loravariants.evaluate as ev
+    import loravariants.compare.run as ev  # the selection scores through run.perplexity
 
     env = tiny_env()
     scored = []
@@ -185,7 +185,7 @@ def test_lr_grid_selects_on_the_selection_split_and_resumes(tmp_path, monkeypatc
 
 
 def test_lr_grid_chooses_the_lowest_selection_perplexity(tmp_path, monkeypatch):
-    import loravariants.evaluate as ev
+    import loravariants.compare.run as ev  # the selection scores through run.perplexity
 
     # fixed selection scores: the choice must follow them, whatever the training did
     scores = iter([7.0, 3.0, 5.0])
@@ -208,7 +208,7 @@ def test_lr_grid_chooses_the_lowest_selection_perplexity(tmp_path, monkeypatch):
 
 
 def test_selection_steps_default_to_the_budget_and_a_diverged_rate_loses(tmp_path, monkeypatch):
-    import loravariants.evaluate as ev
+    import loravariants.compare.run as ev  # the selection scores through run.perplexity
 
     scores = iter([float("nan"), 4.0])
     monkeypatch.setattr(ev, "perplexity", lambda *a, **k: next(scores))

@@ -17,7 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from ..config import ExperimentConfig, RunSpec
 from ..train import TrainConfig
@@ -100,7 +102,4 @@ def save_full_model(model: nn.Module, run_dir: Path) -> Path:
 
 def load_full_model(run_dir: Path) -> nn.Module:
     """The weights :func:`save_full_model` wrote, with their context extension (fp32)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(run_dir / FULL_MODEL_DIR, dtype=torch.float32)

@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import ExperimentConfig, RunSpec, load_adapter_spec
 from ..distributed import is_sharded, refuse_launched
+from ..evaluate import perplexity
 from ..inject import (
     attach,
     iter_adapters,
@@ -238,8 +239,6 @@ def _learning_rates(
         return model
 
     def score(model: nn.Module) -> float:
-        from ..evaluate import perplexity
-
         native = int(model.config.max_position_embeddings)
         length = eval_lengths(config, native)[-1]
         return perplexity(
