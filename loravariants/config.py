@@ -647,7 +647,7 @@ class ExperimentConfig:
         bad = [r.name for r in trained if r.trainable]
         if bad:
             raise ValueError(
-                f"concurrent: true, but rows {bad} train embeddings/norms (or every weight), "
+                f"concurrent: true, but rows {bad} train base weights (embeddings/norms/all), "
                 "which one frozen base cannot share; drop their `trainable` or set concurrent: "
                 "false"
             )

@@ -121,7 +121,7 @@ def with_row(row, **top):
         ),
         (
             with_row({"name": "a", "trainable": ["all"]}, concurrent=True),
-            "concurrent: true, but rows \\['a'\\] train embeddings/norms",
+            "concurrent: true, but rows \\['a'\\] train base weights",
         ),
         (
             experiment(lr_grid=[1e-3], concurrent=True),
