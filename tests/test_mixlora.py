@@ -663,15 +663,13 @@ def _per_expert_reference(layer: MixLoRAFFN, mlp: nn.Module, x: torch.Tensor) ->
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("projections", [ALL_PROJ, ["down_proj"], ["up_proj", "down_proj"]])
-def test_dispatch_equals_per_expert_loop(monkeypatch, dtype, top_k, grouped, projections):
-    """The stacked dispatch (grouped or masked matmuls, in blocks, recomputed in the backward)
+def test_dispatch_equals_per_expert_loop(monkeypatch, dtype, top_k, projections):
+    """The stacked dispatch (masked matmuls, in blocks, recomputed in the backward)
     against a per-expert loop: forward and every gradient, with two experts that get no token
     and blocks smaller than the batch."""
     import loravariants.adapters.mixlora as mixlora
 
-    monkeypatch.setattr(mixlora, "USE_GROUPED_MM", grouped)
     monkeypatch.setitem(mixlora._BLOCK_ELEMENTS, "cpu", 7 * top_k * 64)  # blocks of 7 tokens
     layer, mlp = _layer(
         num_experts=6, top_k=top_k, ffn_projections=projections, dropout=0.0, seed=4

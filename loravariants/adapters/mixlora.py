@@ -666,6 +666,38 @@ class _Plan:
     block: int
 
 
+class _Scratch:
+    """Buffers that the blocks of one no-grad expert forward reuse, one per temporary.
+
+    A fresh tensor of a few MiB is a fresh mapping on the CPU: writing it first costs a page
+    fault per 4 KiB page, which measured costlier than the arithmetic (docs/benchmarks.md). So
+    the no-grad forward takes every per-pair temporary from here: it is faulted in once per
+    layer call, for the first (largest) block, and reused by the others.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous ``shape`` tensor of ``like``'s dtype and device, uninitialised."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _act_(act: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """``act(t)``, in ``t``'s memory for the activations that have an in-place form (SiLU,
+    ReLU), else a new tensor."""
+    if isinstance(act, nn.SiLU):
+        return F.silu(t, inplace=True)
+    if isinstance(act, nn.ReLU):
+        return t.relu_()
+    return act(t)
+
+
 def _expert_block(
     plan: _Plan,
     x: torch.Tensor,
@@ -676,17 +708,23 @@ def _expert_block(
     experts: torch.Tensor,
     W_down: torch.Tensor,
     mats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scratch: _Scratch | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``update(x)`` of a block of tokens (see the module docstring), every pair at once.
 
     The experts' factors are stacked, ``A (E·r, in)`` and ``s·B^T (E·r, out)``. ``x @ A^T``
     gives every expert's code ``z (E·r)`` of a token; masked to the pair's expert (zero
-    elsewhere), ``z @ s·B^T`` is exactly that expert's LoRA term. These dense matmuls do E times
-    the arithmetic of per-expert ones but need no sort, no gather of the frozen projections, no
-    scatter, no host sync and no loop over the experts. The wide ``B`` products of gate and up
-    run as one grouped matmul over the pairs sorted by expert where ``torch._grouped_mm``
-    takes the shapes (CPU), else masked. Out-of-place under autograd, in place otherwise (the
-    no-grad forward of :class:`_Experts`).
+    elsewhere), ``z @ s·B^T`` is exactly that expert's LoRA term. These dense products do E
+    times the arithmetic of per-expert ones (cheap at ``E·r = 64`` columns) but need no sort,
+    no gather or scatter of per-pair rows, no host sync and no loop over the experts. The pairs
+    are laid out slot-major, ``(k, n, ·)``: slot j's rows are contiguous, so the frozen G and U
+    broadcast over the slots and ``frozen + z @ s·B^T`` is one fused ``baddbmm`` (the addition
+    costs no pass of its own).
+
+    With ``scratch`` (the no-grad forward of :class:`_Experts`) every per-pair temporary lives
+    in its reused buffers and is updated in place, and the result is written into ``out``;
+    without it (under autograd: the backward's recomputation) everything is out of place.
 
     Args:
         plan: the forward's :class:`_Plan`.
@@ -695,79 +733,77 @@ def _expert_block(
         w: ``(n, k)`` routing weights (sum to one); experts: ``(n, k)`` the chosen experts.
         W_down: ``(hidden, inter)`` frozen down projection.
         mats: ``{proj: (A (E·r, in), s·B^T (E·r, out))}``.
+        scratch: buffers for the no-grad forward, or ``None``.
+        out: ``(n, hidden)`` to write the result into (with ``scratch`` only), or ``None``.
 
     Returns:
-        ``(n, hidden)`` in the compute dtype (x's).
+        ``(n, hidden)`` in the compute dtype (x's): ``out`` when given.
     """
-    inplace = not torch.is_grad_enabled()
+    inplace = scratch is not None
     if a0 is None:
         a0 = plan.act(G) * U
     (n, k), E = experts.shape, plan.num_experts
     r, dtype, drop = plan.r, x.dtype, plan.dropout
-    select = F.one_hot(experts, E).to(dtype)[..., None]  # (n, k, E, 1)
-    grouped = _grouped_mm_fits(x, r, G.shape[-1])
-    if grouped:  # the pairs sorted by expert, and back
-        order = experts.reshape(-1).argsort()
-        back = order.argsort()
-        ends = torch.bincount(experts.reshape(-1), minlength=E).cumsum(0).to(torch.int32)
+    select = F.one_hot(experts.T, E).to(dtype)[..., None]  # (k, n, E, 1), slot-major
+    wk = w.to(dtype).T[..., None]  # (k, n, 1)
 
-    def codes(proj: str, h: torch.Tensor) -> torch.Tensor:
-        """Every expert's code of each pair, ``(n, k or 1, E, r)``; ``h`` per token ``(n,
-        in)`` or per pair ``(n, k, in)``."""
+    def masked(proj: str, h: torch.Tensor) -> torch.Tensor:
+        """``(k, n, E·r)``: each pair's code, zero outside its expert's ``r`` entries; ``h``
+        per token ``(n, in)`` or per pair ``(k, n, in)``."""
         A = mats[proj][0].to(dtype)
         if drop is not None:
             if h.dim() == 2:  # a mask per pair, as each expert's own dropout draws it
-                h = h[:, None].expand(n, k, h.shape[-1])
+                h = h.expand(k, n, h.shape[-1])
             h = drop(h)
-        z = h @ A.T
-        return z.view(n, 1, E, r) if z.dim() == 2 else z.view(n, k, E, r)
-
-    def masked(z: torch.Tensor) -> torch.Tensor:
-        """``(n·k, E·r)``: each pair's code, zero outside its expert's ``r`` entries."""
-        return (z * select).reshape(n * k, E * r)
+        z = (h @ A.T).view(-1, n, E, r)  # (1 or k, n, E, r)
+        return (z * select).view(k, n, E * r)
 
     def lora_plus(proj: str, frozen: torch.Tensor) -> torch.Tensor:
-        """``frozen + s B_e A_e x`` for every pair, ``(n, k, inter)``."""
-        z, sBt = codes(proj, x), mats[proj][1].to(dtype)
-        if grouped:
-            mine = torch.gather(
-                z.expand(n, k, E, r), 2, experts[:, :, None, None].expand(n, k, 1, r)
-            )
-            y = torch._grouped_mm(mine.reshape(n * k, r)[order], sBt.view(E, r, -1), offs=ends)
-            y = y[back].view(n, k, -1)
-        else:
-            y = (masked(z) @ sBt).view(n, k, -1)
-        return y.add_(frozen[:, None]) if inplace else y + frozen[:, None]
+        """``frozen + s B_e A_e x`` for every pair, ``(k, n, inter)``: one fused product."""
+        sBt = mats[proj][1].to(dtype)
+        args = (frozen[None], masked(proj, x), sBt.expand(k, *sBt.shape))
+        if scratch is None:
+            return torch.baddbmm(*args)
+        return torch.baddbmm(*args, out=scratch.get(proj, (k, n, sBt.shape[-1]), x))
 
     gate_up = [q for q in ("gate_proj", "up_proj") if q in plan.proj]
-    out = None
+    down = None
     if gate_up:
-        g = lora_plus("gate_proj", G) if "gate_proj" in gate_up else G[:, None]
-        u = lora_plus("up_proj", U) if "up_proj" in gate_up else U[:, None]
-        act = plan.act(g)
-        a = act.mul_(u) if inplace and act.shape[1] == k else act * u  # (n, k, inter)
-        del g, u, act
+        g = lora_plus("gate_proj", G) if "gate_proj" in gate_up else G[None]
+        u = lora_plus("up_proj", U) if "up_proj" in gate_up else U[None]
+        if inplace and "gate_proj" in gate_up:
+            a = _act_(plan.act, g).mul_(u)  # (k, n, inter), in g's buffer
+        else:
+            a = plan.act(g) * u
+        del g, u
         if "down_proj" in plan.proj:
-            out = masked(codes("down_proj", a)) * w.to(dtype).reshape(n * k, 1)
+            down = masked("down_proj", a) * wk
         # the weights sum to one: W_down sum_e w_e a_e - W_down a0 = W_down sum_e w_e (a_e - a0);
         # differences keep the update exact next to a large a0 in low precision
-        diff = a.sub_(a0[:, None]) if inplace else a - a0[:, None]
-        wd = w.to(dtype)
-        inter = diff[:, 0] * wd[:, 0, None]
-        for j in range(1, k):
-            inter = (
-                inter.addcmul_(diff[:, j], wd[:, j, None])
-                if inplace
-                else inter + diff[:, j] * wd[:, j, None]
-            )
-        base = inter @ W_down.T.to(dtype)
+        if inplace:
+            diff = a.sub_(a0)
+            inter = diff[0].mul_(wk[0])
+            for j in range(1, k):
+                inter.addcmul_(diff[j], wk[j])
+        else:
+            diff = a - a0
+            inter = diff[0] * wk[0]
+            for j in range(1, k):
+                inter = inter + diff[j] * wk[j]
+        W = W_down.T.to(dtype)
+        base = torch.matmul(inter, W, out=out) if out is not None else inter @ W
     else:  # experts on down_proj only: every expert reads a0
-        out = masked(codes("down_proj", a0)) * w.to(dtype).reshape(n * k, 1)
+        down = masked("down_proj", a0) * wk
         base = None
-    if out is not None:
+    if down is not None:
         # the k slots' weighted codes sum into one (E·r) code per token: one small matmul
-        lora = out.view(n, k, E * r).sum(1) @ mats["down_proj"][1].to(dtype)
-        base = lora if base is None else (base.add_(lora) if inplace else base + lora)
+        sBd = mats["down_proj"][1].to(dtype)
+        if base is None:
+            base = torch.matmul(down.sum(0), sBd, out=out) if out is not None else down.sum(0) @ sBd
+        elif inplace:
+            base = base.addmm_(down.sum(0), sBd)
+        else:
+            base = base + down.sum(0) @ sBd
     return base
 
 
@@ -788,14 +824,25 @@ class _Experts(torch.autograd.Function):
         # the dropout masks of a recomputation are the forward's: the same draws, in the same
         # order, from the generator's state at this point (as torch.utils.checkpoint does)
         ctx.rng = _rng_state(x.device) if plan.dropout is not None else None
-        pieces = []
+        scratch = _Scratch()
+        out = x.new_empty(x.shape[0], W_down.shape[0])
         for sl in _blocks(plan, x):
-            pieces.append(
-                _expert_block(plan, x[sl], G[sl], U[sl], a0[sl], w[sl], experts[sl], W_down, mats)
+            _expert_block(
+                plan,
+                x[sl],
+                G[sl],
+                U[sl],
+                a0[sl],
+                w[sl],
+                experts[sl],
+                W_down,
+                mats,
+                scratch,
+                out[sl],
             )
         ctx.plan = plan
         ctx.save_for_backward(x, G, U, w, experts, W_down, *flat)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -849,26 +896,6 @@ def _backward_block(
     for i, t in enumerate(params):
         if t.requires_grad and (g := next(got)) is not None:
             shared_grads[i] = g if shared_grads[i] is None else shared_grads[i] + g
-
-
-#: whether the gate and up products may use ``torch._grouped_mm`` (tests switch it off to check
-#: the masked path against it)
-USE_GROUPED_MM = True
-
-
-def _grouped_mm_fits(x: torch.Tensor, r: int, inter: int) -> bool:
-    """Whether ``torch._grouped_mm`` takes ``(pairs, r) x (E, r, inter)`` here: on the CPU
-    (its CUDA kernels want other dtypes and architectures than can be checked here), in
-    float32 / bfloat16 / float16, with rows of a multiple of 16 bytes."""
-    size = x.element_size()
-    return (
-        USE_GROUPED_MM
-        and hasattr(torch, "_grouped_mm")
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and (r * size) % 16 == 0
-        and (inter * size) % 16 == 0
-    )
 
 
 def _blocks(plan: _Plan, x: torch.Tensor) -> Iterator[slice]:
