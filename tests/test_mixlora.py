@@ -736,3 +736,31 @@ def test_dispatch_dropout_masks_are_recomputed_in_the_backward():
         assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
     finally:
         mixlora._BLOCK_ELEMENTS["cpu"] = old
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.ReLU(), nn.GELU(approximate="tanh")])
+def test_no_grad_forward_equals_per_expert_loop(monkeypatch, act):
+    """The no-grad forward works in place (the frozen ``a0``, the activation, the kept scratch
+    buffers reused by every block and every call, whatever their size and dtype): its output
+    is the per-expert loop's, and the frozen projections it read are left as they were."""
+    import loravariants.adapters.mixlora as mixlora
+
+    monkeypatch.setitem(mixlora._BLOCK_ELEMENTS, "cpu", 5 * 2 * 64)  # blocks of 5 tokens
+    layer, mlp = _layer(num_experts=4, top_k=2, dropout=0.0, seed=7)
+    mlp.act_fn = act
+    layer.eval()
+    g = torch.Generator().manual_seed(8)
+    for dtype, tokens in ((torch.float32, 23), (torch.bfloat16, 11), (torch.float32, 4)):
+        layer.to(dtype), mlp.to(dtype)
+        x = torch.randn(tokens, 32, generator=g).to(dtype)
+        with torch.no_grad():
+            out, ctx = MixLoRAFFN.base_forward(mlp, x)
+            kept = [t.clone() for t in ctx]
+            fast = out + layer.update(x, ctx)
+            slow = _per_expert_reference(layer, mlp, x)
+            assert_close(ctx[2], act(ctx[0]) * ctx[1], atol=0, rtol=0)  # a0 = act(G) * U
+        for before, after in zip(kept, ctx, strict=True):
+            assert torch.equal(before, after)  # G, U, a0, mask untouched by the update
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        assert_close(fast, slow, atol=tol, rtol=tol)
+        assert (fast - out).abs().max() > 10 * tol  # the experts changed the output

@@ -56,6 +56,7 @@ import contextlib
 import contextvars
 import inspect
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -667,12 +668,14 @@ class _Plan:
 
 
 class _Scratch:
-    """Buffers that the blocks of one no-grad expert forward reuse, one per temporary.
+    """Buffers that the no-grad expert forward reuses, one per per-pair temporary.
 
     A fresh tensor of a few MiB is a fresh mapping on the CPU: writing it first costs a page
     fault per 4 KiB page, which measured costlier than the arithmetic (docs/benchmarks.md). So
-    the no-grad forward takes every per-pair temporary from here: it is faulted in once per
-    layer call, for the first (largest) block, and reused by the others.
+    the no-grad forward takes every per-pair temporary from here, and the blocks reuse it. On
+    the CPU one scratch per thread is kept between calls (:func:`_scratch`): a block holds
+    about ``_BLOCK_ELEMENTS`` elements per temporary whatever the model, so that is two
+    buffers of 2 MiB (float32) in all, faulted in once instead of once per layer and forward.
     """
 
     def __init__(self) -> None:
@@ -682,10 +685,29 @@ class _Scratch:
         """A contiguous ``shape`` tensor of ``like``'s dtype and device, uninitialised."""
         numel = math.prod(shape)
         buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel:
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
+
+
+_THREAD_SCRATCH = threading.local()
+
+
+def _scratch(device: torch.device) -> _Scratch:
+    """This thread's kept scratch on the CPU; a new one elsewhere (the caching allocator of an
+    accelerator reuses memory by itself, and one block there can be large)."""
+    if device.type != "cpu":
+        return _Scratch()
+    scratch = getattr(_THREAD_SCRATCH, "scratch", None)
+    if scratch is None:
+        scratch = _THREAD_SCRATCH.scratch = _Scratch()
+    return scratch
 
 
 def _act_(act: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
@@ -824,7 +846,7 @@ class _Experts(torch.autograd.Function):
         # the dropout masks of a recomputation are the forward's: the same draws, in the same
         # order, from the generator's state at this point (as torch.utils.checkpoint does)
         ctx.rng = _rng_state(x.device) if plan.dropout is not None else None
-        scratch = _Scratch()
+        scratch = _scratch(x.device)
         out = x.new_empty(x.shape[0], W_down.shape[0])
         for sl in _blocks(plan, x):
             _expert_block(
@@ -1023,7 +1045,11 @@ class MixLoRAFFN(AdapterLayer):
         """
         G = base.gate_proj(x)
         U = base.up_proj(x)
-        a0 = base.act_fn(G) * U
+        act = base.act_fn(G)
+        # without autograd, the product goes into the activation's memory: one large
+        # temporary less per layer
+        in_place = not torch.is_grad_enabled() and act.data_ptr() != G.data_ptr()
+        a0 = act.mul_(U) if in_place else act * U
         return base.down_proj(a0), (G, U, a0, _real_tokens(x))
 
     @staticmethod
