@@ -1,6 +1,6 @@
 """MixLoRA and MultiLoRA against their obvious alternatives and against the `mixlora` package.
 
-    python benchmarks/variants_speed.py [--parts dispatch package memory] [--repeats 10]
+    python benchmarks/variants_speed.py [--parts dispatch package memory profile] [--repeats 10]
         [--batch 4] [--seq 256] [--r 8] [--package-batch 4] [--package-seq 512]
 
 Parts, each printed with its ratios (all contenders of a part measured side by side in one run):
@@ -20,6 +20,10 @@ Parts, each printed with its ratios (all contenders of a part measured side by s
   a fresh process, as the rise of the peak resident set (Linux VmHWM) over the resident set
   before the step, with glibc told to map every block of 64 KiB or more on its own
   (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave the resident set.
+* ``profile``: ``torch.profiler`` of our MixLoRA at the ``package`` shapes: self CPU time by
+  operator over the whole model for the eval forward and for one training step (forward,
+  loss + balance loss, backward), with the share of the expert computation (``_Experts``) and
+  the page faults of one eval forward.
 
 Times are medians over interleaved repeats (A, B, C, ... per round).
 """
@@ -278,7 +282,54 @@ def part_memory(args) -> None:
     print(f"MixLoRA / LoRA, peak RSS: {rows['mixlora'][2] / rows['lora'][2]:.2f}x")
 
 
-PARTS = {"dispatch": part_dispatch, "package": part_package, "memory": part_memory}
+def part_profile(args) -> None:
+    import resource
+
+    from torch.profiler import ProfilerActivity, profile
+
+    model = lv.attach(small_llama(0), MixLoRAConfig(**PACKAGE_MIX))
+    _randomise(model)
+    ids = torch.randint(
+        0, 1024, (args.package_batch, args.package_seq), generator=torch.Generator().manual_seed(0)
+    )
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    def train_step() -> None:
+        (model(input_ids=ids, labels=ids).loss + lv.aux_loss(model)).backward()
+        model.zero_grad(set_to_none=True)
+
+    for what, mode, fn in (("eval forward", False, forward), ("training step", True, train_step)):
+        model.train(mode)
+        fn()  # warm-up
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.repeats):
+                fn()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        experts = sum(e.cpu_time_total for e in events if e.key == "_Experts")
+        print(
+            f"\nprofile, {what} (MixLoRA E=8 top-2 r=8, {args.package_batch} x "
+            f"{args.package_seq} tokens, {args.repeats} runs): the expert Function (_Experts, "
+            f"forward) {100 * experts / total:.0f}% of the self CPU time; {faults} page faults "
+            "in one run"
+        )
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+            share = 100 * e.self_cpu_time_total / total
+            print(f"{e.key:>45}: {share:5.1f}%  ({e.count // args.repeats} calls per run)")
+
+
+PARTS = {
+    "dispatch": part_dispatch,
+    "package": part_package,
+    "memory": part_memory,
+    "profile": part_profile,
+}
 
 
 def main() -> None:
