@@ -296,6 +296,21 @@ def perplexity_at_lengths(
         ValueError: ``stride_ratio``, ``max_tokens`` or a length out of range, or no length
             fits in the stream.
     """
+    tokens, plan = _windows_at_lengths(tokens, lengths, stride_ratio, max_tokens, "perplexity")
+    return {n: perplexity(model, tokens, n, stride, batch_size, progress) for n, stride in plan}
+
+
+def _windows_at_lengths(
+    tokens: torch.Tensor,
+    lengths: Sequence[int],
+    stride_ratio: float,
+    max_tokens: int | None,
+    what: str,
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The checked, truncated stream ``(N',)`` and ``(length, stride)`` for every length that
+    fits in it: the one rule :func:`perplexity_at_lengths` and :func:`document_nll_at_lengths`
+    share, so the two always score the same windows. A length that does not fit is skipped
+    with a ``UserWarning`` naming ``what``; none fitting is a ``ValueError``."""
     check_range("stride_ratio", stride_ratio, low=0, high=1, low_open=True, high_open=True)
     if max_tokens is not None:
         check_range("max_tokens", max_tokens, low=2, integer=True)
@@ -303,25 +318,24 @@ def perplexity_at_lengths(
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     n_tokens = tokens.numel()
-    out = {}
+    plan = []
     for n in lengths:
         n = int(n)
         check_range("context_length", n, low=2, integer=True)
         if n > n_tokens:
             warnings.warn(
-                f"perplexity: skipping context length {n}, longer than the {n_tokens} tokens "
-                f"to score (raise max_tokens or provide more validation tokens)",
-                stacklevel=2,
+                f"{what}: skipping context length {n}, longer than the {n_tokens} tokens "
+                "to score (raise max_tokens or provide more validation tokens)",
+                stacklevel=3,  # the caller of the public function
             )
             continue
-        stride = max(1, int(n * stride_ratio))
-        out[n] = perplexity(model, tokens, n, stride, batch_size, progress)
-    if lengths and not out:
+        plan.append((n, max(1, int(n * stride_ratio))))
+    if lengths and not plan:
         raise ValueError(
             f"every context length in lengths={list(lengths)} exceeds the {n_tokens} tokens "
             f"to score"
         )
-    return out
+    return tokens, plan
 
 
 def truncated_lengths(document_lengths: Sequence[int], max_tokens: int | None) -> list[int]:
@@ -365,33 +379,11 @@ def document_nll_at_lengths(
     Raises:
         ValueError: as :func:`perplexity_at_lengths` and :func:`document_nll`.
     """
-    check_range("stride_ratio", stride_ratio, low=0, high=1, low_open=True, high_open=True)
-    if max_tokens is not None:
-        check_range("max_tokens", max_tokens, low=2, integer=True)
-    tokens = torch.as_tensor(tokens).flatten()
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
+    tokens, plan = _windows_at_lengths(tokens, lengths, stride_ratio, max_tokens, "document_nll")
     docs = truncated_lengths(document_lengths, max_tokens)
-    n_tokens = tokens.numel()
-    out = {}
-    for n in lengths:
-        n = int(n)
-        check_range("context_length", n, low=2, integer=True)
-        if n > n_tokens:
-            warnings.warn(
-                f"document_nll: skipping context length {n}, longer than the {n_tokens} "
-                "tokens to score (raise max_tokens or provide more validation tokens)",
-                stacklevel=2,
-            )
-            continue
-        stride = max(1, int(n * stride_ratio))
-        out[n] = document_nll(model, tokens, docs, n, stride, batch_size, progress)
-    if lengths and not out:
-        raise ValueError(
-            f"every context length in lengths={list(lengths)} exceeds the {n_tokens} tokens "
-            f"to score"
-        )
-    return out
+    return {
+        n: document_nll(model, tokens, docs, n, stride, batch_size, progress) for n, stride in plan
+    }
 
 
 @dataclass
