@@ -13,8 +13,11 @@ and never calls back into it::
     crossrun.py  the measures across runs, once per write set from the saved adapters:
                  similarity to the seed's reference run (the one rule: the first finished
                  run of the reference variant), seed-to-seed similarity
-    summary.py   mean +- 95% CI per row, paired differences, parameter-matching warning
-    findings.py  the planned contrasts and their verdicts
+    summary.py   mean +- 95% CI per row, perplexity against length, paired differences,
+                 parameter-matching warning
+    contrasts.py the contrasts (a row against its comparator), Holm families, and what else
+                 two contrasted rows differ in
+    findings.py  each contrast tested (seeds x documents, McNemar), Holm, verdicts
     report.py    rendering only: results.json / results.csv / report.md, plots (plots.py)
     shard.py     --shard i/N locks, --merge (records -> cross-run measures -> report)
 
