@@ -172,6 +172,10 @@ def test_comparator_warnings_name_every_other_difference():
     ]
     text = "\n".join(findings_section(config, results))
     assert "contrasted rows differ in more than the factor under test" in text
+    config.lr_grid = [1e-3, 2e-3]  # rates chosen per row on the grid: tuning, not a confound
+    assert comparator_warnings(config, results) == [
+        "wide − lora differ in 4 things: target modules, dropout, adapter params, trainable"
+    ]
     # without records yet, the question is derived from the definitions alone
     assert "| lora-emb − lora | differs in trainable |" in text
 

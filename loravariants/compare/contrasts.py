@@ -24,7 +24,8 @@ by default every contrast is in one family, ``planned``.
 
 :func:`definition_differences` lists what two contrasted rows differ in (adapter, target
 modules, dropout, parameter count, trainable modules, attention, context extension, training
-length, learning rate); more than one kind is a confound the report warns about.
+length, learning rate unless an ``lr_grid`` chose it); more than one kind is a confound the
+report warns about.
 """
 
 from __future__ import annotations
@@ -176,6 +177,9 @@ def _row_definition(
         "trains": row.trains,
         "extend_context": row.extend_context,
     }
+    # a rate the lr_grid chose for this row is the protocol's tuning of each method, not a
+    # confound: only fixed rates (the row's `lr`, or one train.lr for all) are compared
+    selected = getattr(config, "lr_grid", None) and getattr(row, "lr", None) is None
     if row.trains:
         definition.update(
             {
@@ -186,7 +190,7 @@ def _row_definition(
                 "trainable": tuple(sorted(row.trainable)),
                 "attention": row.attention or config.context.attention,
                 "train_length": getattr(row, "train_length", "target"),
-                "lr": row_lr(config, row, ok),
+                "lr": None if selected else row_lr(config, row, ok),
             }
         )
     return definition
