@@ -20,13 +20,8 @@ T975_2 = scipy_stats.t.ppf(0.975, 2)
 
 
 def _config(runs, comparators=None, families=None):
-    config = experiment_from_dict({"runs": runs, "seeds": [0, 1, 2]})
-    # (comparator/families are new config fields; set on the objects until they are parsed)
-    for row in config.runs:
-        row.comparator = (comparators or {}).get(row.name)
-        row.question = None
-    config.families = families
-    return config
+    runs = [{**r, "comparator": (comparators or {}).get(r["name"])} for r in runs]
+    return experiment_from_dict({"runs": runs, "seeds": [0, 1, 2], "families": families})
 
 
 def _record(row, seed, nll=None, tokens=None, ppl=None, **extra):

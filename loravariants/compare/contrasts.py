@@ -106,12 +106,9 @@ def declared_contrasts(config) -> list[Contrast]:
     by_name = {row.name: row for row in config.runs}
     out = []
     for row in config.runs:
-        comparator = getattr(row, "comparator", None)
-        if comparator:
-            question = getattr(row, "question", None) or _derived_question(
-                config, by_name[row.name], by_name.get(comparator)
-            )
-            out.append(Contrast(row.name, comparator, question))
+        if row.comparator:
+            question = row.question or _derived_question(config, row, by_name.get(row.comparator))
+            out.append(Contrast(row.name, row.comparator, question))
     return out
 
 
@@ -152,7 +149,7 @@ def contrast_families(config, contrasts: list[Contrast]) -> dict[Contrast, str]:
     """Each contrast's Holm family: the first declared family that lists its row ``a``;
     ``planned`` for every contrast when the config declares none; ``undeclared`` for one that
     no declared family lists."""
-    families: Mapping[str, list[str]] | None = getattr(config, "families", None)
+    families: Mapping[str, list[str]] | None = config.families
     if not families:
         return {c: DEFAULT_FAMILY for c in contrasts}
     out = {}
@@ -179,7 +176,7 @@ def _row_definition(
     }
     # a rate the lr_grid chose for this row is the protocol's tuning of each method, not a
     # confound: only fixed rates (the row's `lr`, or one train.lr for all) are compared
-    selected = getattr(config, "lr_grid", None) and getattr(row, "lr", None) is None
+    selected = bool(config.lr_grid) and row.lr is None
     if row.trains:
         definition.update(
             {
@@ -189,7 +186,7 @@ def _row_definition(
                 "adapter params": sum(params) / len(params) if params else None,
                 "trainable": tuple(sorted(row.trainable)),
                 "attention": row.attention or config.context.attention,
-                "train_length": getattr(row, "train_length", "target"),
+                "train_length": row.train_length,
                 "lr": None if selected else row_lr(config, row, ok),
             }
         )
