@@ -10,7 +10,12 @@ import pytest
 from scipy import stats as scipy_stats
 
 import loravariants.compare.report as report
-from loravariants.compare.findings import comparator_warnings, findings, findings_section
+from loravariants.compare.findings import (
+    comparator_warnings,
+    contrasts_by_length,
+    findings,
+    findings_section,
+)
 from loravariants.compare.records import records_problem
 from loravariants.compare.summary import perplexity_by_length, summarize
 from loravariants.config import experiment_from_dict
@@ -277,3 +282,26 @@ def test_the_perplexity_plot_draws_the_curves_intervals(tmp_path):
     made = make_report_plots(tmp_path, config, results, None, curves)
     assert made["Perplexity vs context length"] == "plots/perplexity_vs_context.png"
     assert (tmp_path / "plots" / "perplexity_vs_context.png").stat().st_size > 1000
+
+
+def test_every_length_gets_the_contrasts_interval_and_the_headline_its_verdict():
+    rows = {"lora": [400.0, 410.0, 395.0], "cola": [405.0, 420.0, 396.0]}
+    records = []
+    for row, nll in rows.items():
+        for s in range(3):
+            r = _record(row, s, [nll[s]], [100.0])
+            r["doc_nll"]["32"] = [[nll[s] / 2 + 3 * (row == "cola"), 50.0]]
+            r["ppl"]["32"] = math.exp(r["doc_nll"]["32"][0][0] / 50)
+            records.append(r)
+    results = _results(*records)
+    config = _config(LORA_COLA)
+    curve = {f.metric: f for f in contrasts_by_length(config, results)}
+    (headline,) = findings(config, results)
+    assert headline.metric == "ppl@64"
+    assert (curve["ppl@64"].estimate, curve["ppl@64"].low) == (headline.estimate, headline.low)
+    assert curve["ppl@32"].estimate == pytest.approx(
+        math.exp((sum(rows["cola"]) / 2 + 9) / 150) - math.exp(sum(rows["lora"]) / 2 / 150)
+    )
+    assert math.isnan(curve["ppl@32"].p_holm)  # no member of a Holm family
+    text = "\n".join(findings_section(config, results))
+    assert "| contrast (a − b) | ppl@32 | ppl@64 |" in text

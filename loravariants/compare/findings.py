@@ -54,6 +54,7 @@ __all__ = [
     "Contrast",
     "Finding",
     "comparator_warnings",
+    "contrasts_by_length",
     "doc_sums",
     "findings",
     "findings_section",
@@ -339,6 +340,20 @@ def findings(config, results: Mapping[str, Mapping[str, Any]]) -> list[Finding]:
     return out
 
 
+def contrasts_by_length(config, results: Mapping[str, Mapping[str, Any]]) -> list[Finding]:
+    """Every contrast's perplexity difference at every evaluated length, with its interval
+    (as in :func:`findings`, untested by Holm: the verdicts are the headline length's)."""
+    ok = [r for r in results.values() if r.get("status") == "ok"]
+    lengths = sorted({k for r in ok for k in r.get("ppl", {})}, key=int)
+    out = []
+    for c in planned_contrasts(config):
+        for length in lengths:
+            m = f"ppl@{length}"
+            d = paired_difference(per_seed(results, c.a, m), per_seed(results, c.b, m))
+            out.append(_perplexity(Finding(c, m, d), results, length))
+    return out
+
+
 def comparator_warnings(config, results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One line per contrast whose rows differ in more than one kind of thing (the factor
     under test and something else), naming every kind (:func:`definition_differences`)."""
@@ -369,6 +384,26 @@ def _p(value: float) -> str:
 
 def _verdict(f: Finding) -> str:
     return f"**{f.verdict}**" if f.resolved else f.verdict
+
+
+def _by_length_table(found: list[Finding]) -> list[str]:
+    lengths = list(dict.fromkeys(f.metric for f in found))
+    if len(lengths) < 2:  # one length: the Findings table has it already
+        return []
+    lines = [
+        "Perplexity contrasts at every evaluated length (a − b [95% CI], the same intervals; "
+        "not corrected for multiplicity: the verdicts above are the headline length's):",
+        "",
+        "| contrast (a − b) | " + " | ".join(lengths) + " |",
+        "|" + "---|" * (len(lengths) + 1),
+    ]
+    by_contrast: dict[Contrast, dict[str, Finding]] = {}
+    for f in found:
+        by_contrast.setdefault(f.contrast, {})[f.metric] = f
+    for c, cells in by_contrast.items():
+        row = " | ".join(_cell(cells[m]) for m in lengths)
+        lines.append(f"| {c.a} − {c.b} | {row} |")
+    return lines + [""]
 
 
 def findings_section(config, results: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -431,6 +466,7 @@ def render_findings(
             "documents' sampling error.",
             "",
         ]
+    lines += _by_length_table(contrasts_by_length(config, results))
     warnings = comparator_warnings(config, results)
     if warnings:
         lines += [
