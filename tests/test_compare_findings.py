@@ -305,3 +305,20 @@ def test_every_length_gets_the_contrasts_interval_and_the_headline_its_verdict()
     assert math.isnan(curve["ppl@32"].p_holm)  # no member of a Holm family
     text = "\n".join(findings_section(config, results))
     assert "| contrast (a − b) | ppl@32 | ppl@64 |" in text
+
+
+def test_full_fine_tuning_against_an_adapter_is_one_difference():
+    runs = [
+        {"name": "lora", "adapter": "lora"},
+        {"name": "full", "adapter": "none", "trainable": ["all"]},
+        {"name": "full-dense", "adapter": "none", "trainable": ["all"], "attention": "sdpa"},
+    ]
+    config = _config(runs, comparators={"full": "lora", "full-dense": "lora"})
+    results = _results(
+        _trained("lora", 0, ["q_proj", "v_proj"]),
+        _record("full", 0, ppl=90.0, lr=1e-3),
+        _record("full-dense", 0, ppl=90.0, lr=1e-3),
+    )
+    assert comparator_warnings(config, results) == [
+        "full-dense − lora differ in 2 things: full fine-tuning, attention"
+    ]

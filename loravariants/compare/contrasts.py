@@ -172,6 +172,7 @@ def _row_definition(
     params = [r["adapter_params"] for r in ok if isinstance(r.get("adapter_params"), int | float)]
     definition: dict[str, Any] = {
         "trains": row.trains,
+        "full_finetune": row.full_finetune,
         "extend_context": row.extend_context,
     }
     # a rate the lr_grid chose for this row is the protocol's tuning of each method, not a
@@ -206,7 +207,9 @@ def definition_differences(
 
     Trained against untrained counts as one kind, ``training`` (its adapter, modules,
     dropout, size, attention and rate are what training is), plus ``extend_context`` when
-    that differs too. Adapter parameter counts differ when they are more than 10% apart
+    that differs too; full fine-tuning against an adapter is one kind, ``full fine-tuning``
+    (adapter, modules, dropout, size and trainable modules), plus attention, training length
+    and rate when they differ. Adapter parameter counts differ when they are more than 10% apart
     (:data:`~loravariants.compare.summary.PARAM_MATCH_TOLERANCE`); fields a record decides
     (target modules, dropout, parameter count, learning rate) are compared only once both
     rows have one.
@@ -224,16 +227,12 @@ def definition_differences(
         kinds.append("extend_context")
     if not (da["trains"] and db["trains"]):
         return kinds
-    for field in (
-        "adapter",
-        "target modules",
-        "dropout",
-        "adapter params",
-        "trainable",
-        "attention",
-        "train_length",
-        "lr",
-    ):
+    fields = ["attention", "train_length", "lr"]
+    if da["full_finetune"] != db["full_finetune"]:
+        kinds.append("full fine-tuning")  # its adapter, modules and size are what it is
+    else:
+        fields = ["adapter", "target modules", "dropout", "adapter params", "trainable", *fields]
+    for field in fields:
         x, y = da[field], db[field]
         if field == "adapter params":
             differ = _params_differ(x, y)
