@@ -8,6 +8,8 @@ and never calls back into it::
     records.py   the records store: run keys and folders, results.json and the shards' files
                  read (checked) and written, merging, the same-experiment check (resumption)
     env.py       Environment: base model, tokenizer and data, loaded once
+    protocol.py  how one row trains: its rate, training length and batch, full fine-tuning
+    lr_select.py lr_grid: each row's rate chosen on the held-out selection documents
     run.py       compare(): for each planned run not done yet, one record (train, save,
                  measure.py's per-run measures: perplexity, passkey, SVD, layer statistics)
     crossrun.py  the measures across runs, once per write set from the saved adapters:
