@@ -172,13 +172,21 @@ def test_section_markdown():
     )
     text = "\n".join(findings_section(config, results))
     assert text.startswith("## Findings")
+    # records without per-document NLL: seeds only, and no spread is no test (it was read as
+    # "resolved" with a zero-width interval once)
+    row = "| planned | base-PI − base-noPI | interpolation alone, no training |"
     assert (
-        "| base-PI − base-noPI | interpolation alone, no training | +0.25 [-2.93, +3.43] | "
-        "not resolved | -100.0 [-100.0, -100.0] | **resolved** |" in text
+        f"{row} ppl@1024 | -100.00 [-100.00, -100.00] | — | — | not resolved (no spread over "
+        "seeds: untestable without per-document NLL) | — |" in text
+    )
+    # passkey without per-prompt outcomes: a value, never a verdict
+    assert (
+        f"{row} passkey@1000 | +0.250 | — | — | no verdict (per-prompt outcomes not recorded)"
+        in text
     )
     # one common seed: a value but never a verdict
-    assert "+0.10 (1 seed) | not resolved (needs 2+ seeds)" in text
+    assert "| ppl@1024 | -30.00 | — | — | not resolved (needs 2+ seeds) | — |" in text
     # a row without results: a dash
-    assert "| cola − lora | against plain LoRA | — | no common seed | — | no common seed |" in text
-    assert "Resolved: 1 of 18 (contrast, metric) pairs: base-PI − base-noPI on ppl@1024." in text
-    assert "base-PI − base-noPI on ppl@1024" in text
+    assert "| cola − lora | against plain LoRA | ppl@1024 | — | — | — | no common seed |" in text
+    assert "Resolved after Holm: 0 of 1 tested (contrast, metric) cells." in text
+    assert "Seed-only statistics where records without per-document NLL (doc_nll)" in text

@@ -8,13 +8,18 @@ and never calls back into it::
     records.py   the records store: run keys and folders, results.json and the shards' files
                  read (checked) and written, merging, the same-experiment check (resumption)
     env.py       Environment: base model, tokenizer and data, loaded once
+    protocol.py  how one row trains: its rate, training length and batch, full fine-tuning
+    lr_select.py lr_grid: each row's rate chosen on the held-out selection documents
     run.py       compare(): for each planned run not done yet, one record (train, save,
                  measure.py's per-run measures: perplexity, passkey, SVD, layer statistics)
     crossrun.py  the measures across runs, once per write set from the saved adapters:
                  similarity to the seed's reference run (the one rule: the first finished
                  run of the reference variant), seed-to-seed similarity
-    summary.py   mean +- 95% CI per row, paired differences, parameter-matching warning
-    findings.py  the planned contrasts and their verdicts
+    summary.py   mean +- 95% CI per row, perplexity against length, paired differences,
+                 parameter-matching warning
+    contrasts.py the contrasts (a row against its comparator), Holm families, and what else
+                 two contrasted rows differ in
+    findings.py  each contrast tested (seeds x documents, McNemar), Holm, verdicts
     report.py    rendering only: results.json / results.csv / report.md, plots (plots.py)
     shard.py     --shard i/N locks, --merge (records -> cross-run measures -> report)
 

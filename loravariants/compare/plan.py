@@ -166,8 +166,8 @@ def shard_plan(plan: list, shard: Shard) -> list:
 
 
 def row_variant(config: ExperimentConfig, row: RunSpec) -> str | None:
-    """The variant a row's adapter spec names (``None``: an untrained row, or a spec that
-    cannot be read, which the run itself then reports; full fine-tuning has no adapter)."""
+    """The variant a row's adapter spec names (``None``: a row without an adapter, full
+    fine-tuning included, or a spec that cannot be read, which the run itself then reports)."""
     if not row.has_adapter:
         return None
     try:

@@ -87,7 +87,11 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 
 
 def make_report_plots(
-    out: Path, config, results: dict[str, dict[str, Any]], loss_smoothing: int | None = None
+    out: Path,
+    config,
+    results: dict[str, dict[str, Any]],
+    loss_smoothing: int | None = None,
+    curves: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """Draw the report's figures into ``out/plots``; return ``{title: relative path}``.
 
@@ -97,6 +101,8 @@ def make_report_plots(
         results: ``{run key: record}``.
         loss_smoothing: moving-average window of the loss curves; None picks about a tenth of
             the steps, 1 draws the raw curves only.
+        curves: ``{row: {length: RowPerplexity}}`` (``summary.perplexity_by_length``): the
+            perplexity plot draws these values and intervals; None: mean ± 95% CI over seeds.
     """
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +110,7 @@ def make_report_plots(
     made: dict[str, str] = {}
     if _loss_plot(plot_dir / "loss_curves.png", grouped, loss_smoothing):
         made["Training loss"] = "plots/loss_curves.png"
-    if _perplexity_plot(plot_dir / "perplexity_vs_context.png", grouped):
+    if _perplexity_plot(plot_dir / "perplexity_vs_context.png", grouped, curves):
         made["Perplexity vs context length"] = "plots/perplexity_vs_context.png"
     if _effective_rank_plot(plot_dir / "effective_rank.png", grouped):
         made["Effective rank by layer"] = "plots/effective_rank.png"
@@ -158,13 +164,18 @@ def _loss_plot(path: Path, grouped, window: int | None) -> bool:
     return True
 
 
-def _perplexity_plot(path: Path, grouped) -> bool:
-    series = {}
+def _perplexity_plot(path: Path, grouped, curves=None) -> bool:
+    series = {}  # row -> (lengths, [(value, below, above)], seeds)
     for name, rs in grouped.items():
-        if rs and rs[0].get("ppl"):
-            lengths = sorted({int(k) for r in rs for k in r["ppl"]})
-            stats = [mean_ci([r["ppl"].get(str(n)) for r in rs]) for n in lengths]
+        if curves and name in curves:
+            lengths = sorted(int(k) for k in curves[name])
+            points = [curves[name][str(n)] for n in lengths]
+            stats = [(p.value, p.value - p.low, p.high - p.value) for p in points]
             series[name] = (lengths, stats, len(rs))
+        elif rs and rs[0].get("ppl"):
+            lengths = sorted({int(k) for r in rs for k in r["ppl"]})
+            cis = [mean_ci([r["ppl"].get(str(n)) for r in rs]) for n in lengths]
+            series[name] = (lengths, [(m, h, h) for m, h in cis], len(rs))
     if not series:
         return False
     fig = figure(8.5, 4.2)
@@ -175,8 +186,11 @@ def _perplexity_plot(path: Path, grouped) -> bool:
         style = _style(i)
         ax.errorbar(
             [x * dodge for x in lengths],
-            [m for m, _ in stats],
-            yerr=[h if math.isfinite(h) else 0.0 for _, h in stats],
+            [m for m, _, _ in stats],
+            yerr=[
+                [lo if math.isfinite(lo) else 0.0 for _, lo, _ in stats],
+                [hi if math.isfinite(hi) else 0.0 for _, _, hi in stats],
+            ],
             capsize=3,
             markersize=5,
             label=f"{name} (n={seeds})",
@@ -192,7 +206,7 @@ def _perplexity_plot(path: Path, grouped) -> bool:
     formatter.set_scientific(False)
     ax.yaxis.set_major_formatter(formatter)
     ax.set_xlabel("evaluation context (tokens)")
-    ax.set_ylabel("perplexity (mean ± 95% CI over seeds)")
+    ax.set_ylabel("perplexity (95% CI)" if curves else "perplexity (mean ± 95% CI over seeds)")
     ax.set_title("Perplexity vs context length (full attention)")
     ax.grid(alpha=0.3)
     _legend_outside(fig, ax)

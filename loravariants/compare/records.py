@@ -9,6 +9,7 @@ left it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,8 @@ _RECORD_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
             "matched_params",
             "context",
             "native_context",
+            "train_loss_final",
+            "lr",
         )
     },
     **{
@@ -148,7 +151,16 @@ _RECORD_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     },
     **{
         name: ((dict,), "a mapping or null")
-        for name in ("ppl", "passkey", "svd", "metric_errors", "adapter_config", "match_params")
+        for name in (
+            "ppl",
+            "passkey",
+            "svd",
+            "metric_errors",
+            "adapter_config",
+            "match_params",
+            "doc_nll",
+            "passkey_outcomes",
+        )
     },
     **{name: ((list,), "a list or null") for name in ("loss_curve", "trainable")},
     "concurrent": ((bool,), "true, false or null"),
@@ -222,6 +234,38 @@ def records_problem(data: Any) -> str | None:
                     not isinstance(value, _NUMBER) or isinstance(value, bool)
                 ):
                     return f"runs[{i}].{name}[{_show(length)}] must be a number, got {_show(value)}"
+        problem = _per_item_problem(record)
+        if problem:
+            return f"runs[{i}].{problem}"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _per_item_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a record's per-document NLL or per-prompt passkey outcomes."""
+    for length, pairs in (record.get("doc_nll") or {}).items():
+        where = f"doc_nll[{_show(length)}]"
+        if not isinstance(pairs, list):
+            return f"{where} must be a list of [nll_sum, tokens] pairs, got {_show(pairs)}"
+        for j, pair in enumerate(pairs):
+            good = (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(_is_number(v) for v in pair)
+                and pair[0] >= 0
+                and pair[1] > 0
+            )
+            if not good:
+                return f"{where}[{j}] must be [nll_sum >= 0, tokens > 0], got {_show(pair)}"
+    for length, outcomes in (record.get("passkey_outcomes") or {}).items():
+        where = f"passkey_outcomes[{_show(length)}]"
+        if not isinstance(outcomes, list) or any(
+            v not in (0, 1) or not isinstance(v, int) for v in outcomes
+        ):
+            return f"{where} must be a list of 0/1 outcomes, one per prompt, got {_show(outcomes)}"
     return None
 
 

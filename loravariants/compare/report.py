@@ -23,15 +23,18 @@ from .._version import __version__
 from ..config import ExperimentConfig
 from ..shipped_base import base_weights_sha256
 from ..utils import atomic_write
-from .findings import findings_section
+from .findings import Finding, findings, render_findings
 from .plots import make_report_plots
 from .records import RESULTS_SCHEMA_VERSION, config_dict
 from .summary import (
+    PARAM_MATCH_TOLERANCE,
     SHARED_WHEN_CONCURRENT,
     SUMMARY_METRICS,
     TIMING_METRICS,
+    RowPerplexity,
     paired_differences,
     param_match_warning,
+    perplexity_by_length,
     summarize,
 )
 
@@ -58,9 +61,11 @@ def write_outputs(
             reference row (:class:`~loravariants.compare.crossrun.CrossRun`).
         lr_selection: ``{row: {"grid", "selection_ppl", "chosen", "seeds", "steps"}}`` of an
             ``lr_grid`` selection (:func:`~loravariants.compare.lr_select.selection_summary`),
-            recorded in results.json.
+            recorded in results.json and stated in the report.
     """
     summary = summarize(config, results, seed_to_seed, reference)
+    found = findings(config, results)
+    curves = perplexity_by_length(config, results)
     base_sha256 = base_weights_sha256(base_path)  # the same base on every machine: compare it
     payload = {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -73,6 +78,11 @@ def write_outputs(
         "summary": [
             {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in summary
         ],
+        "findings": [f.to_dict() for f in found],
+        "perplexity_by_length": {
+            row: {length: p._asdict() for length, p in curve.items()}
+            for row, curve in curves.items()
+        },
     }
     if lr_selection:
         payload["lr_selection"] = lr_selection
@@ -80,10 +90,13 @@ def write_outputs(
     _write_csv(out / "results.csv", results)
     plots = {}
     try:
-        plots = make_report_plots(out, config, results)
+        plots = make_report_plots(out, config, results, None, curves)
     except Exception as e:  # a plot must never lose the numbers
         plots = {"error": f"{type(e).__name__}: {e}"}
-    atomic_write(out / "report.md", _report_markdown(config, summary, plots, results, base_sha256))
+    text = _report_markdown(
+        config, summary, plots, results, base_sha256, found, curves, lr_selection
+    )
+    atomic_write(out / "report.md", text)
 
 
 def _machine() -> str:
@@ -109,6 +122,8 @@ CSV_FIELDS = [
     "peak_mem_mib",
     "wall_s",
     "final_loss",
+    "train_loss_final",
+    "lr",
     "context",
     "attention",
 ]
@@ -218,7 +233,7 @@ def _paired_section(reference: str | None, diffs: dict[str, dict[str, Any]]) -> 
         cells = []
         for m in metrics:
             d = by_metric[m]
-            pattern = "{:+.3f}" if m == "final_loss" else "{:+.2f}"
+            pattern = "{:+.3f}" if "loss" in m else "{:+.2f}"
             if not d.seeds:
                 cells.append("—")
             elif len(d.seeds) < 2:
@@ -295,12 +310,101 @@ def _similarity_section(summary: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _match_deviation_warning(matched: list[dict[str, Any]]) -> list[str]:
+    """A warning naming every row whose achieved size misses match_params by more than 10%."""
+    off = [
+        f"{r['row']} ({r['match_params']['deviation']:+.1%})"
+        for r in matched
+        if abs(r["match_params"]["deviation"]) > PARAM_MATCH_TOLERANCE
+    ]
+    if not off:
+        return []
+    return [
+        f"**Warning: match_params missed by more than {PARAM_MATCH_TOLERANCE:.0%}**: "
+        + ", ".join(off)
+        + ". Their contrasts mix the method with its size.",
+        "",
+    ]
+
+
+def _show_lr(lr: Any) -> str:
+    if lr is None:
+        return "—"
+    if isinstance(lr, list | tuple):
+        return " / ".join(f"{v:g}" for v in lr) + " (differs between seeds)"
+    return f"{lr:g}"
+
+
+def _lr_section(
+    summary: list[dict[str, Any]], lr_selection: dict[str, dict[str, Any]] | None
+) -> list[str]:
+    """Which learning rate each trained row used, and how a grid chose it."""
+    trained = [r for r in summary if r.get("trains")]
+    if not trained:
+        return []
+    lines = [
+        "Learning rate per row: "
+        + "; ".join(f"{r['row']} {_show_lr(r.get('lr'))}" for r in trained)
+        + ".",
+        "",
+    ]
+    for row, sel in (lr_selection or {}).items():
+        ppl = sel.get("selection_ppl") or {}
+        tried = ", ".join(f"{lr} → {v:.2f}" for lr, v in ppl.items() if isinstance(v, int | float))
+        lines.append(
+            f"- {row}: {sel.get('chosen')} chosen from the grid {sel.get('grid')} by perplexity "
+            f"on the selection split ({tried}; seeds {sel.get('seeds')}, "
+            f"{sel.get('steps')} steps)"
+        )
+    if lr_selection:
+        lines.append("")
+    return lines
+
+
+def _perplexity_section(curves: dict[str, dict[str, RowPerplexity]]) -> list[str]:
+    """Perplexity against length per row, each with its 95% interval."""
+    lengths = sorted({k for c in curves.values() for k in c}, key=int)
+    if not lengths:
+        return []
+    methods = sorted({p.method for c in curves.values() for p in c.values()})
+    lines = [
+        "## Perplexity against length",
+        "",
+        "Each row's perplexity at every evaluated length with its 95% interval ("
+        + "; ".join(
+            "seeds × documents: the evaluation documents of every seed pooled, hierarchical t"
+            if m.startswith("seeds ×")
+            else "seeds only: Student t over the seeds, records without per-document NLL"
+            for m in methods
+        )
+        + "). Lower is better.",
+        "",
+        "| row | " + " | ".join(f"ppl@{n}" for n in lengths) + " |",
+        "|" + "---|" * (len(lengths) + 1),
+    ]
+    for row, curve in curves.items():
+        cells = []
+        for n in lengths:
+            p = curve.get(n)
+            if p is None or not math.isfinite(p.value):
+                cells.append("—")
+            elif math.isfinite(p.low) and p.high > p.low:
+                cells.append(f"{p.value:.2f} [{p.low:.2f}, {p.high:.2f}]")
+            else:
+                cells.append(f"{p.value:.2f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _report_markdown(
     config: ExperimentConfig,
     summary: list[dict[str, Any]],
     plots: dict[str, str],
     results: dict[str, dict[str, Any]] | None = None,
     base_sha256: str | None = None,
+    found: list[Finding] | None = None,
+    curves: dict[str, dict[str, RowPerplexity]] | None = None,
+    lr_selection: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     t = config.train
     weights = f" (weights sha256 `{base_sha256[:16]}`)" if base_sha256 else ""
@@ -340,12 +444,22 @@ def _report_markdown(
             ),
             "",
         ]
+        lines += _match_deviation_warning(matched)
     warning = param_match_warning(summary)
     if warning:
         lines += [warning, ""]
-    lines += [summary_table(summary), ""]
+    lines += [
+        "Per-seed records: [results.json](results.json) (every run's record, the summary "
+        "and the findings) and [results.csv](results.csv) (one line per run).",
+        "",
+        summary_table(summary),
+        "",
+    ]
+    lines += _lr_section(summary, lr_selection)
+    lines += _perplexity_section(curves or {})
     if results is not None:
-        lines += findings_section(config, results)
+        found = findings(config, results) if found is None else found
+        lines += render_findings(config, results, found)
         lines += _paired_section(*paired_differences(summary, results))
     lines += _similarity_section(summary)
     errors = [

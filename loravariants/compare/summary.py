@@ -4,16 +4,26 @@ paired per-seed differences against the reference row; the parameter-matching wa
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from ..adapters.base import VARIANTS, AdapterConfig
 from ..config import ExperimentConfig
-from ..stats import mean_ci, min_max, paired_difference
+from ..stats import (
+    BootstrapResult,
+    final_loss,
+    hierarchical_t_interval,
+    mean_ci,
+    min_max,
+    paired_difference,
+)
 
 SUMMARY_METRICS = [
     ("trainable_params", "trainable params", "{:,.0f}"),
-    ("final_loss", "final train loss", "{:.3f}"),
+    ("train_loss_final", "train loss (last 10% of steps)", "{:.3f}"),
     ("tokens_per_s", "train tokens/s", "{:,.0f}"),
     ("peak_mem_mib", "peak mem (MiB)", "{:,.0f}"),
     ("wall_s", "train time (s)", "{:.1f}"),
@@ -31,6 +41,9 @@ SHARED_WHEN_CONCURRENT = ("tokens_per_s", "peak_mem_mib", "wall_s")
 
 PARAM_MATCH_TOLERANCE = 0.10
 
+# document resamples per interval: the bootstrap's own error on se is about 1/sqrt(2B) = 1.6%
+INTERVAL_RESAMPLES = 2000
+
 
 def describe_rank(adapter_config: dict[str, Any] | None) -> str:
     """A short description of an adapter's rank(s), e.g. ``r=8 x3 links`` or ``8 exp. r=8``."""
@@ -38,7 +51,8 @@ def describe_rank(adapter_config: dict[str, Any] | None) -> str:
     return _variant_of(c).describe_rank(c)
 
 
-def _targets(adapter_config: dict[str, Any] | None) -> str:
+def describe_targets(adapter_config: dict[str, Any] | None) -> str:
+    """The modules an adapter adapts, as its variant describes them (``q_proj,v_proj``)."""
     c = adapter_config or {}
     return _variant_of(c).describe_targets(c)
 
@@ -48,14 +62,42 @@ def _variant_of(fields: dict[str, Any]) -> type[AdapterConfig]:
     return VARIANTS.get(fields.get("variant"), AdapterConfig)
 
 
+def train_loss_final(record: dict[str, Any]) -> float | None:
+    """A run's training loss: the mean of its last 10% of steps (``record["train_loss_final"]``,
+    else :func:`~loravariants.stats.final_loss` of its ``loss_curve``; ``None`` without
+    either)."""
+    value = record.get("train_loss_final")
+    if isinstance(value, int | float):
+        return float(value)
+    curve = [v for v in record.get("loss_curve") or [] if isinstance(v, int | float)]
+    return final_loss(curve) if curve else None
+
+
+def row_lr(config: Any, spec: Any, ok: list[dict[str, Any]]) -> float | tuple[float, ...] | None:
+    """The learning rate a trained row used: ``record["lr"]`` of its finished runs (one value,
+    or the sorted values when its seeds differ), else the row's ``lr`` or ``train.lr``."""
+    used = sorted({float(r["lr"]) for r in ok if isinstance(r.get("lr"), int | float)})
+    if used:
+        return used[0] if len(used) == 1 else tuple(used)
+    if not spec.trains:
+        return None
+    fixed = getattr(spec, "lr", None)  # (a hand-built config may have neither)
+    default = getattr(getattr(config, "train", None), "lr", None)
+    chosen = fixed if fixed is not None else default
+    return None if chosen is None else float(chosen)
+
+
 def per_seed(results: dict[str, dict[str, Any]], row: str, metric: str) -> dict[int, float]:
     """``{seed: value}`` of one row's finished runs; ``metric`` is a record key or ``ppl@N``,
-    ``passkey@N``, ``lm_eval@<task>`` (any ``<group>@<key>`` of a record's dict), ``svd.<key>``."""
+    ``passkey@N``, ``lm_eval@<task>`` (any ``<group>@<key>`` of a record's dict), ``svd.<key>``;
+    ``train_loss_final`` falls back to the mean of the last 10% of the loss curve."""
     out = {}
     for r in results.values():
         if r["row"] != row or r.get("status") != "ok":
             continue
-        if "@" in metric:
+        if metric == "train_loss_final":
+            value = train_loss_final(r)
+        elif "@" in metric:
             group, length = metric.split("@")
             value = r.get(group, {}).get(length)
         elif metric.startswith("svd."):
@@ -95,7 +137,7 @@ def summarize(
             "trains": spec.trains,
             "variant": first.get("variant", "none" if not spec.trains else None),
             "rank": describe_rank(first.get("adapter_config")) if spec.trains else "—",
-            "targets": _targets(first.get("adapter_config")) if spec.trains else "—",
+            "targets": describe_targets(first.get("adapter_config")) if spec.trains else "—",
             "trainable": list(spec.trainable),
             "concurrent": any(r.get("concurrent") for r in ok),
             "reference": spec.name == reference,
@@ -110,6 +152,8 @@ def summarize(
         task_keys = sorted({k for r in ok for k in r.get("lm_eval", {})})
         for key in metric_keys:
             row[key] = mean_ci([r.get(key, float("nan")) for r in ok])
+        row["train_loss_final"] = mean_ci([train_loss_final(r) for r in ok])
+        row["lr"] = row_lr(config, spec, ok)
         for key in TIMING_METRICS:
             row[f"{key}_range"] = min_max([r.get(key) for r in ok])
         for key in ppl_keys:
@@ -188,7 +232,7 @@ def paired_differences(
     by_name = {r["row"]: r for r in summary}
     lora = [n for n in trained if by_name[n].get("reference")]
     reference = (lora or trained)[0]
-    metrics = ["final_loss"] + sorted(
+    metrics = ["train_loss_final"] + sorted(
         {k for n in trained for k in by_name[n] if k.startswith("ppl@")},
         key=lambda k: int(k.split("@")[1]),
     )
@@ -201,3 +245,71 @@ def paired_differences(
                 for m in metrics
             }
     return reference, out
+
+
+class RowPerplexity(NamedTuple):
+    """One row's perplexity at one length, with its 95% interval.
+
+    ``method``: ``"seeds × documents"`` (every finished seed's per-document NLL pooled, the
+    hierarchical t interval) or ``"seeds only"`` (Student t over the seeds' perplexities:
+    records without ``doc_nll``).
+    """
+
+    value: float
+    low: float
+    high: float
+    seeds: int
+    method: str
+
+
+@functools.lru_cache(maxsize=512)
+def _interval_of_bytes(a: bytes, b: bytes, shape: tuple[int, ...]) -> BootstrapResult:
+    xa = np.frombuffer(a, dtype=np.float64).reshape(shape)
+    xb = np.frombuffer(b, dtype=np.float64).reshape(shape)
+    return hierarchical_t_interval(xa, xb, resamples=INTERVAL_RESAMPLES, seed=0)
+
+
+def t_interval(a: np.ndarray, b: np.ndarray) -> BootstrapResult:
+    """:func:`~loravariants.stats.hierarchical_t_interval` of two ``(seeds, documents, 2)``
+    arrays (2000 document resamples, seed 0), remembered: the report is rewritten after every
+    run, and a finished run's sums never change, so each interval is computed once."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    b = np.ascontiguousarray(b, dtype=np.float64)
+    if a.shape != b.shape:  # (the stats function names the problem)
+        return hierarchical_t_interval(a, b, resamples=INTERVAL_RESAMPLES, seed=0)
+    return _interval_of_bytes(a.tobytes(), b.tobytes(), a.shape)
+
+
+def _row_interval(sums: np.ndarray) -> tuple[float, float, float]:
+    """``(ppl, low, high)`` of one row's ``(seeds, documents, 2)`` sums: the hierarchical t
+    interval of ``ppl(row) - 1``, against a row of zero NLL on the same tokens (perplexity
+    exactly 1 in every resample), shifted back by 1."""
+    one = sums.copy()
+    one[..., 0] = 0.0
+    res = t_interval(sums, one)
+    return res.estimate + 1, res.low + 1, res.high + 1
+
+
+def perplexity_by_length(
+    config: ExperimentConfig, results: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, RowPerplexity]]:
+    """``{row: {length: RowPerplexity}}`` for every length a finished run was scored at: the
+    perplexity-vs-length curve with its intervals."""
+    out: dict[str, dict[str, RowPerplexity]] = {}
+    for spec in config.runs:
+        ok = [r for r in results.values() if r["row"] == spec.name and r.get("status") == "ok"]
+        lengths = sorted({k for r in ok for k in r.get("ppl", {})}, key=int)
+        curve = {}
+        for length in lengths:
+            docs = [(r.get("doc_nll") or {}).get(length) for r in ok]
+            shapes = {np.shape(d) for d in docs if d}
+            if docs and all(docs) and len(shapes) == 1:
+                sums = np.asarray(docs, dtype=np.float64).reshape(len(docs), -1, 2)
+                value, low, high = _row_interval(sums)
+                curve[length] = RowPerplexity(value, low, high, len(ok), "seeds × documents")
+            else:
+                mean, half = mean_ci([r.get("ppl", {}).get(length) for r in ok])
+                curve[length] = RowPerplexity(mean, mean - half, mean + half, len(ok), "seeds only")
+        if curve:
+            out[spec.name] = curve
+    return out
