@@ -407,6 +407,8 @@ def _report_markdown(
     lr_selection: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     t = config.train
+    own = config.lr_grid or any(row.lr for row in config.runs)
+    own_rates = " unless the row or lr_grid sets its own (below)" if own else ""
     weights = f" (weights sha256 `{base_sha256[:16]}`)" if base_sha256 else ""
     lines = [
         "# loravariants comparison",
@@ -417,7 +419,8 @@ def _report_markdown(
         f"{config.context.target_length or 'native'} tokens ({config.context.method} position "
         f"interpolation), training attention `{config.context.attention}`.",
         f"Budget per run: {t.max_steps} steps x {t.batch_size * t.grad_accum} sequences, lr "
-        f"{t.lr:g} ({t.schedule}, {t.warmup_steps} warm-up); seeds {config.seeds}.",
+        f"{t.lr:g}{own_rates}"
+        f" ({t.schedule}, {t.warmup_steps} warm-up); seeds {config.seeds}.",
         "",
         "Mean ± 95% confidence interval over seeds (Student t); one seed shows no interval. "
         "With fewer than 3 seeds, throughput and train time show min–max instead (an interval "
@@ -445,7 +448,10 @@ def _report_markdown(
             "",
         ]
         lines += _match_deviation_warning(matched)
-    warning = param_match_warning(summary)
+    # rows that declare their comparators get a warning per contrast (the Findings), which
+    # names what else two contrasted rows differ in; the all-rows check is for the rest
+    declared = any(row.comparator for row in config.runs)
+    warning = None if declared else param_match_warning(summary)
     if warning:
         lines += [warning, ""]
     lines += [
