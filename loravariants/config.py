@@ -431,6 +431,19 @@ class RunSpec:
         return self.has_adapter or self.full_finetune
 
 
+def _seed_list(name: str, value: Any) -> list[int]:
+    """``value`` as a list of seeds, each in ``[0, MAX_SEED]``; one line naming ``name`` if not.
+
+    ``seeds: 3`` is refused, not read as ``[3]``: a user meaning "3 seeds" would get one.
+    """
+    if not isinstance(value, (list, tuple)) or not value:
+        hint = f" (one seed: [{value}]; three: [0, 1, 2])" if isinstance(value, int) else ""
+        raise ValueError(f"{name} must be a non-empty list of integers, got {value!r}{hint}")
+    for s in value:
+        check_range(f"{name}[]", s, low=0, high=MAX_SEED, integer=True)
+    return list(value)
+
+
 @dataclass
 class ExperimentConfig:
     """A whole comparison (``configs/*.yaml``).
@@ -486,19 +499,7 @@ class ExperimentConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"runs[].name must be unique, repeated: {dupes}")
-        if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
-            # `seeds: 3` is refused, not read as [3]: a user meaning "3 seeds" would get one
-            hint = (
-                f" (one seed: [{self.seeds}]; three: [0, 1, 2])"
-                if isinstance(self.seeds, int)
-                else ""
-            )
-            raise ValueError(
-                f"seeds must be a non-empty list of integers, got {self.seeds!r}{hint}"
-            )
-        self.seeds = list(self.seeds)
-        for s in self.seeds:
-            check_range("seeds[]", s, low=0, high=MAX_SEED, integer=True)
+        self.seeds = _seed_list("seeds", self.seeds)
         if self.match_params is not None:
             check_range("match_params", self.match_params, low=1, integer=True)
         if self.match_params_tolerance is not None:
@@ -590,13 +591,7 @@ class ExperimentConfig:
         if len(set(self.lr_grid)) != len(self.lr_grid):
             raise ValueError(f"lr_grid lists a rate twice: {list(self.lr_grid)}")
         self.lr_grid = [float(lr) for lr in self.lr_grid]
-        if not isinstance(self.lr_grid_seeds, (list, tuple)) or not self.lr_grid_seeds:
-            raise ValueError(
-                f"lr_grid_seeds must be a non-empty list of integers, got {self.lr_grid_seeds!r}"
-            )
-        self.lr_grid_seeds = list(self.lr_grid_seeds)
-        for s in self.lr_grid_seeds:
-            check_range("lr_grid_seeds[]", s, low=0, high=MAX_SEED, integer=True)
+        self.lr_grid_seeds = _seed_list("lr_grid_seeds", self.lr_grid_seeds)
         if self.lr_grid_steps is not None:
             check_range("lr_grid_steps", self.lr_grid_steps, low=1, integer=True)
         if self.data.selection_fraction is None:
