@@ -37,6 +37,29 @@ def _print_summary(out) -> int:
     return 1 if failed or metric_errors else 0
 
 
+def _add_workers_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--workers",
+        default=default,
+        metavar="N|auto",
+        help=f"run the grid in N local processes of cores/N torch threads each, then merge "
+        f"(auto: one per core, at most 4, on a CPU; 1 on a GPU); default {default}",
+    )
+
+
+def _run_grid(config, config_file, overrides: Sequence[str], workers: str, quiet: bool):
+    """The comparison in this process, or in ``--workers`` processes (compare/workers.py)."""
+    from .compare import compare
+    from .compare.workers import default_workers, parse_workers, run_workers
+
+    count = parse_workers(workers)
+    if count == "auto":
+        count = default_workers(config)
+    if count == 1:
+        return compare(config, progress=not quiet)
+    return run_workers(config, config_file, overrides, count, progress=not quiet)
+
+
 def compare_main(argv: Sequence[str]) -> int:
     """``loravariants compare --config FILE [key.sub=value ...]``."""
     from .compare import compare
@@ -55,15 +78,19 @@ def compare_main(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
     # a grid over a job array (compare/shard.py, docs/distributed.md)
     add_shard_arguments(parser)
+    _add_workers_argument(parser, default="1")
     args = parser.parse_args(argv)
+    if args.workers != "1" and (args.shard is not None or args.merge):
+        raise ValueError("--workers runs (and merges) every shard itself: drop --shard/--merge")
     shard = parse_shard(args.shard) if args.shard is not None else None
     config = load_experiment(args.config, args.overrides)
     if args.merge:
         out = merge_shards(config)
         return merge_summary(out, config, _print_summary(out))
-    out = compare(config, progress=not args.quiet, shard=shard)
     if shard is not None:
+        out = compare(config, progress=not args.quiet, shard=shard)
         return shard_summary(out, config, shard)
+    out = _run_grid(config, args.config, args.overrides, args.workers, args.quiet)
     return _print_summary(out)
 
 
@@ -98,7 +125,6 @@ def quickstart_main(argv: Sequence[str]) -> int:
     """The main job on the built-in defaults (``configs/quickstart.yaml``)."""
     import torch
 
-    from .compare import compare
     from .config import CONFIG_DIR, load_experiment
 
     parser = argparse.ArgumentParser(prog="loravariants quickstart")
@@ -112,19 +138,20 @@ def quickstart_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--output", default=None, help="output folder (default runs/quickstart)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_workers_argument(parser, default="auto")
     parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
     args = parser.parse_args(argv)
     overrides = []
     if args.quick:
-        overrides += QUICK_OVERRIDES
+        overrides += [*QUICK_OVERRIDES, "output_dir=runs/quickstart-quick"]
     elif torch.cuda.is_available():
         overrides += GPU_OVERRIDES  # a GPU affords more steps, seeds and evaluation tokens
     if args.output:
         overrides.append(f"output_dir={args.output}")
-    config = load_experiment(CONFIG_DIR / "quickstart.yaml", overrides + list(args.overrides))
-    if args.quick and not args.output:
-        config.output_dir = "runs/quickstart-quick"
-    out = compare(config, progress=not args.quiet)
+    overrides += args.overrides  # the user's last: they win over the presets
+    config_file = CONFIG_DIR / "quickstart.yaml"
+    config = load_experiment(config_file, overrides)
+    out = _run_grid(config, config_file, overrides, args.workers, args.quiet)
     return _print_summary(out)
 
 

@@ -156,7 +156,7 @@ def _compare(
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise ValueError(f"output_dir {out}: a parent of it is a file")
     if shard is not None:
-        _check_shardable(config)
+        check_shardable(config)
     config.check_lm_eval_tasks()  # an unknown lm-eval task name: before any work
     check_output_dir(out)  # a folder of someone else's (or `.`, `/`, ~) is never written
     if env is None:  # (a prepared environment brings its own base model)
@@ -267,7 +267,12 @@ def _keys(plan: list[tuple[RunSpec, int]]) -> list[str]:
     return [run_key(row, seed) for row, seed in plan]
 
 
-def _check_shardable(config: ExperimentConfig) -> None:
+def check_shardable(config: ExperimentConfig) -> None:
+    """Refuse to split a ``concurrent: true`` comparison into shards (or workers).
+
+    Raises:
+        ValueError: ``config.concurrent`` is set.
+    """
     if config.concurrent:
         raise ValueError(
             "--shard cannot split a concurrent: true comparison (its rows of a seed train "
