@@ -138,7 +138,7 @@ def quickstart_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--output", default=None, help="output folder (default runs/quickstart)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_workers_argument(parser, default="auto")
+    _add_workers_argument(parser, default="1")
     parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values)")
     args = parser.parse_args(argv)
     overrides = []

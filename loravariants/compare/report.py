@@ -49,6 +49,7 @@ def write_outputs(
     seed_to_seed: dict[str, dict[str, list[float]]] | None = None,
     reference: str | None = None,
     lr_selection: dict[str, dict[str, Any]] | None = None,
+    plots: bool = True,
 ) -> None:
     """Rewrite results.json, results.csv, report.md and the plots (each file atomically).
 
@@ -62,6 +63,8 @@ def write_outputs(
         lr_selection: ``{row: {"grid", "selection_ppl", "chosen", "seeds", "steps"}}`` of an
             ``lr_grid`` selection (:func:`~loravariants.compare.lr_select.selection_summary`),
             recorded in results.json and stated in the report.
+        plots: also redraw the plots (about 2 s; a comparison draws them once, at its end,
+            and writes the numbers after every run).
     """
     summary = summarize(config, results, seed_to_seed, reference)
     found = findings(config, results)
@@ -88,13 +91,14 @@ def write_outputs(
         payload["lr_selection"] = lr_selection
     atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str))
     _write_csv(out / "results.csv", results)
-    plots = {}
+    drawn = {}
     try:
-        plots = make_report_plots(out, config, results, None, curves)
+        if plots:
+            drawn = make_report_plots(out, config, results, None, curves)
     except Exception as e:  # a plot must never lose the numbers
-        plots = {"error": f"{type(e).__name__}: {e}"}
+        drawn = {"error": f"{type(e).__name__}: {e}"}
     text = _report_markdown(
-        config, summary, plots, results, base_sha256, found, curves, lr_selection
+        config, summary, drawn, results, base_sha256, found, curves, lr_selection
     )
     atomic_write(out / "report.md", text)
 

@@ -203,6 +203,11 @@ def _compare(
             pass  # trained (or failed) with its seed's concurrent group above
         elif results.get(key, {}).get("status") == "ok":
             log(f"{where}: done earlier, kept")
+        elif (twin := seed_independent_twin(config, row, results)) is not None:
+            # an untrained row without a seeded metric scores the same for every seed
+            results[key] = _twin_record(twin, row, seed)
+            write(results, key)
+            log(f"{where}: untrained, nothing seeded: the metrics of {twin['key']}")
         else:
             log(f"{where}: running")
             lr = lrs.get(row.name, config.row_lr(row))
@@ -212,6 +217,8 @@ def _compare(
             write(results, key)
             clock.add(row.name, record["elapsed_s"])
             log(f"{where}: {run_line(record)}{clock.eta(_left(config, plan[i:], results))}")
+    if shard is None:  # the plots, once (each run above rewrote the numbers and the report)
+        write(results, plots=True)
     return out
 
 
@@ -292,7 +299,9 @@ def _writer(
     part of the plan, so it leaves the cross-run measures to the merge."""
     cross_run = CrossRunMeasures(out)  # reads each adapter, and measures each pair, once
 
-    def write(results: dict[str, dict[str, Any]], key: str | None = None) -> None:
+    def write(
+        results: dict[str, dict[str, Any]], key: str | None = None, plots: bool = False
+    ) -> None:
         if shard is None:
             cross = cross_run.measure(config, results)
             write_outputs(
@@ -303,12 +312,51 @@ def _writer(
                 cross.seed_to_seed,
                 cross.reference,
                 lr_select.selection_summary(out, config),
+                plots=plots,
             )
         else:
             own[key] = results[key]
             write_shard_records(out, shard, config, own, env.base_path)
 
     return write
+
+
+def seed_independent_twin(
+    config: ExperimentConfig, row: RunSpec, results: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """A finished record of ``row`` at another seed whose metrics this seed would repeat
+    exactly, or None.
+
+    An untrained row's perplexity does not depend on the seed (the same base, the same
+    validation windows: bitwise equal across seeds and processes in the study's records); its
+    only seeded metric is the passkey (each seed draws its own prompts), and lm-eval tasks are
+    left out to be safe. So with neither configured, the row is evaluated once and its other
+    seeds carry that record (``same_as``), which a study of S seeds saves S - 1 evaluations of
+    the whole validation split per untrained row.
+    """
+    if row.trains or config.eval.passkey_lengths or config.eval.lm_eval:
+        return None
+    for record in results.values():
+        if (
+            record.get("row") == row.name
+            and record.get("status") == "ok"
+            and not record.get("metric_errors")
+            and "same_as" not in record
+        ):
+            return record
+    return None
+
+
+def _twin_record(twin: dict[str, Any], row: RunSpec, seed: int) -> dict[str, Any]:
+    """``twin``'s record at ``seed``: its metrics, this run's key and seed, ``same_as`` the
+    record it repeats, and no time of its own."""
+    return {
+        **twin,
+        **_new_record(row, seed),
+        "same_as": twin["key"],
+        "elapsed_s": 0.0,
+        "cpu_s": 0.0,
+    }
 
 
 def _new_record(row: RunSpec, seed: int) -> dict[str, Any]:
