@@ -283,3 +283,20 @@ def test_shipped_configs_are_matched_and_declare_their_contrasts(name):
     if config.families is not None:  # (the quickstart: one family of every contrast)
         families = {r for members in config.families.values() for r in members}
         assert families == {r.name for r in config.runs if r.comparator}
+
+
+def test_the_pilot_studys_config_is_the_one_its_records_were_made_with():
+    """docs/results/study-pilot/study.yaml reruns the published records' experiment: the
+    same config as results.json records, but for where it writes and where specs are read."""
+    import json
+    from pathlib import Path
+
+    from loravariants.compare.records import config_dict
+    from loravariants.config import load_experiment
+
+    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / "study-pilot"
+    ours = config_dict(load_experiment(folder / "study.yaml"))
+    recorded = json.loads((folder / "results.json").read_text())["config"]
+    assert set(ours) == set(recorded)
+    differs = {key for key in ours if ours[key] != recorded[key]}
+    assert differs == {"output_dir", "spec_dir"}

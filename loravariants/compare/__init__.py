@@ -22,6 +22,7 @@ and never calls back into it::
     findings.py  each contrast tested (seeds x documents, McNemar), Holm, verdicts
     report.py    rendering only: results.json / results.csv / report.md, plots (plots.py)
     shard.py     --shard i/N locks, --merge (records -> cross-run measures -> report)
+    workers.py   --workers N: the shards as N local processes, then the merge
 
 Fairness by construction: every row sees the same base checkpoint, the same packed training
 blocks in the same order (the seed fixes it), the same token budget and the same evaluation

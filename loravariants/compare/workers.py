@@ -1,12 +1,14 @@
-"""A comparison's grid in N local processes: ``compare --workers N`` (``quickstart``: auto).
+"""A comparison's grid in N local processes: ``compare --workers N`` (or ``auto``).
 
-The model of the built-in base is small (about 5 M parameters): one torch thread keeps a core
-busy, and a second thread in the same process adds more synchronisation than work. N
-processes with one thread each (``compare --shard i/N``, :mod:`.shard`) use N cores fully, so
-the grid's wall time falls by about N (docs/benchmarks.md has the measurement)::
+N processes with cores/N torch threads each run ``compare --shard i/N`` (:mod:`.shard`) and
+the parent merges them: the job-array path on one machine, without a shell loop::
 
     parent: validate the config  ->  spawn  compare --shard 0/N ... --shard N-1/N --quiet
             (OMP_NUM_THREADS = cores // N each)  ->  wait, forwarding their lines  ->  --merge
+
+It pays where a process does not scale over the cores its threads get; on a 2-vCPU VM whose
+vCPUs are one core's two hardware threads it gains nothing (docs/benchmarks.md), so the
+default stays 1.
 
 The shards share nothing but the output folder (each writes its own records file, and the
 learning-rate selection's records, which every shard reads before it runs one), so the merge
