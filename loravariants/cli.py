@@ -47,12 +47,13 @@ def _add_workers_argument(parser: argparse.ArgumentParser, default: str) -> None
     )
 
 
-def _run_grid(config, config_file, overrides: Sequence[str], workers: str, quiet: bool):
-    """The comparison in this process, or in ``--workers`` processes (compare/workers.py)."""
+def _run_grid(config, config_file, overrides: Sequence[str], workers: int | str, quiet: bool):
+    """The comparison in this process, or in ``--workers`` processes (compare/workers.py);
+    ``workers`` as :func:`~loravariants.compare.workers.parse_workers` gives it."""
     from .compare import compare
-    from .compare.workers import default_workers, parse_workers, run_workers
+    from .compare.workers import default_workers, run_workers
 
-    count = parse_workers(workers)
+    count = workers
     if count == "auto":
         count = default_workers(config)
     if count == 1:
@@ -70,6 +71,7 @@ def compare_main(argv: Sequence[str]) -> int:
         parse_shard,
         shard_summary,
     )
+    from .compare.workers import parse_workers
     from .config import load_experiment
 
     parser = argparse.ArgumentParser(prog="loravariants compare")
@@ -80,7 +82,8 @@ def compare_main(argv: Sequence[str]) -> int:
     add_shard_arguments(parser)
     _add_workers_argument(parser, default="1")
     args = parser.parse_args(argv)
-    if args.workers != "1" and (args.shard is not None or args.merge):
+    workers = parse_workers(args.workers)
+    if workers != 1 and (args.shard is not None or args.merge):
         raise ValueError("--workers runs (and merges) every shard itself: drop --shard/--merge")
     shard = parse_shard(args.shard) if args.shard is not None else None
     config = load_experiment(args.config, args.overrides)
@@ -90,7 +93,7 @@ def compare_main(argv: Sequence[str]) -> int:
     if shard is not None:
         out = compare(config, progress=not args.quiet, shard=shard)
         return shard_summary(out, config, shard)
-    out = _run_grid(config, args.config, args.overrides, args.workers, args.quiet)
+    out = _run_grid(config, args.config, args.overrides, workers, args.quiet)
     return _print_summary(out)
 
 
@@ -125,6 +128,7 @@ def quickstart_main(argv: Sequence[str]) -> int:
     """The main job on the built-in defaults (``configs/quickstart.yaml``)."""
     import torch
 
+    from .compare.workers import parse_workers
     from .config import CONFIG_DIR, load_experiment
 
     parser = argparse.ArgumentParser(prog="loravariants quickstart")
@@ -151,7 +155,7 @@ def quickstart_main(argv: Sequence[str]) -> int:
     overrides += args.overrides  # the user's last: they win over the presets
     config_file = CONFIG_DIR / "quickstart.yaml"
     config = load_experiment(config_file, overrides)
-    out = _run_grid(config, config_file, overrides, args.workers, args.quiet)
+    out = _run_grid(config, config_file, overrides, parse_workers(args.workers), args.quiet)
     return _print_summary(out)
 
 
