@@ -678,17 +678,21 @@ class ExperimentConfig:
 
     def adapter_overrides(self, row: RunSpec) -> dict[str, Any]:
         """The row's adapter overrides, plus what the run itself decides
-        (:meth:`AdapterConfig.run_overrides`: a COLA chain given by ``chain_length`` is spread
-        over this experiment's ``train.max_steps``)."""
-        overrides = dict(row.overrides)
+        (:meth:`run_overrides` over this experiment's ``train.max_steps``)."""
+        return {**row.overrides, **self.run_overrides(row, self.train.max_steps)}
+
+    def run_overrides(self, row: RunSpec, max_steps: int) -> dict[str, Any]:
+        """What a run of ``max_steps`` optimizer steps sets on the row's adapter beyond its
+        overrides (:meth:`AdapterConfig.run_overrides`: a COLA chain given by ``chain_length``
+        is spread over ``max_steps``). A learning-rate selection run, shorter than the
+        comparison's, asks with its own steps, so it trains the schedule the row will."""
         spec = read_yaml(resolve_spec_path(row.adapter, self.spec_dir))
         name = spec.get("variant")
         # an unknown or malformed name: load_adapter_spec names it when the row is built
         variant = VARIANTS.get(name) if isinstance(name, str) else None
-        if variant is not None:
-            values = {**spec, **overrides}
-            overrides.update(variant.run_overrides(values, overrides, self.train.max_steps))
-        return overrides
+        if variant is None:
+            return {}
+        return variant.run_overrides({**spec, **row.overrides}, row.overrides, max_steps)
 
     def builtin_base(self):
         """The built-in base model's config (``base_model_config`` applied), or None."""

@@ -313,3 +313,46 @@ def test_shards_share_the_selection_and_the_merge_records_it(tmp_path):
     chosen = data["lr_selection"]["lora"]["chosen"]
     assert chosen in (1e-4, 0.03)
     assert runs_["lora/seed0"]["lr"] == runs_["lora/seed1"]["lr"] == chosen
+
+
+def test_a_selection_run_places_a_chain_over_its_own_steps(tmp_path, monkeypatch):
+    import loravariants.compare.run as ev
+
+    # a chain given by chain_length is spread over the run's steps (COLA's run_overrides):
+    # the 3-step selection runs fold at steps 1 and 2 of 3, the 6-step run at 2 and 4 of 6,
+    # so the rate is chosen for the schedule the row then trains with
+    attached = []
+    real = ev._attach_row
+
+    def spy(model, config, row, overrides, name):
+        record = real(model, config, row, overrides, name)
+        attached.append(record["adapter_config"]["total_steps"])
+        return record
+
+    monkeypatch.setattr(ev, "_attach_row", spy)
+    row = {"name": "cola", "adapter": "cola", "overrides": {"r": 2, "chain_length": 3}}
+    train = {"max_steps": 6, "batch_size": 2, "warmup_steps": 0, "lr": 0.01}
+    config = experiment(tmp_path, [row], lr_grid=[1e-3, 2e-3], lr_grid_steps=3, train=train)
+    compare(config, progress=False, log=lambda line: None, env=tiny_env())
+    assert attached == [3, 3, 6]
+    data, runs = records(tmp_path)
+    assert runs["cola/seed0"]["adapter_config"]["total_steps"] == 6
+    assert data["lr_selection"]["cola"]["steps"] == 3
+
+
+def test_a_kept_run_at_a_rate_the_selection_no_longer_chooses_runs_again(tmp_path):
+    runs = [{"name": "lora", "adapter": "lora", "overrides": {"r": 2}}]
+    config = experiment(tmp_path, runs, lr_grid=[1e-4, 0.03], lr_grid_steps=1)
+    compare(config, progress=False, log=lambda line: None, env=tiny_env())
+    first = records(tmp_path)[0]["lr_selection"]["lora"]["chosen"]
+    other = 0.03 if first == 1e-4 else 1e-4
+    # the other rate's record now wins the selection (as a re-run selection could decide)
+    file = selection_file(tmp_path / "out", "lora", other, 0)
+    record = json.loads(file.read_text())
+    file.write_text(json.dumps({**record, "selection_ppl": 1.0}))
+    logs = []
+    compare(config, progress=False, log=logs.append, env=tiny_env())
+    data, runs_ = records(tmp_path)
+    assert data["lr_selection"]["lora"]["chosen"] == other
+    assert runs_["lora/seed0"]["lr"] == other
+    assert any(f"trained at lr={first:g}" in line for line in logs)

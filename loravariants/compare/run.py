@@ -185,6 +185,7 @@ def _compare(
     write = _writer(out, config, env, shard, {k: results[k] for k in _keys(plan) if k in results})
     start = shard.index / shard.count if shard is not None else 0.0
     lrs = _learning_rates(config, env, out, plan, overrides, progress, log, start)
+    _drop_stale_rates(plan, results, lrs, log)
     if config.concurrent:
         _concurrent_groups(
             config, plan, results, env, out, overrides, matched, progress, write, log
@@ -235,6 +236,14 @@ def _learning_rates(
         raise ValueError(
             "lr_grid needs the selection split's tokens (Environment.selection_tokens)"
         )
+    # a selection run is shorter than the row's runs: what the run decides from its length
+    # (a chain's knots) is decided again for the selection's steps
+    steps = lr_select.selection_steps(config)
+    overrides = {
+        row.name: {**overrides.get(row.name, {}), **config.run_overrides(row, steps)}
+        for row in rows
+        if row.has_adapter
+    }
 
     def train_row(row: RunSpec, seed: int, lr: float, steps: int) -> nn.Module:
         model, record = _prepare_model(config, row, seed, env)
@@ -258,6 +267,26 @@ def _learning_rates(
     return lr_select.select_learning_rates(
         config, out, rows, overrides, train_row, score, log, start
     )
+
+
+def _drop_stale_rates(
+    plan: list[tuple[RunSpec, int]],
+    results: dict[str, dict[str, Any]],
+    lrs: dict[str, float | None],
+    log: Callable[[str], None],
+) -> None:
+    """Forget the finished runs of ``plan`` trained at a rate the selection no longer chooses
+    (its records changed: a selection rerun, or one resumed from other settings), so they run
+    again at the chosen one; keeping them would report a rate no row was selected at."""
+    for row, seed in plan:
+        key = run_key(row, seed)
+        record, chosen = results.get(key, {}), lrs.get(row.name)
+        used = record.get("lr")
+        if record.get("status") != "ok" or chosen is None or not isinstance(used, (int, float)):
+            continue
+        if abs(used - chosen) > 1e-9 * abs(chosen):
+            log(f"{key}: trained at lr={used:g}; the selection now chooses {chosen:g}: again")
+            del results[key]
 
 
 def _left(config: ExperimentConfig, plan, results: dict[str, dict[str, Any]]) -> list[str]:
