@@ -4,7 +4,9 @@ For every trained row without its own ``lr``::
 
     for lr in lr_grid:                          every candidate rate
         for seed in lr_grid_seeds:              (default [0])
-            train the row for lr_grid_steps     (default train.max_steps)
+            train the row for lr_grid_steps     (default train.max_steps; what the adapter
+                                                places over the run's length, a chain's
+                                                knots, is placed over these steps)
             ppl on the selection split          data.selection_fraction's documents, at the
                                                 longest evaluated length
     chosen = argmin over lr of the mean ppl     (ties: the first in the grid)
