@@ -19,6 +19,7 @@ redone: a rerun of the same command resumes the missing ones.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -284,7 +285,7 @@ def _drop_stale_rates(
         used = record.get("lr")
         if record.get("status") != "ok" or chosen is None or not isinstance(used, (int, float)):
             continue
-        if abs(used - chosen) > 1e-9 * abs(chosen):
+        if not math.isclose(used, chosen):
             log(f"{key}: trained at lr={used:g}; the selection now chooses {chosen:g}: again")
             del results[key]
 
